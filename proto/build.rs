@@ -1,0 +1,24 @@
+//! Compiles proto/vaas/v1 with protox (no protoc needed) and generates tonic clients and servers.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "vaas/v1/resources.proto",
+        "vaas/v1/task.proto",
+        "vaas/v1/config_service.proto",
+        "vaas/v1/agent_service.proto",
+    ];
+    println!("cargo:rerun-if-changed=vaas");
+    let descriptors = protox::compile(files, ["."])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("vaas_descriptor.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}
