@@ -1,0 +1,217 @@
+//! The built-in bodies of the template tags.
+
+use std::fmt::Write as _;
+
+use vaas_proto::v1::{DirectorMode, DirectorRouter};
+
+use crate::model::{DirectorPlan, Plan};
+
+/// Name of the placeholder backend. Declared first, it is Varnish's default backend, so it counts
+/// as referenced and keeps the VCL valid when the cluster has no backend at all. Port 9 (discard)
+/// on the loopback refuses connections: a request that reaches it fails fast with a 503.
+pub(crate) const PLACEHOLDER_BACKEND: &str = "vaas_no_backend";
+
+/// What a tag expands to.
+pub(crate) enum Expansion<'a> {
+    /// Generated text, inserted as is (never scanned for tags again).
+    Leaf(&'a str),
+    /// Template text made of further tags, expanded in turn.
+    Composite(&'static str),
+}
+
+/// The bodies of every built-in tag for one server.
+pub(crate) struct Leaves {
+    headers: String,
+    backends: String,
+    directors: String,
+    vaas_status: String,
+    router: String,
+    other_functions: String,
+    empty_director_synth: String,
+}
+
+impl Leaves {
+    /// Generates every leaf tag of `plan`; `version` is written where the VCL version appears.
+    pub(crate) fn new(plan: &Plan, version: &str) -> Leaves {
+        Leaves {
+            headers: headers(plan),
+            backends: backends(plan),
+            directors: directors(plan),
+            vaas_status: vaas_status(),
+            router: router(plan),
+            other_functions: other_functions(version),
+            empty_director_synth: empty_director_synth(plan, version),
+        }
+    }
+
+    /// Returns the expansion of `tag`, `None` when the tag is unknown.
+    pub(crate) fn get(&self, tag: &str) -> Option<Expansion<'_>> {
+        let expansion = match tag {
+            "VCL" => Expansion::Composite(
+                "<HEADERS/>\n\n<BACKENDS/>\n\n<DIRECTORS/>\n\n<RECV/>\n\n<OTHER_FUNCTIONS/>\n\n\
+                 <EMPTY_DIRECTOR_SYNTH/>\n",
+            ),
+            "RECV" => Expansion::Composite("sub vcl_recv {\n    <VAAS_STATUS/>\n    <ROUTER/>\n}"),
+            "HEADERS" => Expansion::Leaf(&self.headers),
+            "BACKENDS" => Expansion::Leaf(&self.backends),
+            "DIRECTORS" => Expansion::Leaf(&self.directors),
+            "VAAS_STATUS" => Expansion::Leaf(&self.vaas_status),
+            "ROUTER" => Expansion::Leaf(&self.router),
+            "OTHER_FUNCTIONS" => Expansion::Leaf(&self.other_functions),
+            "EMPTY_DIRECTOR_SYNTH" => Expansion::Leaf(&self.empty_director_synth),
+            _ => return None,
+        };
+        Some(expansion)
+    }
+}
+
+fn headers(plan: &Plan) -> String {
+    format!("vcl {};\n\nimport std;\nimport directors;", plan.syntax)
+}
+
+fn backends(plan: &Plan) -> String {
+    let mut out = format!(
+        "# The default backend, never reachable: it keeps the VCL valid without backends.\n\
+         backend {PLACEHOLDER_BACKEND} {{\n    .host = \"127.0.0.1\";\n    .port = \"9\";\n}}"
+    );
+    for backend in &plan.backends {
+        let _ = write!(
+            out,
+            "\n\nbackend {} {{\n    .host = \"{}\";\n    .port = \"{}\";\n    \
+             .max_connections = {};\n    .connect_timeout = {};\n    \
+             .first_byte_timeout = {};\n    .between_bytes_timeout = {};\n}}",
+            backend.vcl_name,
+            backend.host,
+            backend.port,
+            backend.max_connections,
+            backend.connect_timeout,
+            backend.first_byte_timeout,
+            backend.between_bytes_timeout,
+        );
+    }
+    out
+}
+
+fn directors(plan: &Plan) -> String {
+    let mut out = String::from("sub vcl_init {");
+    for director in &plan.directors {
+        let constructor = match director.mode {
+            DirectorMode::Random => "random",
+            DirectorMode::Hash => "hash",
+            DirectorMode::Fallback => "fallback",
+            DirectorMode::RoundRobin | DirectorMode::Unspecified => "round_robin",
+        };
+        let weighted = matches!(director.mode, DirectorMode::Random | DirectorMode::Hash);
+        for group in &director.groups {
+            let _ = write!(
+                out,
+                "\n    new {} = directors.{constructor}();",
+                group.object_name
+            );
+            for (backend, weight) in &group.members {
+                if weighted {
+                    let _ = write!(
+                        out,
+                        "\n    {}.add_backend({backend}, {weight}.0);",
+                        group.object_name
+                    );
+                } else {
+                    let _ = write!(out, "\n    {}.add_backend({backend});", group.object_name);
+                }
+            }
+        }
+    }
+    out.push_str("\n}");
+    out
+}
+
+fn vaas_status() -> String {
+    "if (req.url == \"/vaas_status\" && (req.method == \"GET\" || req.method == \"HEAD\")) {\n    \
+     return (synth(200, \"vaas_status\"));\n}\n\
+     if (req.url == \"/vaas_version\" && (req.method == \"GET\" || req.method == \"HEAD\")) {\n    \
+     return (synth(200, \"vaas_version\"));\n}"
+        .to_owned()
+}
+
+/// The director's `.backend()` call: hash directors hash the URL.
+fn backend_call(director: &DirectorPlan, object_name: &str) -> String {
+    match director.mode {
+        DirectorMode::Hash => format!("{object_name}.backend(req.url)"),
+        _ => format!("{object_name}.backend()"),
+    }
+}
+
+fn router(plan: &Plan) -> String {
+    let mut out = String::new();
+    for director in &plan.directors {
+        let subject = match director.router {
+            DirectorRouter::Domain => "req.http.host",
+            DirectorRouter::Path | DirectorRouter::Unspecified => "req.url",
+        };
+        let keyword = if out.is_empty() { "if" } else { " elsif" };
+        // The expression was checked: it holds no `"}` and no control character.
+        let _ = write!(
+            out,
+            "{keyword} ({subject} ~ {{\"{}\"}}) {{",
+            director.route_expression
+        );
+        match director.groups.split_first() {
+            None => {
+                let _ = write!(
+                    out,
+                    "\n    return (synth(404, \"director {} has no backends\"));",
+                    director.name
+                );
+            }
+            Some((first, others)) => {
+                let _ = write!(
+                    out,
+                    "\n    set req.backend_hint = {};",
+                    backend_call(director, &first.object_name)
+                );
+                for other in others {
+                    let _ = write!(
+                        out,
+                        "\n    if (!std.healthy(req.backend_hint)) {{\n        \
+                         set req.backend_hint = {};\n    }}",
+                        backend_call(director, &other.object_name)
+                    );
+                }
+            }
+        }
+        out.push_str("\n}");
+    }
+    let no_route = "return (synth(404, \"no director matches the request\"));";
+    if out.is_empty() {
+        return no_route.to_owned();
+    }
+    let _ = write!(out, " else {{\n    {no_route}\n}}");
+    out
+}
+
+fn other_functions(version: &str) -> String {
+    format!("sub vcl_deliver {{\n    set resp.http.X-VaaS-VCL-Version = \"{version}\";\n}}")
+}
+
+fn empty_director_synth(plan: &Plan, version: &str) -> String {
+    let (status_code, status_reason) = if plan.active {
+        (200, "OK")
+    } else {
+        (503, "Maintenance")
+    };
+    format!(
+        "sub vcl_synth {{\n    \
+         set resp.http.X-VaaS-VCL-Version = \"{version}\";\n    \
+         set resp.http.Content-Type = \"text/plain; charset=utf-8\";\n    \
+         if (resp.reason == \"vaas_status\") {{\n        \
+         set resp.status = {status_code};\n        \
+         set resp.reason = \"{status_reason}\";\n    \
+         }} elsif (resp.reason == \"vaas_version\") {{\n        \
+         set resp.reason = \"OK\";\n        \
+         set resp.body = \"{version}\";\n        \
+         return (deliver);\n    \
+         }}\n    \
+         set resp.body = resp.reason;\n    \
+         return (deliver);\n}}"
+    )
+}
