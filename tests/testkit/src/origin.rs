@@ -1,0 +1,199 @@
+//! A tiny HTTP origin server that says who it is.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::debug;
+
+/// The largest request head the origin reads before giving up on a connection.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// An HTTP/1.1 server on 127.0.0.1 answering every request `200` with the body `origin <name>`
+/// and the header `X-Origin: <name>`; stopped on drop.
+///
+/// It keeps connections alive (as varnishd expects from a backend) and counts requests, so a test
+/// can tell a cache hit from a miss.
+#[derive(Debug)]
+pub struct HttpOrigin {
+    name: String,
+    addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+    server: JoinHandle<()>,
+}
+
+impl HttpOrigin {
+    /// Starts the origin on a free port; it accepts connections as soon as this returns.
+    pub async fn start(name: &str) -> anyhow::Result<HttpOrigin> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .context("cannot bind the origin")?;
+        let addr = listener.local_addr()?;
+        let requests = Arc::new(AtomicU64::new(0));
+        let server = tokio::spawn(serve(listener, name.to_owned(), Arc::clone(&requests)));
+        Ok(HttpOrigin {
+            name: name.to_owned(),
+            addr,
+            requests,
+            server,
+        })
+    }
+
+    /// Returns the address the origin listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Returns the name it answers with.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Returns the number of requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Returns a log of the origin: it keeps none, so this says what it is and how busy it was.
+    pub fn log(&self) -> String {
+        format!(
+            "origin {} on {} answered {} requests",
+            self.name,
+            self.addr,
+            self.requests()
+        )
+    }
+}
+
+impl Drop for HttpOrigin {
+    fn drop(&mut self) {
+        // Aborting the accept loop drops its JoinSet, which aborts every connection task.
+        self.server.abort();
+    }
+}
+
+async fn serve(listener: TcpListener, name: String, requests: Arc<AtomicU64>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(serve_connection(stream, name.clone(), Arc::clone(&requests)));
+                }
+                Err(error) => debug!(%error, "origin accept failed"),
+            },
+            // Reaps finished connection tasks so the set does not grow without bound.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, name: String, requests: Arc<AtomicU64>) {
+    let mut buffer = Vec::new();
+    loop {
+        let Some(head_end) = read_head(&mut stream, &mut buffer).await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+        let body_length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0);
+        let close = head
+            .lines()
+            .any(|line| line.starts_with("connection:") && line.contains("close"));
+        // Drops the head and any request body (GETs have none; varnishd may send one on a pass).
+        let consumed = (head_end + 4 + body_length).min(buffer.len());
+        let missing = head_end + 4 + body_length - consumed;
+        buffer.drain(..consumed);
+        if missing > 0 {
+            let mut rest = vec![0_u8; missing];
+            if stream.read_exact(&mut rest).await.is_err() {
+                return;
+            }
+        }
+        requests.fetch_add(1, Ordering::SeqCst);
+        let body = format!("origin {name}");
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Origin: {name}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" },
+        );
+        if stream.write_all(response.as_bytes()).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+/// Reads until `buffer` holds a complete request head; returns the offset of its `\r\n\r\n`.
+async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
+            return Some(end);
+        }
+        if buffer.len() > MAX_HEAD {
+            return None;
+        }
+        let mut chunk = [0_u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::HttpOrigin;
+    use crate::http_get;
+
+    #[tokio::test]
+    async fn answers_every_request_with_its_name() -> anyhow::Result<()> {
+        let origin = HttpOrigin::start("blue").await?;
+        let response = http_get(origin.addr(), "/any/path?x=1", "example.com").await?;
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header("X-Origin"), Some("blue"));
+        assert_eq!(response.body, "origin blue");
+        assert_eq!(origin.requests(), 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn keeps_a_connection_alive_for_several_requests() -> anyhow::Result<()> {
+        let origin = HttpOrigin::start("green").await?;
+        let mut stream = tokio::net::TcpStream::connect(origin.addr()).await?;
+        stream
+            .write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await?;
+        assert_eq!(raw.matches("HTTP/1.1 200 OK").count(), 2, "{raw}");
+        assert_eq!(origin.requests(), 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn stops_listening_when_dropped() -> anyhow::Result<()> {
+        let origin = HttpOrigin::start("red").await?;
+        let addr = origin.addr();
+        drop(origin);
+        // The accept loop is aborted; the listener closes once the runtime drops the task.
+        let mut refused = false;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(refused, "the origin still accepts connections after drop");
+        Ok(())
+    }
+}
