@@ -1,0 +1,54 @@
+//! The store's error type.
+
+/// A result of a store operation.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The resource addressed by id does not exist.
+    #[error("{resource} {id} not found")]
+    NotFound {
+        /// Kind of resource, for example "backend".
+        resource: &'static str,
+        /// The id that was asked for.
+        id: i64,
+    },
+    /// A field refers to a resource that does not exist.
+    #[error("{field} refers to {resource} {id}, which does not exist")]
+    MissingReference {
+        /// The request field, for example "varnish_server.cluster_id".
+        field: &'static str,
+        /// Kind of the missing resource.
+        resource: &'static str,
+        /// The id that was given.
+        id: i64,
+    },
+    /// A unique field already has this value.
+    #[error("{field} {value:?} is already taken")]
+    AlreadyExists {
+        /// The request field, for example "dc.symbol".
+        field: &'static str,
+        /// The value that is taken.
+        value: String,
+    },
+    /// The resource cannot be deleted while others refer to it.
+    #[error("{resource} {id} is still used by {users}")]
+    InUse {
+        /// Kind of resource.
+        resource: &'static str,
+        /// Its id.
+        id: i64,
+        /// What refers to it, for people, for example "3 varnish servers".
+        users: String,
+    },
+    /// A page token that this store did not hand out.
+    #[error("page_token is not valid")]
+    InvalidPageToken,
+    /// The database URL names no supported database.
+    #[error("database url must start with postgres://, postgresql:// or sqlite:")]
+    UnsupportedUrl,
+    /// The database failed or could not be reached.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+}

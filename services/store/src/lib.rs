@@ -1,0 +1,91 @@
+//! The VaaS configuration store: schema, migrations and queries, for PostgreSQL (production,
+//! shared by several API replicas) and SQLite (the embedded default for a single node).
+//!
+//! Every configuration write runs in one transaction that also takes a store timestamp, creates a
+//! reload task for every cluster whose VCL may change, and adds an outbox row per task for the
+//! relay that publishes intents. The store speaks in `vaas_proto::v1` messages; it checks
+//! references and uniqueness, but the format of fields is validated by the API before it gets here.
+//! It knows nothing of NATS or gRPC.
+
+mod clock;
+mod config;
+mod error;
+mod migrations;
+mod rows;
+mod snapshot;
+mod tasks;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+pub use config::WriteOutcome;
+pub use error::{Error, Result};
+pub use tasks::{OutboxEntry, TaskOutcome, TaskPage};
+
+/// Which SQL database a [`Store`] talks to; the few statements that differ are chosen by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// PostgreSQL 13 or newer.
+    Postgres,
+    /// SQLite 3.35 or newer (bundled).
+    Sqlite,
+}
+
+/// A handle on the configuration store; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+impl Store {
+    /// Connects to `url` (`postgres://…` or `sqlite://path?mode=rwc`) and applies pending
+    /// migrations.
+    pub async fn connect(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let dialect = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Dialect::Postgres
+        } else if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            return Err(Error::UnsupportedUrl);
+        };
+        let options = AnyConnectOptions::from_str(url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(match dialect {
+                Dialect::Postgres => 16,
+                Dialect::Sqlite => 4,
+            })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        // WAL lets the scheduler read snapshots while the API writes; the busy
+                        // timeout makes concurrent writers wait instead of failing.
+                        connection.execute("PRAGMA journal_mode = WAL").await?;
+                        connection.execute("PRAGMA busy_timeout = 10000").await?;
+                        connection.execute("PRAGMA foreign_keys = ON").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        let store = Store { pool, dialect };
+        migrations::apply(&store).await?;
+        Ok(store)
+    }
+
+    /// Returns the SQL dialect of this store.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Closes every pooled connection; waits for connections in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

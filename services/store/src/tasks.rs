@@ -1,0 +1,291 @@
+//! Reload tasks, the outbox of intents to publish, and what agents report about their servers.
+
+use sqlx::{Any, Transaction};
+use vaas_proto::v1::{Task, TaskState};
+
+use crate::clock::now_micros_sql;
+use crate::config::{cut_page, page_limit, parse_page_token};
+use crate::rows::{self, TASK_COLUMNS};
+use crate::{Dialect, Error, Result, Store};
+
+/// The longest last error a cluster keeps, in characters.
+pub const LAST_ERROR_MAX_CHARS: usize = 400;
+
+/// States in which a task still waits for a reload.
+const UNFINISHED_STATES: &str = "1, 2, 5";
+
+/// An intent waiting in the outbox to be published.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Outbox row id.
+    pub id: i64,
+    /// The task the intent stands for; also the message id that deduplicates re-publishing.
+    pub task_id: i64,
+    /// The cluster to reload.
+    pub cluster_id: i64,
+    /// The task's store timestamp.
+    pub timestamp: i64,
+}
+
+/// How a reload ended for the tasks it applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskOutcome {
+    /// Every affected server runs the new VCL.
+    Success,
+    /// The reload failed; the message says why (the compiler's message, an unreachable server).
+    Failure(String),
+}
+
+/// A page of tasks, newest first, and the token of the next page (empty on the last page).
+pub type TaskPage = (Vec<Task>, String);
+
+/// Inserts a PENDING task and its outbox row; returns the task id.
+pub(crate) async fn create(
+    transaction: &mut Transaction<'_, Any>,
+    dialect: Dialect,
+    cluster_id: i64,
+    timestamp: i64,
+    description: &str,
+) -> Result<i64> {
+    let now = now_micros_sql(dialect);
+    let task_id: i64 = sqlx::query_scalar(&format!(
+        "INSERT INTO tasks (cluster_id, timestamp, state, description, create_time) \
+         VALUES ($1, $2, $3, $4, {now}) RETURNING id"
+    ))
+    .bind(cluster_id)
+    .bind(timestamp)
+    .bind(TaskState::Pending as i32 as i64)
+    .bind(description)
+    .fetch_one(&mut **transaction)
+    .await?;
+    sqlx::query("INSERT INTO outbox (task_id, cluster_id, timestamp) VALUES ($1, $2, $3)")
+        .bind(task_id)
+        .bind(cluster_id)
+        .bind(timestamp)
+        .execute(&mut **transaction)
+        .await?;
+    Ok(task_id)
+}
+
+/// Reads tasks by id, in id order.
+pub(crate) async fn by_ids(
+    transaction: &mut Transaction<'_, Any>,
+    ids: &[i64],
+) -> Result<Vec<Task>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let list = id_list(ids);
+    let rows = sqlx::query(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks t JOIN clusters c ON c.id = t.cluster_id \
+         WHERE t.id IN ({list}) ORDER BY t.id"
+    ))
+    .fetch_all(&mut **transaction)
+    .await?;
+    rows.iter().map(rows::task).collect()
+}
+
+/// Formats ids (integers, never user text) as an SQL list.
+fn id_list(ids: &[i64]) -> String {
+    ids.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Store {
+    /// Returns one task.
+    pub async fn get_task(&self, id: i64) -> Result<Task> {
+        let mut transaction = self.pool.begin().await?;
+        by_ids(&mut transaction, &[id])
+            .await?
+            .pop()
+            .ok_or(Error::NotFound {
+                resource: "task",
+                id,
+            })
+    }
+
+    /// Returns the tasks with these ids that exist, in id order.
+    pub async fn get_tasks(&self, ids: &[i64]) -> Result<Vec<Task>> {
+        let mut transaction = self.pool.begin().await?;
+        by_ids(&mut transaction, ids).await
+    }
+
+    /// Lists tasks newest first, optionally of one cluster and in one state (0 = any).
+    pub async fn list_tasks(
+        &self,
+        page_size: i32,
+        page_token: &str,
+        cluster_id: i64,
+        state: i32,
+    ) -> Result<TaskPage> {
+        let limit = page_limit(page_size);
+        let before = match parse_page_token(page_token)? {
+            0 => i64::MAX,
+            id => id,
+        };
+        let mut filter = String::new();
+        if cluster_id != 0 {
+            filter.push_str(&format!(" AND t.cluster_id = {cluster_id}"));
+        }
+        if state != 0 {
+            filter.push_str(&format!(" AND t.state = {state}"));
+        }
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks t JOIN clusters c ON c.id = t.cluster_id \
+             WHERE t.id < $1{filter} ORDER BY t.id DESC LIMIT $2"
+        ))
+        .bind(before)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let (rows, next) = cut_page(rows, limit, |row| sqlx::Row::try_get::<i64, _>(row, "id"));
+        Ok((rows.iter().map(rows::task).collect::<Result<_>>()?, next))
+    }
+
+    /// Returns, per cluster with unfinished tasks, the newest unfinished task's timestamp.
+    pub async fn unfinished_clusters(&self) -> Result<Vec<(i64, i64)>> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(&format!(
+            "SELECT cluster_id, MAX(timestamp) FROM tasks WHERE state IN ({UNFINISHED_STATES}) \
+             GROUP BY cluster_id ORDER BY cluster_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Marks the PENDING tasks of a cluster up to `up_to` as STARTED; returns them.
+    pub async fn start_tasks(&self, cluster_id: i64, up_to: i64) -> Result<Vec<Task>> {
+        let now = now_micros_sql(self.dialect);
+        let mut transaction = self.pool.begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(&format!(
+            "UPDATE tasks SET state = $1, start_time = {now} \
+             WHERE cluster_id = $2 AND timestamp <= $3 AND state = $4 RETURNING id"
+        ))
+        .bind(TaskState::Started as i32 as i64)
+        .bind(cluster_id)
+        .bind(up_to)
+        .bind(TaskState::Pending as i32 as i64)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let tasks = by_ids(&mut transaction, &ids).await?;
+        transaction.commit().await?;
+        Ok(tasks)
+    }
+
+    /// Finishes every unfinished task of a cluster up to `up_to` and records the outcome on the
+    /// cluster (reload timestamp, or error timestamp and last error); returns the tasks.
+    pub async fn finish_tasks(
+        &self,
+        cluster_id: i64,
+        up_to: i64,
+        outcome: &TaskOutcome,
+    ) -> Result<Vec<Task>> {
+        let now = now_micros_sql(self.dialect);
+        let (state, error) = match outcome {
+            TaskOutcome::Success => (TaskState::Success, String::new()),
+            TaskOutcome::Failure(error) => (TaskState::Failure, error.clone()),
+        };
+        let mut transaction = self.pool.begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(&format!(
+            "UPDATE tasks SET state = $1, error = $2, finish_time = {now}, \
+             start_time = COALESCE(start_time, {now}) \
+             WHERE cluster_id = $3 AND timestamp <= $4 AND state IN ({UNFINISHED_STATES}) \
+             RETURNING id"
+        ))
+        .bind(state as i32 as i64)
+        .bind(&error)
+        .bind(cluster_id)
+        .bind(up_to)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let tasks = by_ids(&mut transaction, &ids).await?;
+        let newest: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT MAX(timestamp) FROM tasks WHERE id IN ({})",
+            if ids.is_empty() {
+                "0".to_owned()
+            } else {
+                id_list(&ids)
+            }
+        ))
+        .fetch_one(&mut *transaction)
+        .await?;
+        if let Some(newest) = newest {
+            match outcome {
+                TaskOutcome::Success => {
+                    sqlx::query(
+                        "UPDATE clusters SET reload_timestamp = $1 WHERE id = $2 \
+                         AND (reload_timestamp IS NULL OR reload_timestamp < $1)",
+                    )
+                    .bind(newest)
+                    .bind(cluster_id)
+                    .execute(&mut *transaction)
+                    .await?;
+                }
+                TaskOutcome::Failure(error) => {
+                    let last_error: String = error.chars().take(LAST_ERROR_MAX_CHARS).collect();
+                    sqlx::query(
+                        "UPDATE clusters SET error_timestamp = $1, last_error = $2 WHERE id = $3",
+                    )
+                    .bind(newest)
+                    .bind(last_error)
+                    .bind(cluster_id)
+                    .execute(&mut *transaction)
+                    .await?;
+                }
+            }
+        }
+        transaction.commit().await?;
+        Ok(tasks)
+    }
+
+    /// Returns up to `limit` outbox entries, oldest first.
+    pub async fn pending_outbox(&self, limit: i64) -> Result<Vec<OutboxEntry>> {
+        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT id, task_id, cluster_id, timestamp FROM outbox ORDER BY id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, task_id, cluster_id, timestamp)| OutboxEntry {
+                id,
+                task_id,
+                cluster_id,
+                timestamp,
+            })
+            .collect())
+    }
+
+    /// Removes a published outbox entry.
+    pub async fn delete_outbox(&self, id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM outbox WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records what the agent of the server at (`address`, `admin_port`) reports it runs;
+    /// returns the server's id, or `None` when no such server is registered.
+    pub async fn record_agent_report(
+        &self,
+        address: &str,
+        admin_port: u32,
+        running_vcl_version: &str,
+    ) -> Result<Option<i64>> {
+        let now = now_micros_sql(self.dialect);
+        let id: Option<i64> = sqlx::query_scalar(&format!(
+            "UPDATE varnish_servers SET running_vcl_version = $1, agent_seen_time = {now} \
+             WHERE address = $2 AND admin_port = $3 RETURNING id"
+        ))
+        .bind(running_vcl_version)
+        .bind(address)
+        .bind(i64::from(admin_port))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id)
+    }
+}

@@ -1,0 +1,429 @@
+//! One suite, run against both SQLite and a real PostgreSQL server.
+
+use anyhow::Result;
+use vaas_proto::v1::{
+    Backend, Cluster, Dc, Director, ServerStatus, TaskState, VarnishServer, VclTemplate,
+};
+use vaas_store::{Error, Store, TaskOutcome};
+
+/// Opens a fresh store of each kind.
+mod backends {
+    use super::*;
+
+    pub struct Fixture {
+        pub store: Store,
+        _dir: Option<tempfile::TempDir>,
+        _postgres: Option<vaas_testkit::Postgres>,
+    }
+
+    pub async fn sqlite() -> Result<Fixture> {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("vaas.db").display());
+        Ok(Fixture {
+            store: Store::connect(&url).await?,
+            _dir: Some(dir),
+            _postgres: None,
+        })
+    }
+
+    pub async fn postgres() -> Result<Fixture> {
+        let postgres = vaas_testkit::Postgres::start().await?;
+        Ok(Fixture {
+            store: Store::connect(&postgres.url()).await?,
+            _dir: None,
+            _postgres: Some(postgres),
+        })
+    }
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() -> anyhow::Result<()> {
+                let fixture = super::backends::sqlite().await?;
+                super::$name(&fixture.store).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() -> anyhow::Result<()> {
+                let fixture = super::backends::postgres().await?;
+                super::$name(&fixture.store).await
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    writes_create_tasks_only_for_clusters_with_servers,
+    timestamps_strictly_increase_and_outbox_follows_tasks,
+    references_and_uniqueness_are_checked_and_nothing_is_saved,
+    finishing_tasks_records_cluster_status,
+    snapshot_contains_what_the_cluster_serves,
+    pages_walk_every_item_once,
+);
+
+struct World {
+    dc: Dc,
+    cluster: Cluster,
+    template: VclTemplate,
+    server: VarnishServer,
+    director: Director,
+}
+
+async fn world(store: &Store) -> Result<World> {
+    let dc = store
+        .create_dc(&Dc {
+            id: 0,
+            name: "Frankfurt".into(),
+            symbol: "fra-1".into(),
+        })
+        .await?
+        .value;
+    let cluster = store
+        .create_cluster(&Cluster {
+            name: "prod".into(),
+            ..Default::default()
+        })
+        .await?
+        .value;
+    let template = store
+        .create_vcl_template(&VclTemplate {
+            name: "default".into(),
+            content: "<VCL/>".into(),
+            ..Default::default()
+        })
+        .await?
+        .value;
+    let server = store
+        .create_varnish_server(&VarnishServer {
+            address: "127.0.0.1".into(),
+            http_port: Some(80),
+            admin_port: Some(6082),
+            status: ServerStatus::Active as i32,
+            dc_id: dc.id,
+            template_id: template.id,
+            cluster_id: cluster.id,
+            ..Default::default()
+        })
+        .await?
+        .value;
+    let director = store
+        .create_director(&Director {
+            name: "api".into(),
+            cluster_ids: vec![cluster.id],
+            route_expression: "^/api/".into(),
+            active_active: Some(true),
+            enabled: Some(true),
+            ..Default::default()
+        })
+        .await?
+        .value;
+    Ok(World {
+        dc,
+        cluster,
+        template,
+        server,
+        director,
+    })
+}
+
+fn backend(world: &World, address: &str) -> Backend {
+    Backend {
+        director_id: world.director.id,
+        dc_id: world.dc.id,
+        address: address.into(),
+        port: Some(8080),
+        weight: Some(1),
+        max_connections: Some(5),
+        enabled: Some(true),
+        ..Default::default()
+    }
+}
+
+async fn writes_create_tasks_only_for_clusters_with_servers(store: &Store) -> Result<()> {
+    let dc = store
+        .create_dc(&Dc {
+            id: 0,
+            name: "A".into(),
+            symbol: "a".into(),
+        })
+        .await?;
+    assert!(dc.tasks.is_empty(), "a new dc affects no cluster");
+    let empty_cluster = store
+        .create_cluster(&Cluster {
+            name: "empty".into(),
+            ..Default::default()
+        })
+        .await?
+        .value;
+    let updated = store
+        .update_cluster(&Cluster {
+            labels: vec!["env:test".into()],
+            ..empty_cluster.clone()
+        })
+        .await?;
+    assert!(
+        updated.tasks.is_empty(),
+        "a cluster without servers needs no reload"
+    );
+    assert_eq!(updated.value.labels, vec!["env:test".to_owned()]);
+
+    let world = world(store).await?;
+    let created = store.create_backend(&backend(&world, "10.0.0.1")).await?;
+    assert_eq!(created.tasks.len(), 1);
+    let task = &created.tasks[0];
+    assert_eq!(task.cluster_id, world.cluster.id);
+    assert_eq!(task.cluster_name, "prod");
+    assert_eq!(task.state, TaskState::Pending as i32);
+    assert_eq!(
+        task.description,
+        format!("create backend {}", created.value.id)
+    );
+    assert_eq!(task.name, format!("tasks/{}", task.id));
+
+    let renamed = store
+        .update_dc(&Dc {
+            name: "Frankfurt 1".into(),
+            ..world.dc.clone()
+        })
+        .await?;
+    assert_eq!(
+        renamed.tasks.len(),
+        1,
+        "a dc change reloads the clusters using it"
+    );
+    Ok(())
+}
+
+async fn timestamps_strictly_increase_and_outbox_follows_tasks(store: &Store) -> Result<()> {
+    let world = world(store).await?;
+    let mut last = None;
+    let mut task_ids = Vec::new();
+    for index in 0..5 {
+        let outcome = store
+            .create_backend(&backend(&world, &format!("10.0.0.{index}")))
+            .await?;
+        let timestamp = outcome.tasks[0].timestamp.clone().expect("timestamp");
+        let micros = timestamp.seconds * 1_000_000 + i64::from(timestamp.nanos / 1000);
+        if let Some(previous) = last {
+            assert!(micros > previous, "timestamps must strictly increase");
+        }
+        last = Some(micros);
+        task_ids.push(outcome.tasks[0].id);
+    }
+    let outbox = store.pending_outbox(100).await?;
+    let outbox_tasks: Vec<i64> = outbox.iter().map(|entry| entry.task_id).collect();
+    // The world's server and director creation made tasks too; the backends' come last.
+    assert!(outbox_tasks.ends_with(&task_ids));
+    for entry in &outbox {
+        store.delete_outbox(entry.id).await?;
+    }
+    assert!(store.pending_outbox(100).await?.is_empty());
+    Ok(())
+}
+
+async fn references_and_uniqueness_are_checked_and_nothing_is_saved(store: &Store) -> Result<()> {
+    let world = world(store).await?;
+    let missing_cluster = store
+        .create_varnish_server(&VarnishServer {
+            cluster_id: 999,
+            address: "10.1.1.1".into(),
+            ..world.server.clone()
+        })
+        .await;
+    assert!(matches!(
+        missing_cluster,
+        Err(Error::MissingReference {
+            field: "varnish_server.cluster_id",
+            id: 999,
+            ..
+        })
+    ));
+    let duplicate = store
+        .create_director(&Director {
+            id: 0,
+            ..world.director.clone()
+        })
+        .await;
+    assert!(matches!(
+        duplicate,
+        Err(Error::AlreadyExists {
+            field: "director.name",
+            ..
+        })
+    ));
+    let colliding = store
+        .create_dc(&Dc {
+            id: 0,
+            name: "other".into(),
+            symbol: "fra_1".into(),
+        })
+        .await;
+    assert!(
+        matches!(
+            colliding,
+            Err(Error::AlreadyExists {
+                field: "dc.symbol",
+                ..
+            })
+        ),
+        "fra_1 and fra-1 are the same name in VCL"
+    );
+    let in_use = store.delete_cluster(world.cluster.id).await;
+    assert!(matches!(
+        in_use,
+        Err(Error::InUse {
+            resource: "cluster",
+            ..
+        })
+    ));
+    let (servers, _) = store.list_varnish_servers(100, "", 0).await?;
+    assert_eq!(servers.len(), 1, "the refused server was not saved");
+    let (tasks, _) = store.list_tasks(100, "", 0, 0).await?;
+    assert_eq!(
+        tasks.len(),
+        2,
+        "only the world's server and director made tasks"
+    );
+    assert!(matches!(
+        store.get_backend(42).await,
+        Err(Error::NotFound {
+            resource: "backend",
+            id: 42
+        })
+    ));
+    Ok(())
+}
+
+async fn finishing_tasks_records_cluster_status(store: &Store) -> Result<()> {
+    let world = world(store).await?;
+    let first = store
+        .create_backend(&backend(&world, "10.0.0.1"))
+        .await?
+        .tasks[0]
+        .clone();
+    let pending = store.unfinished_clusters().await?;
+    assert_eq!(pending.len(), 1);
+    let (cluster_id, newest) = pending[0];
+    assert_eq!(cluster_id, world.cluster.id);
+
+    let started = store.start_tasks(cluster_id, newest).await?;
+    assert_eq!(
+        started.len(),
+        3,
+        "server, director and backend tasks start together"
+    );
+    assert!(
+        started
+            .iter()
+            .all(|task| task.state == TaskState::Started as i32)
+    );
+
+    let second = store
+        .create_backend(&backend(&world, "10.0.0.2"))
+        .await?
+        .tasks[0]
+        .clone();
+    let failed = store
+        .finish_tasks(
+            cluster_id,
+            newest,
+            &TaskOutcome::Failure("VCL compilation failed".into()),
+        )
+        .await?;
+    assert_eq!(
+        failed.len(),
+        3,
+        "the newer task is not finished by an older snapshot"
+    );
+    assert!(
+        failed
+            .iter()
+            .all(|task| task.state == TaskState::Failure as i32)
+    );
+    let cluster = store.get_cluster(cluster_id).await?;
+    assert_eq!(cluster.last_error, "VCL compilation failed");
+    assert_eq!(cluster.error_timestamp, first.timestamp);
+    assert_eq!(cluster.reload_timestamp, None);
+    assert_eq!(
+        store.get_task(second.id).await?.state,
+        TaskState::Pending as i32
+    );
+
+    let succeeded = store
+        .finish_tasks(cluster_id, i64::MAX, &TaskOutcome::Success)
+        .await?;
+    assert_eq!(succeeded.len(), 1);
+    assert_eq!(
+        store.get_cluster(cluster_id).await?.reload_timestamp,
+        second.timestamp
+    );
+    assert!(store.unfinished_clusters().await?.is_empty());
+    Ok(())
+}
+
+async fn snapshot_contains_what_the_cluster_serves(store: &Store) -> Result<()> {
+    let world = world(store).await?;
+    store.create_backend(&backend(&world, "10.0.0.1")).await?;
+    store
+        .create_backend(&Backend {
+            enabled: Some(false),
+            ..backend(&world, "10.0.0.2")
+        })
+        .await?;
+    let snapshot = store.cluster_snapshot(world.cluster.id).await?;
+    assert_eq!(snapshot.servers.len(), 1);
+    assert_eq!(snapshot.templates, vec![world.template.clone()]);
+    assert_eq!(snapshot.directors.len(), 1);
+    assert_eq!(snapshot.backends.len(), 1, "disabled backends are left out");
+    assert_eq!(snapshot.dcs, vec![world.dc.clone()]);
+    let newest = store.unfinished_clusters().await?[0].1;
+    assert_eq!(
+        snapshot.version, newest,
+        "the snapshot includes the newest committed change"
+    );
+
+    let reported = store
+        .record_agent_report("127.0.0.1", 6082, "abc123")
+        .await?;
+    assert_eq!(reported, Some(world.server.id));
+    assert_eq!(
+        store
+            .get_varnish_server(world.server.id)
+            .await?
+            .running_vcl_version,
+        "abc123"
+    );
+    Ok(())
+}
+
+async fn pages_walk_every_item_once(store: &Store) -> Result<()> {
+    for index in 0..7 {
+        store
+            .create_dc(&Dc {
+                id: 0,
+                name: format!("dc {index}"),
+                symbol: format!("dc{index}"),
+            })
+            .await?;
+    }
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let (dcs, next) = store.list_dcs(3, &token).await?;
+        seen.extend(dcs.into_iter().map(|dc| dc.symbol));
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    assert_eq!(
+        seen,
+        (0..7).map(|index| format!("dc{index}")).collect::<Vec<_>>()
+    );
+    assert!(matches!(
+        store.list_dcs(3, "garbage").await,
+        Err(Error::InvalidPageToken)
+    ));
+    Ok(())
+}
