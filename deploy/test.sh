@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# THE test command: installs what is missing, then runs every check CI runs — buf lint, rustfmt,
+# clippy (warnings are errors) and the whole test suite with cargo-nextest (unit, in-process
+# integration and end-to-end tests against real nats-server, PostgreSQL and varnishd processes).
+# Every check runs even when an earlier one fails; the exit status is non-zero if any failed.
+# Extra arguments go to `cargo nextest run` (for example a test name filter).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+deploy/install.sh
+export PATH="$HOME/.cargo/bin:/usr/local/bin:/usr/sbin:/sbin:$PATH"
+
+failed=()
+check() {
+  local name=$1
+  shift
+  printf '\n==> %s: %s\n' "$name" "$*"
+  if "$@"; then
+    printf '==> %s: ok\n' "$name"
+  else
+    printf '==> %s: FAILED\n' "$name"
+    failed+=("$name")
+  fi
+}
+
+check "buf lint" buf lint
+check "rustfmt" cargo fmt --all --check
+check "clippy" cargo clippy --workspace --all-targets -- -D warnings
+check "tests" cargo nextest run --workspace "$@"
+
+echo
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "all checks passed"
