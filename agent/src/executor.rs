@@ -1,0 +1,379 @@
+//! Executes the scheduler's commands against varnishd: prepare (render + `vcl.inline`), commit
+//! (`vcl.use`, `start` when the child is stopped, then garbage collection) and abort
+//! (`vcl.discard`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::{debug, info, warn};
+use vaas_proto::v1::{
+    AbortCommand, AbortResult, CommitCommand, CommitResult, PrepareCommand, PrepareResult,
+};
+
+use crate::varnish_cli::{ChildState, CliError, CliStatus, CliTimeouts, VarnishCli, VclState};
+use crate::{Config, Error};
+
+/// Prefix of the names of the VCLs VaaS loads: `vaas-<version>-<unique suffix>`.
+pub const VCL_NAME_PREFIX: &str = "vaas-";
+/// How many VaaS VCLs besides the active one are kept (cold) for rollback.
+pub const KEPT_INACTIVE_VCLS: usize = 2;
+
+/// Makes the suffix of VCL names loaded by this process unique even within one millisecond.
+static LOAD_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Returns the VaaS version carried by a VCL name (`vaas-<16 hex digits>-...`), if any.
+pub fn version_from_vcl_name(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix(VCL_NAME_PREFIX)?;
+    let version = rest.get(..16)?;
+    let valid = version.bytes().all(|b| b.is_ascii_hexdigit())
+        && matches!(rest.as_bytes().get(16), None | Some(b'-'));
+    valid.then_some(version)
+}
+
+/// Builds a fresh VCL name for `version`.
+fn fresh_vcl_name(version: &str) -> String {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis());
+    let counter = LOAD_COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{VCL_NAME_PREFIX}{version}-{millis}-{counter}")
+}
+
+/// What varnishd runs, for the hello.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct VarnishState {
+    pub(crate) varnish_version: String,
+    pub(crate) active_vcl_name: String,
+    pub(crate) active_vcl_version: String,
+}
+
+/// Owns the CLI connection (opened lazily, dropped after a transport failure so the next command
+/// reconnects) and runs commands one at a time.
+pub(crate) struct Executor {
+    config: Config,
+    cli: Option<VarnishCli>,
+}
+
+impl Executor {
+    pub(crate) fn new(config: Config) -> Executor {
+        Executor { config, cli: None }
+    }
+
+    /// Returns a connected CLI, connecting when needed.
+    async fn cli(&mut self) -> Result<&mut VarnishCli, Error> {
+        if self.cli.is_none() {
+            let secret = tokio::fs::read(&self.config.varnish_secret_file)
+                .await
+                .map_err(|source| Error::SecretFile {
+                    path: self.config.varnish_secret_file.clone(),
+                    source,
+                })?;
+            let timeouts = CliTimeouts {
+                connect: self.config.connect_timeout,
+                command: self.config.cli_timeout,
+                load: self.config.load_timeout,
+            };
+            let cli = VarnishCli::connect(self.config.varnish_admin, &secret, timeouts).await?;
+            debug!(admin = %self.config.varnish_admin, "connected to varnishd");
+            self.cli = Some(cli);
+        }
+        self.cli.as_mut().ok_or(Error::Cli(CliError::Broken))
+    }
+
+    /// Forgets the connection when `error` means it is unusable.
+    fn note<T>(&mut self, result: Result<T, CliError>) -> Result<T, Error> {
+        if let Err(error) = &result
+            && !matches!(
+                error,
+                CliError::Command { .. } | CliError::InvalidVclName(_) | CliError::Json(_)
+            )
+        {
+            self.cli = None;
+        }
+        result.map_err(Error::Cli)
+    }
+
+    /// Reads varnishd's version and active VCL.
+    pub(crate) async fn varnish_state(&mut self) -> Result<VarnishState, Error> {
+        let cli = self.cli().await?;
+        let varnish_version = cli.varnish_version().unwrap_or_default().to_owned();
+        let list = cli.vcl_list().await;
+        let list = self.note(list)?;
+        let active = list.into_iter().find(|vcl| vcl.is_active());
+        let active_vcl_name = active.map(|vcl| vcl.name).unwrap_or_default();
+        let active_vcl_version = version_from_vcl_name(&active_vcl_name)
+            .unwrap_or_default()
+            .to_owned();
+        Ok(VarnishState {
+            varnish_version,
+            active_vcl_name,
+            active_vcl_version,
+        })
+    }
+
+    /// Renders and loads the VCL of a prepare command.
+    pub(crate) async fn prepare(&mut self, command: PrepareCommand) -> PrepareResult {
+        let reload_id = command.reload_id.clone();
+        let mut result = PrepareResult {
+            reload_id: reload_id.clone(),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let Some(snapshot) = command.snapshot else {
+            result.error = "prepare command without a snapshot".into();
+            return result;
+        };
+        let server_id = command.server_id;
+        let rendered =
+            tokio::task::spawn_blocking(move || vaas_vcl::render(&snapshot, server_id)).await;
+        result.render_duration = proto_duration(started.elapsed());
+        let vcl = match rendered {
+            Ok(Ok(vcl)) => vcl,
+            Ok(Err(error)) => {
+                warn!(reload_id, server_id, %error, "render failed");
+                result.error = format!("render failed: {error}");
+                return result;
+            }
+            Err(error) => {
+                result.error = format!("render task failed: {error}");
+                return result;
+            }
+        };
+        result.vcl_version = vcl.version.clone();
+
+        match self.load(&vcl, &mut result).await {
+            Ok(()) => {
+                result.ok = true;
+                info!(
+                    reload_id,
+                    vcl_name = result.vcl_name,
+                    vcl_version = result.vcl_version,
+                    unchanged = result.unchanged,
+                    load_ms = duration_ms(&result.load_duration),
+                    "prepared vcl"
+                );
+            }
+            Err(error) => {
+                result.error = describe(&error);
+                warn!(reload_id, vcl_version = result.vcl_version, error = %result.error, "prepare failed");
+            }
+        }
+        result
+    }
+
+    /// Loads `vcl` unless it is already active (or already loaded and available).
+    async fn load(
+        &mut self,
+        vcl: &vaas_vcl::RenderedVcl,
+        result: &mut PrepareResult,
+    ) -> Result<(), Error> {
+        let cli = self.cli().await?;
+        let list = cli.vcl_list().await;
+        let list = self.note(list)?;
+        let same_version = |name: &str| version_from_vcl_name(name) == Some(vcl.version.as_str());
+        if let Some(active) = list
+            .iter()
+            .find(|info| info.is_active() && same_version(&info.name))
+        {
+            result.vcl_name = active.name.clone();
+            result.unchanged = true;
+            return Ok(());
+        }
+        // A VCL of the same version that is still loaded (kept for rollback, or prepared by a
+        // reload that did not commit) is reused: compiling it again would only cost time.
+        if let Some(loaded) = list
+            .iter()
+            .rev()
+            .find(|info| info.status == "available" && same_version(&info.name))
+        {
+            result.vcl_name = loaded.name.clone();
+            return Ok(());
+        }
+        let name = fresh_vcl_name(&vcl.version);
+        let cli = self.cli().await?;
+        let started = Instant::now();
+        let loaded = cli.vcl_inline(&name, &vcl.text).await;
+        result.load_duration = proto_duration(started.elapsed());
+        self.note(loaded)?;
+        result.vcl_name = name;
+        Ok(())
+    }
+
+    /// Activates the VCL of a commit command, starts the child if it is stopped, then collects
+    /// old VCLs.
+    pub(crate) async fn commit(&mut self, command: CommitCommand) -> CommitResult {
+        let mut result = CommitResult {
+            reload_id: command.reload_id.clone(),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let outcome = self.activate(&command.vcl_name).await;
+        result.use_duration = proto_duration(started.elapsed());
+        match outcome {
+            Ok(()) => {
+                result.ok = true;
+                result.active_vcl_version = version_from_vcl_name(&command.vcl_name)
+                    .unwrap_or_default()
+                    .to_owned();
+                info!(
+                    reload_id = command.reload_id,
+                    vcl_name = command.vcl_name,
+                    use_ms = duration_ms(&result.use_duration),
+                    "committed vcl"
+                );
+                if let Err(error) = self.collect_garbage().await {
+                    warn!(error = %describe(&error), "vcl garbage collection failed");
+                }
+            }
+            Err(error) => {
+                result.error = describe(&error);
+                warn!(reload_id = command.reload_id, vcl_name = command.vcl_name, error = %result.error, "commit failed");
+            }
+        }
+        result
+    }
+
+    async fn activate(&mut self, name: &str) -> Result<(), Error> {
+        let cli = self.cli().await?;
+        let used = cli.vcl_use(name).await;
+        self.note(used)?;
+        let cli = self.cli().await?;
+        let state = cli.status().await;
+        if self.note(state)? == ChildState::Stopped {
+            info!("varnishd child is stopped, starting it");
+            let cli = self.cli().await?;
+            let started = cli.start().await;
+            self.note(started)?;
+        }
+        Ok(())
+    }
+
+    /// Discards the VCL of an abort command; a VCL that does not exist (or is the active one,
+    /// after an unchanged prepare) counts as discarded.
+    pub(crate) async fn abort(&mut self, command: AbortCommand) -> AbortResult {
+        let mut result = AbortResult {
+            reload_id: command.reload_id.clone(),
+            ..Default::default()
+        };
+        if command.vcl_name.is_empty() {
+            result.ok = true;
+            return result;
+        }
+        let discarded = match self.cli().await {
+            Ok(cli) => {
+                let discarded = cli.vcl_discard(&command.vcl_name).await;
+                self.note(discarded)
+            }
+            Err(error) => Err(error),
+        };
+        match discarded {
+            Ok(()) => result.ok = true,
+            Err(Error::Cli(CliError::Command { status, body, .. }))
+                if status == CliStatus::Param || status == CliStatus::Cant =>
+            {
+                debug!(vcl_name = command.vcl_name, %status, body, "nothing to discard");
+                result.ok = true;
+            }
+            Err(error) => result.error = describe(&error),
+        }
+        info!(
+            reload_id = command.reload_id,
+            vcl_name = command.vcl_name,
+            ok = result.ok,
+            "aborted vcl"
+        );
+        result
+    }
+
+    /// Keeps the active VCL and the newest [`KEPT_INACTIVE_VCLS`] other VaaS VCLs (cold), and
+    /// discards older VaaS VCLs. VCLs not loaded by VaaS are left alone.
+    pub(crate) async fn collect_garbage(&mut self) -> Result<(), Error> {
+        let cli = self.cli().await?;
+        let list = cli.vcl_list().await;
+        let list = self.note(list)?;
+        // vcl.list shows VCLs in load order: the newest are last.
+        let inactive: Vec<_> = list
+            .iter()
+            .filter(|info| {
+                !info.is_active()
+                    && info.status == "available"
+                    && info.name.starts_with(VCL_NAME_PREFIX)
+            })
+            .collect();
+        let discard_count = inactive.len().saturating_sub(KEPT_INACTIVE_VCLS);
+        for (index, info) in inactive.iter().enumerate() {
+            let cli = self.cli().await?;
+            let outcome = if index < discard_count {
+                cli.vcl_discard(&info.name).await
+            } else if info.state != "cold" {
+                cli.vcl_state(&info.name, VclState::Cold).await
+            } else {
+                continue;
+            };
+            if let Err(error) = self.note(outcome) {
+                warn!(vcl_name = info.name, error = %describe(&error), "cannot collect vcl");
+            } else if index < discard_count {
+                debug!(vcl_name = info.name, "discarded vcl");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Describes an error for a result message: the compiler's message for a compile error, the
+/// error and its sources otherwise.
+fn describe(error: &Error) -> String {
+    if let Error::Cli(CliError::Command { body, .. }) = error {
+        return body.trim_end().to_owned();
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn proto_duration(duration: std::time::Duration) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(duration).ok()
+}
+
+fn duration_ms(duration: &Option<prost_types::Duration>) -> i64 {
+    duration.as_ref().map_or(0, |d| {
+        d.seconds
+            .saturating_mul(1000)
+            .saturating_add(i64::from(d.nanos / 1_000_000))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_vcl_names() {
+        assert_eq!(
+            version_from_vcl_name("vaas-0123456789abcdef-1700000000000-3"),
+            Some("0123456789abcdef")
+        );
+        assert_eq!(
+            version_from_vcl_name("vaas-0123456789abcdef"),
+            Some("0123456789abcdef")
+        );
+        assert_eq!(version_from_vcl_name("boot"), None);
+        assert_eq!(version_from_vcl_name("vaas-0123"), None);
+        assert_eq!(version_from_vcl_name("vaas-0123456789abcdefg"), None);
+        assert_eq!(version_from_vcl_name("vaas-xyz3456789abcdef-1"), None);
+    }
+
+    #[test]
+    fn fresh_names_are_valid_unique_and_carry_the_version() {
+        let first = fresh_vcl_name("0123456789abcdef");
+        let second = fresh_vcl_name("0123456789abcdef");
+        assert_ne!(first, second);
+        assert!(crate::varnish_cli::check_vcl_name(&first).is_ok());
+        assert_eq!(version_from_vcl_name(&first), Some("0123456789abcdef"));
+    }
+}

@@ -1,0 +1,293 @@
+//! vaas-agent runs beside one varnishd: it keeps a gRPC stream open to vaas-scheduler, renders
+//! its server's VCL from the snapshots the scheduler sends, and loads, activates or discards VCLs
+//! through varnishd's admin CLI.
+//!
+//! The agent has no listener of its own: [`run`] dials the scheduler's `AgentService.Attach`,
+//! says hello (its server's identity and what varnishd runs), then executes commands one at a
+//! time until the stream ends, and reconnects with a capped exponential backoff. It does not
+//! decide anything about reloads: the scheduler does. [`varnish_cli`] is a standalone client of
+//! the Varnish admin protocol.
+
+mod executor;
+pub mod varnish_cli;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tracing::{info, instrument, warn};
+use vaas_proto::v1::agent_service_client::AgentServiceClient;
+use vaas_proto::v1::{AgentHello, AttachRequest, attach_request, attach_response};
+
+pub use executor::{KEPT_INACTIVE_VCLS, VCL_NAME_PREFIX, version_from_vcl_name};
+
+use executor::Executor;
+use varnish_cli::CliError;
+
+/// The version of this agent.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How many results may wait to be sent to the scheduler (one command runs at a time, so one
+/// would do; a few absorb a slow stream).
+const OUTBOUND_CAPACITY: usize = 8;
+/// First reconnect delay.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Configuration of the agent.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// URL of vaas-scheduler's gRPC endpoint, for example `http://127.0.0.1:50052`.
+    pub scheduler_url: String,
+    /// varnishd's admin (CLI) address, its `-T` argument.
+    pub varnish_admin: SocketAddr,
+    /// varnishd's secret file, its `-S` argument; read at every CLI connection.
+    pub varnish_secret_file: PathBuf,
+    /// The server's address as registered in VaaS (VarnishServer.address).
+    pub server_address: String,
+    /// The server's admin port as registered in VaaS (VarnishServer.admin_port).
+    pub server_admin_port: u16,
+    /// Host name reported to the scheduler, for people.
+    pub hostname: String,
+    /// Timeout of short CLI commands (`vcl.use`, `vcl.list`, `status` ...).
+    pub cli_timeout: Duration,
+    /// Timeout of `vcl.inline` (compiling a large VCL takes minutes).
+    pub load_timeout: Duration,
+    /// Timeout of TCP connects, to the scheduler and to varnishd (plus CLI authentication).
+    pub connect_timeout: Duration,
+    /// Timeout of opening the Attach stream, and the HTTP/2 keep-alive timeout that detects a
+    /// scheduler gone silent.
+    pub rpc_timeout: Duration,
+    /// Longest delay between two reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+impl Config {
+    /// Returns a configuration with default timeouts; the server's identity defaults to the
+    /// admin address.
+    pub fn new(
+        scheduler_url: impl Into<String>,
+        varnish_admin: SocketAddr,
+        varnish_secret_file: impl Into<PathBuf>,
+    ) -> Config {
+        Config {
+            scheduler_url: scheduler_url.into(),
+            varnish_admin,
+            varnish_secret_file: varnish_secret_file.into(),
+            server_address: varnish_admin.ip().to_string(),
+            server_admin_port: varnish_admin.port(),
+            hostname: String::new(),
+            cli_timeout: Duration::from_secs(10),
+            load_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(5),
+            rpc_timeout: Duration::from_secs(20),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors of the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The scheduler URL is not a valid URI.
+    #[error("invalid scheduler url {url:?}")]
+    SchedulerUrl {
+        /// The URL as configured.
+        url: String,
+        /// The cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The scheduler could not be reached.
+    #[error("cannot connect to the scheduler")]
+    Connect(#[source] tonic::transport::Error),
+    /// The scheduler refused or ended the stream with an error.
+    #[error("attach stream failed")]
+    Rpc(#[from] tonic::Status),
+    /// Opening the Attach stream took longer than `rpc_timeout`.
+    #[error("attach timed out after {0:?}")]
+    AttachTimeout(Duration),
+    /// The secret file could not be read.
+    #[error("cannot read varnish secret file {path}")]
+    SecretFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A varnishd CLI operation failed.
+    #[error(transparent)]
+    Cli(#[from] CliError),
+}
+
+/// Runs the agent until `shutdown` is cancelled. Returns an error only for a configuration that
+/// can never work (an invalid scheduler URL); every other failure is logged and retried.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let endpoint = endpoint(&config)?;
+    let mut executor = Executor::new(config.clone());
+    let mut backoff = INITIAL_BACKOFF;
+    loop {
+        let attached = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            outcome = session(&config, &endpoint, &mut executor, &shutdown) => outcome,
+        };
+        match attached {
+            Ok(Attached::ShutDown) => return Ok(()),
+            Ok(Attached::Ended) => {
+                info!("scheduler closed the attach stream");
+                backoff = INITIAL_BACKOFF;
+            }
+            Err(SessionError { attached, error }) => {
+                if attached {
+                    backoff = INITIAL_BACKOFF;
+                }
+                warn!(error = %chain(&error), retry_in_ms = backoff.as_millis() as u64, "agent session failed");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(config.max_backoff);
+    }
+}
+
+fn endpoint(config: &Config) -> Result<Endpoint, Error> {
+    let endpoint = Endpoint::from_shared(config.scheduler_url.clone()).map_err(|source| {
+        Error::SchedulerUrl {
+            url: config.scheduler_url.clone(),
+            source,
+        }
+    })?;
+    Ok(endpoint
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(config.rpc_timeout / 2)
+        .keep_alive_timeout(config.rpc_timeout)
+        .keep_alive_while_idle(true))
+}
+
+/// How a session ended without error.
+enum Attached {
+    /// The shutdown token was cancelled.
+    ShutDown,
+    /// The scheduler ended the stream.
+    Ended,
+}
+
+/// A failed session, and whether it got as far as attaching (which resets the backoff).
+struct SessionError {
+    attached: bool,
+    error: Error,
+}
+
+impl From<Error> for SessionError {
+    fn from(error: Error) -> SessionError {
+        SessionError {
+            attached: false,
+            error,
+        }
+    }
+}
+
+impl From<tonic::Status> for SessionError {
+    fn from(status: tonic::Status) -> SessionError {
+        SessionError::from(Error::Rpc(status))
+    }
+}
+
+/// One attach stream: hello, then commands until the stream ends.
+#[instrument(skip_all, fields(scheduler = %config.scheduler_url, admin = %config.varnish_admin))]
+async fn session(
+    config: &Config,
+    endpoint: &Endpoint,
+    executor: &mut Executor,
+    shutdown: &CancellationToken,
+) -> Result<Attached, SessionError> {
+    let state = executor.varnish_state().await?;
+    let channel = endpoint.connect().await.map_err(Error::Connect)?;
+    let mut client = AgentServiceClient::new(channel);
+    let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+    let hello = AgentHello {
+        address: config.server_address.clone(),
+        admin_port: u32::from(config.server_admin_port),
+        hostname: config.hostname.clone(),
+        agent_version: AGENT_VERSION.to_owned(),
+        varnish_version: state.varnish_version,
+        active_vcl_name: state.active_vcl_name,
+        active_vcl_version: state.active_vcl_version,
+    };
+    // The channel is empty and owned here: the first send cannot wait.
+    let _ = outbound
+        .send(AttachRequest {
+            message: Some(attach_request::Message::Hello(hello)),
+        })
+        .await;
+    let response = tokio::time::timeout(
+        config.rpc_timeout,
+        client.attach(ReceiverStream::new(outbound_rx)),
+    )
+    .await
+    .map_err(|_| Error::AttachTimeout(config.rpc_timeout))??;
+    let mut inbound = response.into_inner();
+    info!(
+        address = config.server_address,
+        admin_port = config.server_admin_port,
+        "attached to scheduler"
+    );
+    let failed = |error: Error| SessionError {
+        attached: true,
+        error,
+    };
+
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return Ok(Attached::ShutDown),
+            message = inbound.message() => message.map_err(|status| failed(status.into()))?,
+        };
+        let Some(message) = message else {
+            return Ok(Attached::Ended);
+        };
+        let reply = match message.command {
+            Some(attach_response::Command::Prepare(command)) => {
+                attach_request::Message::PrepareResult(executor.prepare(command).await)
+            }
+            Some(attach_response::Command::Commit(command)) => {
+                attach_request::Message::CommitResult(executor.commit(command).await)
+            }
+            Some(attach_response::Command::Abort(command)) => {
+                attach_request::Message::AbortResult(executor.abort(command).await)
+            }
+            None => {
+                warn!("ignoring an empty command");
+                continue;
+            }
+        };
+        let sent = outbound
+            .send(AttachRequest {
+                message: Some(reply),
+            })
+            .await;
+        if sent.is_err() {
+            // The request stream was dropped: the RPC is over, its status comes from `inbound`.
+            warn!("attach request stream closed");
+            return Ok(Attached::Ended);
+        }
+    }
+}
+
+/// Formats an error with its sources.
+fn chain(error: &Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,160 @@
+//! The `vaas-agent` binary: parses flags (each also from an environment variable), initialises
+//! logging, and calls [`vaas_agent::run`] until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for bad configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// Runs beside varnishd: renders and loads VCL on vaas-scheduler's command.
+#[derive(Debug, Parser)]
+#[command(name = "vaas-agent", version)]
+struct Args {
+    /// URL of vaas-scheduler's gRPC endpoint.
+    #[arg(
+        long,
+        env = "VAAS_SCHEDULER_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    scheduler_url: String,
+    /// varnishd's admin address (its -T argument).
+    #[arg(long, env = "VAAS_VARNISH_ADMIN", default_value = "127.0.0.1:6082")]
+    varnish_admin: SocketAddr,
+    /// varnishd's secret file (its -S argument).
+    #[arg(long, env = "VAAS_VARNISH_SECRET_FILE")]
+    varnish_secret_file: PathBuf,
+    /// The server's address as registered in VaaS [default: the varnish-admin IP].
+    #[arg(long, env = "VAAS_SERVER_ADDRESS")]
+    server_address: Option<String>,
+    /// The server's admin port as registered in VaaS [default: the varnish-admin port].
+    #[arg(long, env = "VAAS_SERVER_ADMIN_PORT")]
+    server_admin_port: Option<u16>,
+    /// Host name reported to the scheduler [default: the machine's host name].
+    #[arg(long, env = "VAAS_HOSTNAME")]
+    hostname: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(error)
+            if matches!(
+                error.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = error.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            let message = error.to_string();
+            let first_line = message.lines().next().unwrap_or("invalid arguments");
+            eprintln!("vaas-agent: {first_line}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let config = match config(args) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("vaas-agent: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("vaas-agent: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        match vaas_agent::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("vaas-agent: {error}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        }
+    })
+}
+
+/// Validates the arguments into a configuration; the error is one line saying what to fix.
+fn config(args: Args) -> Result<vaas_agent::Config, String> {
+    if let Err(error) = std::fs::File::open(&args.varnish_secret_file) {
+        return Err(format!(
+            "cannot read --varnish-secret-file {}: {error}",
+            args.varnish_secret_file.display()
+        ));
+    }
+    if let Err(error) = tonic::transport::Endpoint::from_shared(args.scheduler_url.clone()) {
+        return Err(format!(
+            "invalid --scheduler-url {:?}: {error}",
+            args.scheduler_url
+        ));
+    }
+    let mut config = vaas_agent::Config::new(
+        args.scheduler_url,
+        args.varnish_admin,
+        args.varnish_secret_file,
+    );
+    if let Some(address) = args.server_address {
+        if address.parse::<std::net::IpAddr>().is_err() {
+            return Err(format!(
+                "--server-address {address:?} is not an IPv4 or IPv6 address"
+            ));
+        }
+        config.server_address = address;
+    }
+    if let Some(port) = args.server_admin_port {
+        config.server_admin_port = port;
+    }
+    config.hostname = args.hostname.unwrap_or_else(system_hostname);
+    Ok(config)
+}
+
+/// Returns the machine's host name, or an empty string.
+fn system_hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
