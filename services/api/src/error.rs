@@ -1,0 +1,159 @@
+//! The API's error type and the one place where errors become gRPC statuses.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use vaas_proto::v1::Task;
+
+/// The `ErrorInfo.domain` of every VaaS error.
+pub const ERROR_DOMAIN: &str = "vaas.v1";
+
+/// What can go wrong serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed; nothing was saved.
+    #[error("invalid request: {}", describe_violations(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] vaas_store::Error),
+    /// The change was saved but the reload of at least one cluster failed.
+    #[error("{resource} was saved, but the reload failed: {}", describe_failures(.tasks))]
+    ReloadFailed {
+        /// The saved resource, for example "backends/7".
+        resource: String,
+        /// The tasks of the write as they ended.
+        tasks: Vec<Task>,
+    },
+    /// The change was saved but a reload was still running when the answer was due.
+    #[error("{resource} was saved, but the reload is still running: watch {}", task_names(.tasks))]
+    ReloadPending {
+        /// The saved resource.
+        resource: String,
+        /// The tasks of the write as they were at the deadline.
+        tasks: Vec<Task>,
+    },
+    /// NATS failed while following a task.
+    #[error("cannot follow task events")]
+    Bus(#[from] vaas_bus::Error),
+    /// Subscribing to NATS failed.
+    #[error("cannot subscribe to task events")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}
+
+impl ApiError {
+    /// Returns an invalid-argument error for one field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> ApiError {
+        ApiError::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}
+
+fn describe_violations(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|violation| format!("{}: {}", violation.field, violation.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn describe_failures(tasks: &[Task]) -> String {
+    tasks
+        .iter()
+        .filter(|task| !task.error.is_empty())
+        .map(|task| {
+            format!(
+                "{} (cluster {}): {}",
+                task.name, task.cluster_name, task.error
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn task_names(tasks: &[Task]) -> String {
+    tasks
+        .iter()
+        .map(|task| task.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn reload_info(reason: &str, resource: &str, tasks: &[Task]) -> ErrorDetails {
+    let task_ids = tasks
+        .iter()
+        .map(|task| task.id.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    ErrorDetails::with_error_info(
+        reason,
+        ERROR_DOMAIN,
+        HashMap::from([
+            ("resource".to_owned(), resource.to_owned()),
+            ("task_ids".to_owned(), task_ids),
+            ("saved".to_owned(), "true".to_owned()),
+        ]),
+    )
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        use vaas_store::Error as StoreError;
+        let message = error.to_string();
+        match error {
+            ApiError::InvalidArgument(violations) => Status::with_error_details(
+                Code::InvalidArgument,
+                message,
+                ErrorDetails::with_bad_request(violations),
+            ),
+            ApiError::Store(StoreError::NotFound { resource, id }) => Status::with_error_details(
+                Code::NotFound,
+                message,
+                ErrorDetails::with_resource_info(resource, id.to_string(), "", ""),
+            ),
+            ApiError::Store(StoreError::MissingReference {
+                field,
+                resource,
+                id,
+            }) => {
+                let mut details = ErrorDetails::with_bad_request_violation(field, message.clone());
+                details.set_resource_info(resource, id.to_string(), "", "does not exist");
+                Status::with_error_details(Code::NotFound, message, details)
+            }
+            ApiError::Store(StoreError::AlreadyExists { field, .. }) => Status::with_error_details(
+                Code::AlreadyExists,
+                message.clone(),
+                ErrorDetails::with_bad_request_violation(field, message),
+            ),
+            ApiError::Store(StoreError::InUse { .. }) => Status::failed_precondition(message),
+            ApiError::Store(StoreError::InvalidPageToken) => Status::with_error_details(
+                Code::InvalidArgument,
+                message.clone(),
+                ErrorDetails::with_bad_request_violation("page_token", message),
+            ),
+            ApiError::Store(StoreError::Database(ref source)) => {
+                tracing::error!(error = %source, "store failed");
+                Status::unavailable("the store is unavailable, nothing was saved; try again")
+            }
+            ApiError::Store(StoreError::UnsupportedUrl) => Status::internal(message),
+            ApiError::ReloadFailed { resource, tasks } => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                reload_info("RELOAD_FAILED", &resource, &tasks),
+            ),
+            ApiError::ReloadPending { resource, tasks } => Status::with_error_details(
+                Code::DeadlineExceeded,
+                message,
+                reload_info("RELOAD_PENDING", &resource, &tasks),
+            ),
+            ApiError::Bus(ref source) => {
+                tracing::error!(error = %source, "nats failed");
+                Status::unavailable(message)
+            }
+            ApiError::Subscribe(ref source) => {
+                tracing::error!(error = %source, "nats subscribe failed");
+                Status::unavailable(message)
+            }
+        }
+    }
+}

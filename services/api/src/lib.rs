@@ -1,0 +1,145 @@
+//! vaas-api: the gRPC API of VaaS. It validates and stores configuration changes (with one reload
+//! task per affected cluster and an outbox row, in one transaction), publishes reload intents
+//! to NATS JetStream through the outbox relay, and serves tasks, including a streaming watch.
+//!
+//! It never talks to Varnish: reloads are the scheduler's job. Run it with [`run`]; the binary
+//! in `main.rs` only parses flags, binds the listener and calls it.
+
+pub mod config_service;
+pub mod error;
+pub mod follow;
+mod relay;
+pub mod task_service;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+use vaas_proto::v1::config_service_server::ConfigServiceServer;
+use vaas_proto::v1::task_service_server::TaskServiceServer;
+use vaas_store::Store;
+
+use crate::config_service::ConfigApi;
+use crate::follow::TaskFollower;
+use crate::task_service::TaskApi;
+
+/// Configuration of vaas-api; every flag can also be set through its environment variable.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Store URL: `sqlite://path/vaas.db?mode=rwc` or `postgres://user:pass@host/db`.
+    #[arg(
+        long,
+        env = "VAAS_DATABASE_URL",
+        default_value = "sqlite://vaas.db?mode=rwc"
+    )]
+    pub database_url: String,
+    /// NATS server URL (JetStream enabled, version 2.10 or newer).
+    #[arg(long, env = "VAAS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Longest time a synchronous write waits for its reloads (the caller's deadline, when
+    /// shorter, wins).
+    #[arg(long, env = "VAAS_SYNC_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub sync_timeout: Duration,
+    /// How often the outbox and followed tasks are re-read even without a notification.
+    #[arg(long, env = "VAAS_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+}
+
+/// Parses durations written as `250ms`, `5s`, `2m` or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(number) = text.strip_suffix("ms") {
+        (number, 0.001)
+    } else if let Some(number) = text.strip_suffix('s') {
+        (number, 1.0)
+    } else if let Some(number) = text.strip_suffix('m') {
+        (number, 60.0)
+    } else {
+        (text, 1.0)
+    };
+    let seconds: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 500ms, 5s or 2m"))?;
+    Duration::try_from_secs_f64(seconds * scale).map_err(|error| error.to_string())
+}
+
+/// What stops the API from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened or migrated.
+    #[error("cannot open the store")]
+    Store(#[from] vaas_store::Error),
+    /// NATS could not be reached.
+    #[error("cannot connect to nats")]
+    Bus(#[from] vaas_bus::Error),
+    /// The gRPC server failed.
+    #[error("grpc server failed")]
+    Serve(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("cannot build the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then stops the relay and the
+/// watches and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let store = Store::connect(&config.database_url).await?;
+    let (nats, jetstream) = vaas_bus::connect(&config.nats_url, "vaas-api").await?;
+    let tasks = TaskTracker::new();
+    let relay_wake = Arc::new(Notify::new());
+    tasks.spawn(relay::run(
+        store.clone(),
+        jetstream,
+        relay_wake.clone(),
+        config.poll_interval,
+        shutdown.clone(),
+    ));
+    let follower = TaskFollower::new(nats, store.clone(), config.poll_interval);
+    let config_api = ConfigApi::new(
+        store.clone(),
+        follower.clone(),
+        relay_wake,
+        config.sync_timeout,
+    );
+    let task_api = TaskApi::new(store.clone(), follower, tasks.clone(), shutdown.clone());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ConfigServiceServer<ConfigApi>>().await;
+    health.set_serving::<TaskServiceServer<TaskApi>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vaas_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vaas_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    info!(address = ?listener.local_addr().ok(), "vaas-api serving");
+    let served = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(3600))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ConfigServiceServer::new(config_api))
+        .add_service(TaskServiceServer::new(task_api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await;
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    store.close().await;
+    info!("vaas-api stopped");
+    Ok(served?)
+}

@@ -1,0 +1,140 @@
+//! The NATS side of VaaS, shared by vaas-api and vaas-scheduler: subject names, the JetStream
+//! stream of reload intents, and the formats of the messages on them.
+//!
+//! Intents go through JetStream (stream [`INTENTS_STREAM`], one subject per cluster, only the
+//! newest message of each subject kept, message id = task id so that a re-publish is a
+//! duplicate). Task events are plain NATS messages: a hint to re-read the task from the store,
+//! which stays the source of truth, so a lost event delays a watcher but never misleads it.
+//! This crate knows nothing of the store or of gRPC.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use serde::{Deserialize, Serialize};
+
+/// Name of the JetStream stream that holds reload intents.
+pub const INTENTS_STREAM: &str = "VAAS_INTENTS";
+
+/// Subject filter matching every cluster's intent subject.
+pub const INTENT_SUBJECTS: &str = "vaas.intents.*";
+
+/// How long JetStream remembers message ids to drop re-published intents.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Time allowed to connect to NATS and for each JetStream request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Returns the subject of one cluster's reload intents.
+pub fn intent_subject(cluster_id: i64) -> String {
+    format!("vaas.intents.{cluster_id}")
+}
+
+/// Returns the subject on which state changes of one task are announced.
+pub fn task_event_subject(task_id: i64) -> String {
+    format!("vaas.task_events.{task_id}")
+}
+
+/// A reload intent: the cluster has a change up to `timestamp` that it does not serve yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// The cluster to reload.
+    pub cluster_id: i64,
+    /// The task that carries the change.
+    pub task_id: i64,
+    /// The task's store timestamp (microseconds).
+    pub timestamp: i64,
+}
+
+/// Announces that a task changed state; receivers re-read the task from the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// The task that changed.
+    pub task_id: i64,
+    /// Its new state (`vaas.v1.TaskState` number).
+    pub state: i32,
+}
+
+/// What can go wrong talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Could not connect to the NATS server.
+    #[error("cannot connect to nats")]
+    Connect(#[from] async_nats::ConnectError),
+    /// Could not create or look up the intents stream.
+    #[error("cannot set up the jetstream stream {INTENTS_STREAM}")]
+    Stream(#[from] jetstream::context::CreateStreamError),
+    /// Publishing an intent failed or was not acknowledged.
+    #[error("cannot publish to jetstream")]
+    Publish(#[from] jetstream::context::PublishError),
+    /// Publishing a core NATS message failed.
+    #[error("cannot publish to nats")]
+    CorePublish(#[from] async_nats::PublishError),
+    /// A message could not be encoded or decoded.
+    #[error("malformed message")]
+    Format(#[from] serde_json::Error),
+}
+
+/// Connects to NATS at `url` with bounded timeouts and returns the client and its JetStream.
+pub async fn connect(
+    url: &str,
+    name: &str,
+) -> Result<(async_nats::Client, jetstream::Context), Error> {
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(REQUEST_TIMEOUT)
+        .request_timeout(Some(REQUEST_TIMEOUT))
+        .retry_on_initial_connect()
+        .connect(url)
+        .await?;
+    let jetstream = jetstream::new(client.clone());
+    Ok((client, jetstream))
+}
+
+/// Creates the intents stream if it does not exist yet and returns it.
+pub async fn intents_stream(jetstream: &jetstream::Context) -> Result<stream::Stream, Error> {
+    let stream = jetstream
+        .get_or_create_stream(stream::Config {
+            name: INTENTS_STREAM.to_owned(),
+            subjects: vec![INTENT_SUBJECTS.to_owned()],
+            // Only the newest intent of a cluster matters: it covers every older one.
+            max_messages_per_subject: 1,
+            duplicate_window: DUPLICATE_WINDOW,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    Ok(stream)
+}
+
+/// Publishes an intent and waits for JetStream to store it; a re-publish of the same task is
+/// acknowledged as a duplicate.
+pub async fn publish_intent(jetstream: &jetstream::Context, intent: &Intent) -> Result<(), Error> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        intent.task_id.to_string().as_str(),
+    );
+    let payload = serde_json::to_vec(intent)?;
+    jetstream
+        .publish_with_headers(intent_subject(intent.cluster_id), headers, payload.into())
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// Announces a task's new state to watchers.
+pub async fn publish_task_event(
+    client: &async_nats::Client,
+    event: &TaskEvent,
+) -> Result<(), Error> {
+    let payload = serde_json::to_vec(event)?;
+    client
+        .publish(task_event_subject(event.task_id), payload.into())
+        .await?;
+    Ok(())
+}
+
+/// Decodes a message payload of this crate's formats.
+pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Error> {
+    Ok(serde_json::from_slice(payload)?)
+}
