@@ -262,7 +262,44 @@ pub(crate) async fn run_to_completion(
 
 #[cfg(test)]
 mod tests {
-    use super::port_taken;
+    use anyhow::anyhow;
+
+    use super::{PORT_ATTEMPTS, StartFailure, port_taken, retry_on_port_clash};
+
+    #[tokio::test]
+    async fn retries_only_when_a_port_was_taken() -> anyhow::Result<()> {
+        let mut attempts = 0;
+        let started = retry_on_port_clash("test", || {
+            attempts += 1;
+            let outcome = if attempts < 3 {
+                Err(StartFailure::PortTaken(anyhow!("address already in use")))
+            } else {
+                Ok(attempts)
+            };
+            async move { outcome }
+        })
+        .await?;
+        assert_eq!(started, 3);
+
+        let mut fatal_attempts = 0;
+        let failed = retry_on_port_clash("test", || {
+            fatal_attempts += 1;
+            async { Err::<(), _>(StartFailure::Fatal(anyhow!("bad flag"))) }
+        })
+        .await;
+        assert!(failed.is_err());
+        assert_eq!(fatal_attempts, 1);
+
+        let mut clash_attempts = 0;
+        let gave_up = retry_on_port_clash("test", || {
+            clash_attempts += 1;
+            async { Err::<(), _>(StartFailure::PortTaken(anyhow!("address already in use"))) }
+        })
+        .await;
+        assert!(gave_up.is_err());
+        assert_eq!(clash_attempts, PORT_ATTEMPTS);
+        Ok(())
+    }
 
     #[test]
     fn recognises_taken_ports_in_logs_of_each_server() {
