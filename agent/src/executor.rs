@@ -186,6 +186,12 @@ impl Executor {
             .rev()
             .find(|info| info.status == "available" && same_version(&info.name))
         {
+            // A cold VCL cannot be used: warming it here keeps the commit fast.
+            if loaded.state == "cold" {
+                let cli = self.cli().await?;
+                let warmed = cli.vcl_state(&loaded.name, VclState::Auto).await;
+                self.note(warmed)?;
+            }
             result.vcl_name = loaded.name.clone();
             return Ok(());
         }
@@ -235,7 +241,17 @@ impl Executor {
 
     async fn activate(&mut self, name: &str) -> Result<(), Error> {
         let cli = self.cli().await?;
-        let used = cli.vcl_use(name).await;
+        let mut used = cli.vcl_use(name).await;
+        if let Err(CliError::Command { body, .. }) = &used
+            && body.contains("is cold")
+        {
+            // Garbage collection cooled it after it was prepared: "set to auto or warm first".
+            let cli = self.cli().await?;
+            let warmed = cli.vcl_state(name, VclState::Auto).await;
+            self.note(warmed)?;
+            let cli = self.cli().await?;
+            used = cli.vcl_use(name).await;
+        }
         self.note(used)?;
         let cli = self.cli().await?;
         let state = cli.status().await;
