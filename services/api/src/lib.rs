@@ -44,30 +44,11 @@ pub struct Config {
     pub nats_url: String,
     /// Longest time a synchronous write waits for its reloads (the caller's deadline, when
     /// shorter, wins).
-    #[arg(long, env = "VAAS_SYNC_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, env = "VAAS_SYNC_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub sync_timeout: Duration,
     /// How often the outbox and followed tasks are re-read even without a notification.
-    #[arg(long, env = "VAAS_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "VAAS_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
-}
-
-/// Parses durations written as `250ms`, `5s`, `2m` or a plain number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, scale) = if let Some(number) = text.strip_suffix("ms") {
-        (number, 0.001)
-    } else if let Some(number) = text.strip_suffix('s') {
-        (number, 1.0)
-    } else if let Some(number) = text.strip_suffix('m') {
-        (number, 60.0)
-    } else {
-        (text, 1.0)
-    };
-    let seconds: f64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 500ms, 5s or 2m"))?;
-    Duration::try_from_secs_f64(seconds * scale).map_err(|error| error.to_string())
 }
 
 /// What stops the API from starting.

@@ -1,0 +1,256 @@
+//! vaas-scheduler: keeps the newest reload intent per cluster and drives two-phase reloads
+//! (prepare everywhere, then commit everywhere or abort) through the agents attached to its
+//! `AgentService`.
+//!
+//! Decisions live in the pure [`machine::ReloadMachine`]; this crate's loop feeds it intents from
+//! JetStream and from the store (reconciliation, so a lost message or a restart never leaves a
+//! task hanging) and runs the reloads it asks for. It never renders VCL (agents do) and never
+//! writes configuration (the API does).
+
+pub mod agents;
+pub mod machine;
+pub mod reload;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, pull};
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use vaas_proto::v1::agent_service_server::AgentServiceServer;
+use vaas_store::Store;
+
+use crate::agents::{AgentApi, AgentRegistry};
+use crate::machine::{Action, ReloadEnd, ReloadMachine};
+use crate::reload::{ReloadContext, ReloadTimeouts};
+
+/// Name of the durable JetStream consumer the scheduler reads intents with.
+pub const CONSUMER_NAME: &str = "vaas-scheduler";
+
+/// Intents queued between the JetStream reader and the reload loop.
+const INTENT_QUEUE: usize = 1024;
+
+/// Configuration of vaas-scheduler; every flag can also be set through its environment variable.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Store URL: `sqlite://path/vaas.db?mode=rwc` or `postgres://user:pass@host/db`.
+    #[arg(
+        long,
+        env = "VAAS_DATABASE_URL",
+        default_value = "sqlite://vaas.db?mode=rwc"
+    )]
+    pub database_url: String,
+    /// NATS server URL (JetStream enabled, version 2.10 or newer).
+    #[arg(long, env = "VAAS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// How often the store is scanned for unfinished tasks.
+    #[arg(long, env = "VAAS_RECONCILE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub reconcile_interval: Duration,
+    /// How long a reload waits for a server's agent to attach.
+    #[arg(long, env = "VAAS_AGENT_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub agent_wait: Duration,
+    /// How long an agent may take to render and compile a VCL.
+    #[arg(long, env = "VAAS_PREPARE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub prepare_timeout: Duration,
+    /// How long an agent may take to activate or discard a VCL.
+    #[arg(long, env = "VAAS_COMMIT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub commit_timeout: Duration,
+}
+
+/// What stops the scheduler from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened or migrated.
+    #[error("cannot open the store")]
+    Store(#[from] vaas_store::Error),
+    /// NATS could not be reached.
+    #[error("cannot connect to nats")]
+    Bus(#[from] vaas_bus::Error),
+    /// The gRPC server failed.
+    #[error("grpc server failed")]
+    Serve(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("cannot build the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves the AgentService on `listener` and drives reloads until `shutdown` is cancelled, then
+/// lets running reloads finish and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let store = Store::connect(&config.database_url).await?;
+    let (nats, jetstream) = vaas_bus::connect(&config.nats_url, "vaas-scheduler").await?;
+    let registry = Arc::new(AgentRegistry::default());
+    let background = TaskTracker::new();
+    let (intent_sender, intents) = mpsc::channel(INTENT_QUEUE);
+    background.spawn(read_intents(jetstream, intent_sender, shutdown.clone()));
+    let context = ReloadContext {
+        store: store.clone(),
+        agents: registry.clone(),
+        nats,
+        timeouts: ReloadTimeouts {
+            agent_wait: config.agent_wait,
+            prepare: config.prepare_timeout,
+            commit: config.commit_timeout,
+        },
+    };
+    background.spawn(drive_reloads(
+        context,
+        intents,
+        config.reconcile_interval,
+        shutdown.clone(),
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServiceServer<AgentApi>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vaas_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vaas_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let agent_api = AgentApi::new(
+        registry,
+        store.clone(),
+        background.clone(),
+        shutdown.clone(),
+    );
+    info!(address = ?listener.local_addr().ok(), "vaas-scheduler serving");
+    let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AgentServiceServer::new(agent_api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await;
+    shutdown.cancel();
+    background.close();
+    background.wait().await;
+    store.close().await;
+    info!("vaas-scheduler stopped");
+    Ok(served?)
+}
+
+/// Forwards intents from the JetStream stream to the reload loop, reconnecting on failure.
+async fn read_intents(
+    jetstream: async_nats::jetstream::Context,
+    sender: mpsc::Sender<(i64, i64)>,
+    shutdown: CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    while !shutdown.is_cancelled() {
+        let outcome = tokio::select! {
+            outcome = read_intents_once(&jetstream, &sender) => outcome,
+            () = shutdown.cancelled() => return,
+        };
+        if let Err(error) = outcome {
+            failures = failures.saturating_add(1);
+            warn!(%error, failures, "reading intents failed; reconnecting");
+        }
+        let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn read_intents_once(
+    jetstream: &async_nats::jetstream::Context,
+    sender: &mpsc::Sender<(i64, i64)>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let stream = vaas_bus::intents_stream(jetstream).await?;
+    let consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            CONSUMER_NAME,
+            pull::Config {
+                durable_name: Some(CONSUMER_NAME.to_owned()),
+                // On first start only the newest intent of each cluster matters.
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ack_policy: consumer::AckPolicy::Explicit,
+                filter_subject: vaas_bus::INTENT_SUBJECTS.to_owned(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut messages = consumer.messages().await?;
+    info!("reading reload intents");
+    while let Some(message) = messages.next().await {
+        let message = message?;
+        match vaas_bus::decode::<vaas_bus::Intent>(&message.payload) {
+            Ok(intent) => {
+                debug!(cluster = intent.cluster_id, task = intent.task_id, "intent");
+                sender.send((intent.cluster_id, intent.timestamp)).await?;
+            }
+            Err(error) => warn!(%error, subject = %message.subject, "dropping a malformed intent"),
+        }
+        // Acked once handed over: the store reconciliation covers a crash after this point.
+        message.ack().await?;
+    }
+    Ok(())
+}
+
+/// The reload loop: feeds intents and reload ends to the machine and runs the reloads it asks
+/// for, one per cluster at a time; scans the store for unfinished tasks at start and every
+/// `reconcile_interval`.
+async fn drive_reloads(
+    context: ReloadContext,
+    mut intents: mpsc::Receiver<(i64, i64)>,
+    reconcile_interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut machine = ReloadMachine::new();
+    let reloads = TaskTracker::new();
+    let (end_sender, mut ends) = mpsc::channel::<(i64, ReloadEnd)>(INTENT_QUEUE);
+    let mut reconcile = tokio::time::interval(reconcile_interval);
+    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let actions = tokio::select! {
+            Some((cluster_id, timestamp)) = intents.recv() => machine.on_intent(cluster_id, timestamp),
+            Some((cluster_id, end)) = ends.recv() => machine.on_reload_end(cluster_id, end),
+            _ = reconcile.tick() => match context.store.unfinished_clusters().await {
+                Ok(unfinished) => unfinished
+                    .into_iter()
+                    .flat_map(|(cluster_id, newest)| machine.on_intent(cluster_id, newest))
+                    .collect(),
+                Err(error) => {
+                    warn!(%error, "cannot scan the store for unfinished tasks");
+                    Vec::new()
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        for Action::StartReload { cluster_id } in actions {
+            let context = context.clone();
+            let end_sender = end_sender.clone();
+            reloads.spawn(async move {
+                let end = match reload::reload_cluster(&context, cluster_id).await {
+                    Ok(snapshot_version) => ReloadEnd::Finished { snapshot_version },
+                    Err(error) => {
+                        warn!(cluster = cluster_id, %error, "reload interrupted");
+                        ReloadEnd::Interrupted
+                    }
+                };
+                let _ = end_sender.send((cluster_id, end)).await;
+            });
+        }
+    }
+    info!(
+        running = machine.running_count(),
+        "waiting for running reloads to finish"
+    );
+    reloads.close();
+    reloads.wait().await;
+}

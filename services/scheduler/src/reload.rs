@@ -1,0 +1,271 @@
+//! One cluster reload: snapshot, prepare on every server, then commit everywhere or abort
+//! everywhere, and finish the tasks the snapshot covered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use tracing::{info, instrument, warn};
+use vaas_proto::v1::attach_request::Message as AgentMessage;
+use vaas_proto::v1::attach_response::Command;
+use vaas_proto::v1::{
+    AbortCommand, AttachResponse, ClusterSnapshot, CommitCommand, PrepareCommand, PrepareResult,
+    ServerStatus, Task, VarnishServer,
+};
+use vaas_store::{Store, TaskOutcome};
+
+use crate::agents::{AgentKey, AgentLink, AgentRegistry};
+
+/// Time limits of a reload.
+#[derive(Clone, Copy, Debug)]
+pub struct ReloadTimeouts {
+    /// How long to wait for a server's agent to attach.
+    pub agent_wait: Duration,
+    /// How long an agent may take to render and load (compile) a VCL.
+    pub prepare: Duration,
+    /// How long an agent may take to activate or discard a VCL.
+    pub commit: Duration,
+}
+
+/// What a reload needs from the outside world.
+#[derive(Clone, Debug)]
+pub struct ReloadContext {
+    /// The configuration store.
+    pub store: Store,
+    /// The attached agents.
+    pub agents: Arc<AgentRegistry>,
+    /// NATS, for task events.
+    pub nats: async_nats::Client,
+    /// Time limits.
+    pub timeouts: ReloadTimeouts,
+}
+
+/// A failure that stops a reload before it could finish its tasks.
+#[derive(Debug, thiserror::Error)]
+#[error("reload interrupted: {0}")]
+pub struct Interrupted(#[from] vaas_store::Error);
+
+struct Prepared {
+    server: VarnishServer,
+    link: Option<Arc<AgentLink>>,
+    result: Result<PrepareResult, String>,
+}
+
+impl Prepared {
+    fn loaded_vcl(&self) -> Option<(&Arc<AgentLink>, &str)> {
+        let result = self.result.as_ref().ok()?;
+        let link = self.link.as_ref()?;
+        (result.ok && !result.unchanged).then_some((link, result.vcl_name.as_str()))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "server {} ({}:{})",
+            self.server.id,
+            self.server.address,
+            self.server.admin_port.unwrap_or_default()
+        )
+    }
+}
+
+/// Reloads one cluster and finishes its tasks; returns the snapshot version the reload covered.
+#[instrument(skip_all, fields(cluster = cluster_id))]
+pub async fn reload_cluster(context: &ReloadContext, cluster_id: i64) -> Result<i64, Interrupted> {
+    let snapshot = context.store.cluster_snapshot(cluster_id).await?;
+    let version = snapshot.version;
+    let started = context.store.start_tasks(cluster_id, version).await?;
+    announce(&context.nats, &started).await;
+    let reload_id = format!("{cluster_id}-{version}");
+    let outcome = run_two_phases(context, &snapshot, &reload_id).await;
+    match &outcome {
+        TaskOutcome::Success => info!(version, "reload succeeded"),
+        TaskOutcome::Failure(error) => warn!(version, %error, "reload failed"),
+    }
+    let finished = context
+        .store
+        .finish_tasks(cluster_id, version, &outcome)
+        .await?;
+    announce(&context.nats, &finished).await;
+    Ok(version)
+}
+
+async fn announce(nats: &async_nats::Client, tasks: &[Task]) {
+    for task in tasks {
+        let event = vaas_bus::TaskEvent {
+            task_id: task.id,
+            state: task.state,
+        };
+        if let Err(error) = vaas_bus::publish_task_event(nats, &event).await {
+            // Watchers re-read the store on their own schedule; a lost event only delays them.
+            warn!(task = task.id, %error, "cannot publish task event");
+        }
+    }
+}
+
+async fn run_two_phases(
+    context: &ReloadContext,
+    snapshot: &ClusterSnapshot,
+    reload_id: &str,
+) -> TaskOutcome {
+    let partial_reload = snapshot
+        .cluster
+        .as_ref()
+        .is_some_and(|cluster| cluster.partial_reload);
+    let prepared = join_all(
+        snapshot
+            .servers
+            .iter()
+            .map(|server| prepare(context, snapshot, server, reload_id)),
+    )
+    .await;
+
+    let mut failures = Vec::new();
+    for entry in &prepared {
+        let error = match &entry.result {
+            Ok(result) if result.ok => continue,
+            Ok(result) => result.error.clone(),
+            Err(error) => error.clone(),
+        };
+        let maintenance = entry.server.status == ServerStatus::Maintenance as i32;
+        let unreachable = entry.link.is_none() || entry.result.is_err();
+        if maintenance || (partial_reload && unreachable) {
+            warn!(server = entry.server.id, %error, "ignoring a failure of a server that may fail");
+            continue;
+        }
+        failures.push(format!("{}: {error}", entry.describe()));
+    }
+
+    if !failures.is_empty() {
+        abort_all(context, &prepared, reload_id).await;
+        return TaskOutcome::Failure(failures.join("; "));
+    }
+
+    let commits = join_all(prepared.iter().filter_map(|entry| {
+        let (link, vcl_name) = entry.loaded_vcl()?;
+        Some(commit(context, entry, link, vcl_name, reload_id))
+    }))
+    .await;
+    let commit_failures: Vec<String> = commits.into_iter().flatten().collect();
+    if commit_failures.is_empty() {
+        TaskOutcome::Success
+    } else {
+        TaskOutcome::Failure(commit_failures.join("; "))
+    }
+}
+
+async fn prepare(
+    context: &ReloadContext,
+    snapshot: &ClusterSnapshot,
+    server: &VarnishServer,
+    reload_id: &str,
+) -> Prepared {
+    let key = AgentKey {
+        address: server.address.clone(),
+        admin_port: server.admin_port.unwrap_or_default(),
+    };
+    let link = match context
+        .agents
+        .agent(&key, context.timeouts.agent_wait)
+        .await
+    {
+        Ok(link) => link,
+        Err(error) => {
+            return Prepared {
+                server: server.clone(),
+                link: None,
+                result: Err(error.to_string()),
+            };
+        }
+    };
+    let command = AttachResponse {
+        command: Some(Command::Prepare(PrepareCommand {
+            reload_id: reload_id.to_owned(),
+            server_id: server.id,
+            snapshot: Some(snapshot.clone()),
+        })),
+    };
+    let answer = link
+        .call(command, context.timeouts.prepare, |message| {
+            matches!(message, AgentMessage::PrepareResult(result) if result.reload_id == reload_id)
+        })
+        .await;
+    let result = match answer {
+        Ok(AgentMessage::PrepareResult(result)) => Ok(result),
+        Ok(_) => Err("unexpected answer to prepare".to_owned()),
+        Err(error) => Err(error.to_string()),
+    };
+    Prepared {
+        server: server.clone(),
+        link: Some(link),
+        result,
+    }
+}
+
+/// Activates a prepared VCL; returns the failure to report, if it counts.
+async fn commit(
+    context: &ReloadContext,
+    entry: &Prepared,
+    link: &Arc<AgentLink>,
+    vcl_name: &str,
+    reload_id: &str,
+) -> Option<String> {
+    let command = AttachResponse {
+        command: Some(Command::Commit(CommitCommand {
+            reload_id: reload_id.to_owned(),
+            vcl_name: vcl_name.to_owned(),
+        })),
+    };
+    let answer = link
+        .call(command, context.timeouts.commit, |message| {
+            matches!(message, AgentMessage::CommitResult(result) if result.reload_id == reload_id)
+        })
+        .await;
+    let error = match answer {
+        Ok(AgentMessage::CommitResult(result)) if result.ok => {
+            let hello = link.hello();
+            if let Err(error) = context
+                .store
+                .record_agent_report(&hello.address, hello.admin_port, &result.active_vcl_version)
+                .await
+            {
+                warn!(server = entry.server.id, %error, "cannot record the running vcl version");
+            }
+            return None;
+        }
+        Ok(AgentMessage::CommitResult(result)) => result.error,
+        Ok(_) => "unexpected answer to commit".to_owned(),
+        Err(error) => error.to_string(),
+    };
+    if entry.server.status == ServerStatus::Maintenance as i32 {
+        warn!(server = entry.server.id, %error, "ignoring a commit failure of a maintenance server");
+        return None;
+    }
+    Some(format!(
+        "{}: activating {vcl_name} failed: {error}",
+        entry.describe()
+    ))
+}
+
+/// Discards what the prepare phase loaded, so nothing half-applied stays behind.
+async fn abort_all(context: &ReloadContext, prepared: &[Prepared], reload_id: &str) {
+    join_all(prepared.iter().filter_map(|entry| {
+        let (link, vcl_name) = entry.loaded_vcl()?;
+        let command = AttachResponse {
+            command: Some(Command::Abort(AbortCommand {
+                reload_id: reload_id.to_owned(),
+                vcl_name: vcl_name.to_owned(),
+            })),
+        };
+        Some(async move {
+            let answer = link
+                .call(command, context.timeouts.commit, |message| {
+                    matches!(message, AgentMessage::AbortResult(result) if result.reload_id == reload_id)
+                })
+                .await;
+            if let Err(error) = answer {
+                warn!(server = entry.server.id, %error, "abort failed; the agent's VCL cleanup will discard it");
+            }
+        })
+    }))
+    .await;
+}
