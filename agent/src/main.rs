@@ -53,9 +53,18 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(error) => {
+            // One line: clap's message up to its usage section.
             let message = error.to_string();
-            let first_line = message.lines().next().unwrap_or("invalid arguments");
-            eprintln!("vaas-agent: {first_line}");
+            let summary: Vec<&str> = message
+                .lines()
+                .map(str::trim)
+                .take_while(|line| !line.is_empty())
+                .collect();
+            let summary = summary.join(" ");
+            eprintln!(
+                "vaas-agent: {}",
+                summary.strip_prefix("error: ").unwrap_or(&summary)
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -68,6 +77,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
         .init();
 
     let runtime = match tokio::runtime::Runtime::new() {
