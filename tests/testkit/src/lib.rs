@@ -16,12 +16,14 @@ mod nats;
 mod origin;
 mod postgres;
 mod process;
+mod service;
 mod varnishd;
 
 pub use http::{HttpResponse, http_get};
 pub use nats::Nats;
 pub use origin::HttpOrigin;
 pub use postgres::Postgres;
+pub use service::ServiceProcess;
 pub use varnishd::Varnishd;
 
 use std::net::{Ipv4Addr, TcpListener};

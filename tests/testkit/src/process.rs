@@ -121,6 +121,11 @@ impl ManagedProcess {
         })
     }
 
+    /// Returns the path of the log file.
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
     /// Returns the process id (also the process group id).
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()

@@ -1,0 +1,233 @@
+//! The end-to-end harness: starts the real `vaas-api`, `vaas-scheduler` and `vaas-agent`
+//! binaries beside real `nats-server`, SQLite or PostgreSQL, and `varnishd` processes, each on
+//! free ports with its own directory, and hands tests gRPC clients to drive them as a user would.
+//!
+//! Every process's log is printed when a test fails. The binaries are built (incrementally) with
+//! cargo the first time a test process needs them, so a test never runs stale binaries.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result, anyhow};
+use tonic::transport::Channel;
+use vaas_proto::v1::config_service_client::ConfigServiceClient;
+use vaas_proto::v1::task_service_client::TaskServiceClient;
+use vaas_testkit::{Nats, Postgres, ServiceProcess, Varnishd, free_port};
+
+/// Which store the system runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// An SQLite file in the system's directory.
+    Sqlite,
+    /// A PostgreSQL server of its own.
+    Postgres,
+}
+
+/// Options of a [`System`].
+#[derive(Clone, Debug)]
+pub struct SystemBuilder {
+    store: StoreKind,
+    agents: usize,
+}
+
+impl SystemBuilder {
+    /// Sets the number of Varnish servers, each with its own varnishd and agent (default 1).
+    pub fn agents(mut self, agents: usize) -> SystemBuilder {
+        self.agents = agents;
+        self
+    }
+
+    /// Starts everything and returns once the API serves and every agent is attached.
+    pub async fn start(self) -> Result<System> {
+        let binaries = binaries()?;
+        let dir = tempfile::Builder::new().prefix("vaas-e2e-").tempdir()?;
+        let nats = Nats::start().await?;
+        let (postgres, database_url) = match self.store {
+            StoreKind::Sqlite => {
+                let path = dir.path().join("vaas.db");
+                (None, format!("sqlite://{}?mode=rwc", path.display()))
+            }
+            StoreKind::Postgres => {
+                let postgres = Postgres::start().await?;
+                let url = postgres.url();
+                (Some(postgres), url)
+            }
+        };
+        let scheduler_port = free_port();
+        let mut scheduler = ServiceProcess::spawn(
+            "vaas-scheduler",
+            service_command(
+                &binaries.scheduler,
+                &[
+                    ("--listen", format!("127.0.0.1:{scheduler_port}")),
+                    ("--database-url", database_url.clone()),
+                    ("--nats-url", nats.url()),
+                    ("--reconcile-interval", "2s".to_owned()),
+                ],
+            ),
+            &dir.path().join("scheduler.log"),
+        )?;
+        scheduler.wait_for_log("vaas-scheduler serving").await?;
+        let api_port = free_port();
+        let mut api = ServiceProcess::spawn(
+            "vaas-api",
+            service_command(
+                &binaries.api,
+                &[
+                    ("--listen", format!("127.0.0.1:{api_port}")),
+                    ("--database-url", database_url),
+                    ("--nats-url", nats.url()),
+                    ("--sync-timeout", "60s".to_owned()),
+                ],
+            ),
+            &dir.path().join("api.log"),
+        )?;
+        api.wait_for_log("vaas-api serving").await?;
+        let mut varnishds = Vec::with_capacity(self.agents);
+        let mut agents = Vec::with_capacity(self.agents);
+        for index in 0..self.agents {
+            let varnishd = Varnishd::start().await?;
+            let mut agent = ServiceProcess::spawn(
+                &format!("vaas-agent-{index}"),
+                service_command(
+                    &binaries.agent,
+                    &[
+                        ("--scheduler-url", format!("http://127.0.0.1:{scheduler_port}")),
+                        ("--varnish-admin", varnishd.admin_addr().to_string()),
+                        (
+                            "--varnish-secret-file",
+                            varnishd.secret_file().display().to_string(),
+                        ),
+                        ("--server-address", "127.0.0.1".to_owned()),
+                    ],
+                ),
+                &dir.path().join(format!("agent-{index}.log")),
+            )?;
+            agent.wait_for_log("attached to scheduler").await?;
+            varnishds.push(varnishd);
+            agents.push(agent);
+        }
+        let channel = Channel::from_shared(format!("http://127.0.0.1:{api_port}"))?
+            .connect()
+            .await
+            .context("cannot connect to vaas-api")?;
+        Ok(System {
+            channel,
+            agents,
+            api,
+            scheduler,
+            varnishds,
+            _postgres: postgres,
+            _nats: nats,
+            _dir: dir,
+        })
+    }
+}
+
+/// A running VaaS with its NATS, store and Varnish servers; everything stops on drop.
+pub struct System {
+    channel: Channel,
+    // Fields drop in order: agents before varnishd, services before NATS and the store.
+    agents: Vec<ServiceProcess>,
+    api: ServiceProcess,
+    scheduler: ServiceProcess,
+    varnishds: Vec<Varnishd>,
+    _postgres: Option<Postgres>,
+    _nats: Nats,
+    _dir: tempfile::TempDir,
+}
+
+impl System {
+    /// Returns a builder for a system on `store`.
+    pub fn builder(store: StoreKind) -> SystemBuilder {
+        SystemBuilder { store, agents: 1 }
+    }
+
+    /// Returns a ConfigService client.
+    pub fn config(&self) -> ConfigServiceClient<Channel> {
+        ConfigServiceClient::new(self.channel.clone())
+    }
+
+    /// Returns a TaskService client.
+    pub fn tasks(&self) -> TaskServiceClient<Channel> {
+        TaskServiceClient::new(self.channel.clone())
+    }
+
+    /// Returns the varnishd of Varnish server `index`.
+    pub fn varnishd(&self, index: usize) -> &Varnishd {
+        &self.varnishds[index]
+    }
+
+    /// Fails unless the API, the scheduler and every agent are still running.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        self.api.ensure_running().context("vaas-api")?;
+        self.scheduler.ensure_running().context("vaas-scheduler")?;
+        for agent in &mut self.agents {
+            agent.ensure_running().context("vaas-agent")?;
+        }
+        Ok(())
+    }
+
+    /// Returns the scheduler's log so far.
+    pub fn scheduler_log(&self) -> String {
+        self.scheduler.log()
+    }
+}
+
+/// Paths of the three VaaS binaries.
+#[derive(Clone, Debug)]
+struct Binaries {
+    api: PathBuf,
+    scheduler: PathBuf,
+    agent: PathBuf,
+}
+
+/// Builds the binaries once per test process (a no-op when they are fresh) and returns them.
+fn binaries() -> Result<Binaries> {
+    static BUILT: OnceLock<Result<Binaries, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_binaries().map_err(|error| format!("{error:#}")))
+        .clone()
+        .map_err(|error| anyhow!(error))
+}
+
+fn build_binaries() -> Result<Binaries> {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("tests/ has a parent")?
+        .to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let output = Command::new(cargo)
+        .current_dir(&workspace)
+        .args([
+            "build", "--quiet", "--bin", "vaas-api", "--bin", "vaas-scheduler", "--bin",
+            "vaas-agent",
+        ])
+        .output()
+        .context("cannot run cargo build for the VaaS binaries")?;
+    if !output.status.success() {
+        return Err(anyhow!(
+            "cargo build of the VaaS binaries failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+        .join("debug");
+    Ok(Binaries {
+        api: target.join("vaas-api"),
+        scheduler: target.join("vaas-scheduler"),
+        agent: target.join("vaas-agent"),
+    })
+}
+
+fn service_command(binary: &PathBuf, flags: &[(&str, String)]) -> Command {
+    let mut command = Command::new(binary);
+    for (flag, value) in flags {
+        command.arg(flag).arg(value);
+    }
+    command.env("RUST_LOG", "info,vaas_api=debug,vaas_scheduler=debug,vaas_agent=debug");
+    command
+}

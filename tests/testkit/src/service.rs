@@ -1,0 +1,70 @@
+//! Any other program a test starts (the VaaS binaries themselves), with the same care as the
+//! daemons: own process group, log file, stop on drop, log printed on failure.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::anyhow;
+
+use crate::process::{ManagedProcess, StartFailure};
+
+/// A running program started by a test.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    process: ManagedProcess,
+}
+
+impl ServiceProcess {
+    /// Spawns `command` with its output in `log_path`; it is sent SIGTERM (then SIGKILL) on drop.
+    pub fn spawn(name: &str, command: Command, log_path: &Path) -> anyhow::Result<ServiceProcess> {
+        Ok(ServiceProcess {
+            process: ManagedProcess::spawn(name, command, log_path, "TERM")?,
+        })
+    }
+
+    /// Waits until the log contains `line` (for example "attached to scheduler"), the program
+    /// exits, or [`crate::READY_TIMEOUT`] passes.
+    pub async fn wait_for_log(&mut self, line: &str) -> anyhow::Result<()> {
+        let wanted = line.to_owned();
+        let log = self.process.log_path().to_owned();
+        let outcome = self
+            .process
+            .wait_ready(line, || {
+                let log = log.clone();
+                let line = wanted.clone();
+                async move {
+                    tokio::fs::read_to_string(&log)
+                        .await
+                        .is_ok_and(|text| text.contains(&line))
+                }
+            })
+            .await;
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(StartFailure::PortTaken(error) | StartFailure::Fatal(error)) => Err(error),
+        }
+    }
+
+    /// Returns how many times `line` occurs in the log so far.
+    pub fn count_in_log(&self, line: &str) -> usize {
+        self.process.log().matches(line).count()
+    }
+
+    /// Returns everything the program wrote so far.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// Stops the program now (SIGTERM, grace period, SIGKILL).
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+
+    /// Fails unless the program is still running.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        match self.process.exit_status() {
+            None => Ok(()),
+            Some(status) => Err(anyhow!("exited with {status}; its log:\n{}", self.log())),
+        }
+    }
+}

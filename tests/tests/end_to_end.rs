@@ -1,0 +1,351 @@
+//! End-to-end: a change made through the gRPC API is served by a real varnishd, synchronously
+//! and asynchronously, on SQLite and on PostgreSQL; compile errors and bad input are reported
+//! and lose nothing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use futures::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+use vaas_proto::v1::{
+    Backend, Cluster, CreateBackendRequest, CreateClusterRequest, CreateDcRequest,
+    CreateDirectorRequest, CreateVarnishServerRequest, CreateVclTemplateRequest, Dc, Director,
+    GetClusterRequest, GetTaskRequest, GetVarnishServerRequest, ListBackendsRequest,
+    ListTasksRequest, ServerStatus, TaskState, UpdateVclTemplateRequest, VarnishServer,
+    VclTemplate, WatchTaskRequest,
+};
+use vaas_tests::{StoreKind, System};
+use vaas_testkit::{HttpOrigin, http_get};
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> {
+                super::$name(vaas_tests::StoreKind::Sqlite).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> {
+                super::$name(vaas_tests::StoreKind::Postgres).await
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    synchronous_write_answers_after_varnish_serves_the_backend,
+    asynchronous_write_answers_at_once_and_the_watch_follows_the_task,
+    compile_error_fails_the_task_and_the_old_vcl_keeps_serving,
+    invalid_input_is_refused_and_saves_nothing,
+);
+
+/// The ids of a dc, cluster, template, server and director set up through the API.
+struct Setup {
+    dc_id: i64,
+    cluster_id: i64,
+    template_id: i64,
+    server_id: i64,
+    director_id: i64,
+}
+
+async fn set_up(system: &System) -> Result<Setup> {
+    let mut config = system.config();
+    let dc_id = config
+        .create_dc(CreateDcRequest {
+            dc: Some(Dc { id: 0, name: "Local".into(), symbol: "local".into() }),
+        })
+        .await?
+        .into_inner()
+        .dc
+        .context("dc")?
+        .id;
+    let cluster_id = config
+        .create_cluster(CreateClusterRequest {
+            cluster: Some(Cluster { name: "demo".into(), ..Default::default() }),
+        })
+        .await?
+        .into_inner()
+        .cluster
+        .context("cluster")?
+        .id;
+    let template_id = config
+        .create_vcl_template(CreateVclTemplateRequest {
+            vcl_template: Some(VclTemplate {
+                name: "default".into(),
+                content: "<VCL/>".into(),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .vcl_template
+        .context("template")?
+        .id;
+    let varnishd = system.varnishd(0);
+    let created_server = config
+        .create_varnish_server(CreateVarnishServerRequest {
+            varnish_server: Some(VarnishServer {
+                address: "127.0.0.1".into(),
+                http_port: Some(u32::from(varnishd.http_addr().port())),
+                admin_port: Some(u32::from(varnishd.admin_addr().port())),
+                status: ServerStatus::Active as i32,
+                dc_id,
+                template_id,
+                cluster_id,
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner();
+    let server_id = created_server.varnish_server.context("server")?.id;
+    ensure!(
+        created_server.tasks.iter().all(|task| task.state == TaskState::Success as i32),
+        "a new server gets its (empty) VCL before the write answers: {:?}",
+        created_server.tasks
+    );
+    let director_id = config
+        .create_director(CreateDirectorRequest {
+            director: Some(Director {
+                name: "demo".into(),
+                cluster_ids: vec![cluster_id],
+                route_expression: "^/".into(),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .director
+        .context("director")?
+        .id;
+    Ok(Setup { dc_id, cluster_id, template_id, server_id, director_id })
+}
+
+fn backend_for(setup: &Setup, origin: SocketAddr) -> Backend {
+    Backend {
+        director_id: setup.director_id,
+        dc_id: setup.dc_id,
+        address: origin.ip().to_string(),
+        port: Some(u32::from(origin.port())),
+        ..Default::default()
+    }
+}
+
+async fn assert_served_by(system: &System, origin: &HttpOrigin) -> Result<()> {
+    let response = http_get(system.varnishd(0).http_addr(), "/hello", "demo.example").await?;
+    ensure!(
+        response.status == 200 && response.header("x-origin") == Some(origin.name()),
+        "varnish should answer from {}: {} {:?}",
+        origin.name(),
+        response.status,
+        response.headers
+    );
+    Ok(())
+}
+
+async fn synchronous_write_answers_after_varnish_serves_the_backend(store: StoreKind) -> Result<()> {
+    let mut system = System::builder(store).start().await?;
+    let setup = set_up(&system).await?;
+    let before = http_get(system.varnishd(0).http_addr(), "/hello", "demo.example").await?;
+    assert_eq!(before.status, 404, "a director without backends answers 404");
+
+    let origin = HttpOrigin::start("origin-a").await?;
+    let created = system
+        .config()
+        .create_backend(CreateBackendRequest { backend: Some(backend_for(&setup, origin.addr())) })
+        .await?
+        .into_inner();
+    assert_eq!(created.tasks.len(), 1);
+    assert_eq!(created.tasks[0].state, TaskState::Success as i32, "{:?}", created.tasks[0]);
+    // No waiting: the synchronous answer means the VCL is active.
+    assert_served_by(&system, &origin).await?;
+
+    let cluster = system
+        .config()
+        .get_cluster(GetClusterRequest { id: setup.cluster_id })
+        .await?
+        .into_inner()
+        .cluster
+        .context("cluster")?;
+    assert_eq!(cluster.reload_timestamp, created.tasks[0].timestamp);
+    assert!(cluster.last_error.is_empty());
+    let server = system
+        .config()
+        .get_varnish_server(GetVarnishServerRequest { id: setup.server_id })
+        .await?
+        .into_inner()
+        .varnish_server
+        .context("server")?;
+    let served_version = http_get(system.varnishd(0).http_addr(), "/vaas_version", "x").await?;
+    assert_eq!(server.running_vcl_version, served_version.body.trim(), "VaaS knows what runs");
+    system.ensure_running()
+}
+
+async fn asynchronous_write_answers_at_once_and_the_watch_follows_the_task(
+    store: StoreKind,
+) -> Result<()> {
+    let mut system = System::builder(store).start().await?;
+    let setup = set_up(&system).await?;
+    let origin = HttpOrigin::start("origin-async").await?;
+
+    let mut request =
+        Request::new(CreateBackendRequest { backend: Some(backend_for(&setup, origin.addr())) });
+    request.metadata_mut().insert("prefer", MetadataValue::from_static("respond-async"));
+    let response = system.config().create_backend(request).await?;
+    let location = response
+        .metadata()
+        .get("location")
+        .context("an async answer says where the task is")?
+        .to_str()?
+        .to_owned();
+    let created = response.into_inner();
+    assert_eq!(created.tasks.len(), 1);
+    let task = &created.tasks[0];
+    assert_eq!(task.state, TaskState::Pending as i32);
+    assert_eq!(location, format!("tasks/{}", task.id));
+
+    let mut watch = system
+        .tasks()
+        .watch_task(WatchTaskRequest { id: task.id })
+        .await?
+        .into_inner();
+    let mut states = Vec::new();
+    while let Some(update) = tokio::time::timeout(Duration::from_secs(60), watch.next())
+        .await
+        .context("the watch stalled")?
+    {
+        states.push(update?.task.context("task")?.state);
+    }
+    // The write answered before the reload (compiling takes far longer than answering), so the
+    // watch starts before the end and walks forward to SUCCESS, never backwards.
+    let expected = [TaskState::Pending as i32, TaskState::Started as i32, TaskState::Success as i32];
+    assert!(states.len() >= 2, "the watch saw the task unfinished first: {states:?}");
+    assert!(states.windows(2).all(|pair| pair[0] < pair[1]), "{states:?}");
+    assert!(states.iter().all(|state| expected.contains(state)), "{states:?}");
+    assert_eq!(states.last(), Some(&(TaskState::Success as i32)));
+    assert_served_by(&system, &origin).await?;
+
+    let finished = system
+        .tasks()
+        .get_task(GetTaskRequest { id: task.id })
+        .await?
+        .into_inner()
+        .task
+        .context("task")?;
+    assert!(finished.start_time.is_some() && finished.finish_time.is_some());
+    system.ensure_running()
+}
+
+async fn compile_error_fails_the_task_and_the_old_vcl_keeps_serving(store: StoreKind) -> Result<()> {
+    let mut system = System::builder(store).start().await?;
+    let setup = set_up(&system).await?;
+    let origin = HttpOrigin::start("origin-steady").await?;
+    system
+        .config()
+        .create_backend(CreateBackendRequest { backend: Some(backend_for(&setup, origin.addr())) })
+        .await?;
+    assert_served_by(&system, &origin).await?;
+
+    let broken = VclTemplate {
+        id: setup.template_id,
+        name: "default".into(),
+        content: "<VCL/>\nsub vcl_deliver { set resp.http.x-broken = ; }\n".into(),
+        ..Default::default()
+    };
+    let status = system
+        .config()
+        .update_vcl_template(UpdateVclTemplateRequest { vcl_template: Some(broken) })
+        .await
+        .expect_err("a template that does not compile fails the synchronous write");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let info = status.get_details_error_info().context("error info")?;
+    assert_eq!(info.reason, "RELOAD_FAILED");
+    assert_eq!(info.metadata.get("saved").map(String::as_str), Some("true"));
+    let task_id: i64 = info.metadata.get("task_ids").context("task ids")?.parse()?;
+
+    let task = system
+        .tasks()
+        .get_task(GetTaskRequest { id: task_id })
+        .await?
+        .into_inner()
+        .task
+        .context("task")?;
+    assert_eq!(task.state, TaskState::Failure as i32);
+    assert!(task.error.contains("x-broken"), "the compiler's message: {}", task.error);
+    let cluster = system
+        .config()
+        .get_cluster(GetClusterRequest { id: setup.cluster_id })
+        .await?
+        .into_inner()
+        .cluster
+        .context("cluster")?;
+    assert!(cluster.last_error.contains("x-broken"), "{}", cluster.last_error);
+    assert_eq!(cluster.error_timestamp, task.timestamp);
+    assert_ne!(cluster.reload_timestamp, task.timestamp);
+    assert_served_by(&system, &origin).await?;
+
+    let failed = system
+        .tasks()
+        .list_tasks(ListTasksRequest {
+            cluster_id: setup.cluster_id,
+            state: TaskState::Failure as i32,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(failed.tasks.len(), 1);
+    system.ensure_running()
+}
+
+async fn invalid_input_is_refused_and_saves_nothing(store: StoreKind) -> Result<()> {
+    let mut system = System::builder(store).start().await?;
+    let setup = set_up(&system).await?;
+    let mut config = system.config();
+    let tasks_before = system.tasks().list_tasks(ListTasksRequest::default()).await?.into_inner();
+
+    let malformed = Backend { address: "10.0.0.999".into(), ..backend_for(&setup, "127.0.0.1:80".parse()?) };
+    let status = config
+        .create_backend(CreateBackendRequest { backend: Some(malformed) })
+        .await
+        .expect_err("a malformed address is refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let violations = status.get_details_bad_request().context("field violations")?;
+    assert_eq!(violations.field_violations[0].field, "backend.address");
+
+    let unknown_cluster = VarnishServer {
+        address: "10.0.0.7".into(),
+        dc_id: setup.dc_id,
+        template_id: setup.template_id,
+        cluster_id: 4242,
+        ..Default::default()
+    };
+    let status = config
+        .create_varnish_server(CreateVarnishServerRequest { varnish_server: Some(unknown_cluster) })
+        .await
+        .expect_err("an unknown cluster is refused");
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().contains("varnish_server.cluster_id"), "{}", status.message());
+
+    let duplicate = Director {
+        name: "demo".into(),
+        cluster_ids: vec![setup.cluster_id],
+        route_expression: "^/other".into(),
+        ..Default::default()
+    };
+    let status = config
+        .create_director(CreateDirectorRequest { director: Some(duplicate) })
+        .await
+        .expect_err("a duplicate name is refused");
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert!(status.message().contains("director.name"), "{}", status.message());
+
+    let backends = config.list_backends(ListBackendsRequest::default()).await?.into_inner();
+    assert!(backends.backends.is_empty(), "nothing was saved");
+    let tasks_after = system.tasks().list_tasks(ListTasksRequest::default()).await?.into_inner();
+    assert_eq!(tasks_before.tasks, tasks_after.tasks, "no task was created");
+    system.ensure_running()
+}
