@@ -93,7 +93,10 @@ impl SystemBuilder {
                 service_command(
                     &binaries.agent,
                     &[
-                        ("--scheduler-url", format!("http://127.0.0.1:{scheduler_port}")),
+                        (
+                            "--scheduler-url",
+                            format!("http://127.0.0.1:{scheduler_port}"),
+                        ),
                         ("--varnish-admin", varnishd.admin_addr().to_string()),
                         (
                             "--varnish-secret-file",
@@ -201,7 +204,13 @@ fn build_binaries() -> Result<Binaries> {
     let output = Command::new(cargo)
         .current_dir(&workspace)
         .args([
-            "build", "--quiet", "--bin", "vaas-api", "--bin", "vaas-scheduler", "--bin",
+            "build",
+            "--quiet",
+            "--bin",
+            "vaas-api",
+            "--bin",
+            "vaas-scheduler",
+            "--bin",
             "vaas-agent",
         ])
         .output()
@@ -228,6 +237,9 @@ fn service_command(binary: &PathBuf, flags: &[(&str, String)]) -> Command {
     for (flag, value) in flags {
         command.arg(flag).arg(value);
     }
-    command.env("RUST_LOG", "info,vaas_api=debug,vaas_scheduler=debug,vaas_agent=debug");
+    command.env(
+        "RUST_LOG",
+        "info,vaas_api=debug,vaas_scheduler=debug,vaas_agent=debug",
+    );
     command
 }

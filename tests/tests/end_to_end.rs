@@ -17,8 +17,8 @@ use vaas_proto::v1::{
     ListTasksRequest, ServerStatus, TaskState, UpdateVclTemplateRequest, VarnishServer,
     VclTemplate, WatchTaskRequest,
 };
-use vaas_tests::{StoreKind, System};
 use vaas_testkit::{HttpOrigin, http_get};
+use vaas_tests::{StoreKind, System};
 
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
@@ -57,7 +57,11 @@ async fn set_up(system: &System) -> Result<Setup> {
     let mut config = system.config();
     let dc_id = config
         .create_dc(CreateDcRequest {
-            dc: Some(Dc { id: 0, name: "Local".into(), symbol: "local".into() }),
+            dc: Some(Dc {
+                id: 0,
+                name: "Local".into(),
+                symbol: "local".into(),
+            }),
         })
         .await?
         .into_inner()
@@ -66,7 +70,10 @@ async fn set_up(system: &System) -> Result<Setup> {
         .id;
     let cluster_id = config
         .create_cluster(CreateClusterRequest {
-            cluster: Some(Cluster { name: "demo".into(), ..Default::default() }),
+            cluster: Some(Cluster {
+                name: "demo".into(),
+                ..Default::default()
+            }),
         })
         .await?
         .into_inner()
@@ -104,7 +111,10 @@ async fn set_up(system: &System) -> Result<Setup> {
         .into_inner();
     let server_id = created_server.varnish_server.context("server")?.id;
     ensure!(
-        created_server.tasks.iter().all(|task| task.state == TaskState::Success as i32),
+        created_server
+            .tasks
+            .iter()
+            .all(|task| task.state == TaskState::Success as i32),
         "a new server gets its (empty) VCL before the write answers: {:?}",
         created_server.tasks
     );
@@ -122,7 +132,13 @@ async fn set_up(system: &System) -> Result<Setup> {
         .director
         .context("director")?
         .id;
-    Ok(Setup { dc_id, cluster_id, template_id, server_id, director_id })
+    Ok(Setup {
+        dc_id,
+        cluster_id,
+        template_id,
+        server_id,
+        director_id,
+    })
 }
 
 fn backend_for(setup: &Setup, origin: SocketAddr) -> Backend {
@@ -147,26 +163,40 @@ async fn assert_served_by(system: &System, origin: &HttpOrigin) -> Result<()> {
     Ok(())
 }
 
-async fn synchronous_write_answers_after_varnish_serves_the_backend(store: StoreKind) -> Result<()> {
+async fn synchronous_write_answers_after_varnish_serves_the_backend(
+    store: StoreKind,
+) -> Result<()> {
     let mut system = System::builder(store).start().await?;
     let setup = set_up(&system).await?;
     let before = http_get(system.varnishd(0).http_addr(), "/hello", "demo.example").await?;
-    assert_eq!(before.status, 404, "a director without backends answers 404");
+    assert_eq!(
+        before.status, 404,
+        "a director without backends answers 404"
+    );
 
     let origin = HttpOrigin::start("origin-a").await?;
     let created = system
         .config()
-        .create_backend(CreateBackendRequest { backend: Some(backend_for(&setup, origin.addr())) })
+        .create_backend(CreateBackendRequest {
+            backend: Some(backend_for(&setup, origin.addr())),
+        })
         .await?
         .into_inner();
     assert_eq!(created.tasks.len(), 1);
-    assert_eq!(created.tasks[0].state, TaskState::Success as i32, "{:?}", created.tasks[0]);
+    assert_eq!(
+        created.tasks[0].state,
+        TaskState::Success as i32,
+        "{:?}",
+        created.tasks[0]
+    );
     // No waiting: the synchronous answer means the VCL is active.
     assert_served_by(&system, &origin).await?;
 
     let cluster = system
         .config()
-        .get_cluster(GetClusterRequest { id: setup.cluster_id })
+        .get_cluster(GetClusterRequest {
+            id: setup.cluster_id,
+        })
         .await?
         .into_inner()
         .cluster
@@ -175,13 +205,19 @@ async fn synchronous_write_answers_after_varnish_serves_the_backend(store: Store
     assert!(cluster.last_error.is_empty());
     let server = system
         .config()
-        .get_varnish_server(GetVarnishServerRequest { id: setup.server_id })
+        .get_varnish_server(GetVarnishServerRequest {
+            id: setup.server_id,
+        })
         .await?
         .into_inner()
         .varnish_server
         .context("server")?;
     let served_version = http_get(system.varnishd(0).http_addr(), "/vaas_version", "x").await?;
-    assert_eq!(server.running_vcl_version, served_version.body.trim(), "VaaS knows what runs");
+    assert_eq!(
+        server.running_vcl_version,
+        served_version.body.trim(),
+        "VaaS knows what runs"
+    );
     system.ensure_running()
 }
 
@@ -192,9 +228,12 @@ async fn asynchronous_write_answers_at_once_and_the_watch_follows_the_task(
     let setup = set_up(&system).await?;
     let origin = HttpOrigin::start("origin-async").await?;
 
-    let mut request =
-        Request::new(CreateBackendRequest { backend: Some(backend_for(&setup, origin.addr())) });
-    request.metadata_mut().insert("prefer", MetadataValue::from_static("respond-async"));
+    let mut request = Request::new(CreateBackendRequest {
+        backend: Some(backend_for(&setup, origin.addr())),
+    });
+    request
+        .metadata_mut()
+        .insert("prefer", MetadataValue::from_static("respond-async"));
     let response = system.config().create_backend(request).await?;
     let location = response
         .metadata()
@@ -222,10 +261,23 @@ async fn asynchronous_write_answers_at_once_and_the_watch_follows_the_task(
     }
     // The write answered before the reload (compiling takes far longer than answering), so the
     // watch starts before the end and walks forward to SUCCESS, never backwards.
-    let expected = [TaskState::Pending as i32, TaskState::Started as i32, TaskState::Success as i32];
-    assert!(states.len() >= 2, "the watch saw the task unfinished first: {states:?}");
-    assert!(states.windows(2).all(|pair| pair[0] < pair[1]), "{states:?}");
-    assert!(states.iter().all(|state| expected.contains(state)), "{states:?}");
+    let expected = [
+        TaskState::Pending as i32,
+        TaskState::Started as i32,
+        TaskState::Success as i32,
+    ];
+    assert!(
+        states.len() >= 2,
+        "the watch saw the task unfinished first: {states:?}"
+    );
+    assert!(
+        states.windows(2).all(|pair| pair[0] < pair[1]),
+        "{states:?}"
+    );
+    assert!(
+        states.iter().all(|state| expected.contains(state)),
+        "{states:?}"
+    );
     assert_eq!(states.last(), Some(&(TaskState::Success as i32)));
     assert_served_by(&system, &origin).await?;
 
@@ -240,13 +292,17 @@ async fn asynchronous_write_answers_at_once_and_the_watch_follows_the_task(
     system.ensure_running()
 }
 
-async fn compile_error_fails_the_task_and_the_old_vcl_keeps_serving(store: StoreKind) -> Result<()> {
+async fn compile_error_fails_the_task_and_the_old_vcl_keeps_serving(
+    store: StoreKind,
+) -> Result<()> {
     let mut system = System::builder(store).start().await?;
     let setup = set_up(&system).await?;
     let origin = HttpOrigin::start("origin-steady").await?;
     system
         .config()
-        .create_backend(CreateBackendRequest { backend: Some(backend_for(&setup, origin.addr())) })
+        .create_backend(CreateBackendRequest {
+            backend: Some(backend_for(&setup, origin.addr())),
+        })
         .await?;
     assert_served_by(&system, &origin).await?;
 
@@ -258,7 +314,9 @@ async fn compile_error_fails_the_task_and_the_old_vcl_keeps_serving(store: Store
     };
     let status = system
         .config()
-        .update_vcl_template(UpdateVclTemplateRequest { vcl_template: Some(broken) })
+        .update_vcl_template(UpdateVclTemplateRequest {
+            vcl_template: Some(broken),
+        })
         .await
         .expect_err("a template that does not compile fails the synchronous write");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
@@ -275,15 +333,25 @@ async fn compile_error_fails_the_task_and_the_old_vcl_keeps_serving(store: Store
         .task
         .context("task")?;
     assert_eq!(task.state, TaskState::Failure as i32);
-    assert!(task.error.contains("x-broken"), "the compiler's message: {}", task.error);
+    assert!(
+        task.error.contains("x-broken"),
+        "the compiler's message: {}",
+        task.error
+    );
     let cluster = system
         .config()
-        .get_cluster(GetClusterRequest { id: setup.cluster_id })
+        .get_cluster(GetClusterRequest {
+            id: setup.cluster_id,
+        })
         .await?
         .into_inner()
         .cluster
         .context("cluster")?;
-    assert!(cluster.last_error.contains("x-broken"), "{}", cluster.last_error);
+    assert!(
+        cluster.last_error.contains("x-broken"),
+        "{}",
+        cluster.last_error
+    );
     assert_eq!(cluster.error_timestamp, task.timestamp);
     assert_ne!(cluster.reload_timestamp, task.timestamp);
     assert_served_by(&system, &origin).await?;
@@ -305,15 +373,26 @@ async fn invalid_input_is_refused_and_saves_nothing(store: StoreKind) -> Result<
     let mut system = System::builder(store).start().await?;
     let setup = set_up(&system).await?;
     let mut config = system.config();
-    let tasks_before = system.tasks().list_tasks(ListTasksRequest::default()).await?.into_inner();
+    let tasks_before = system
+        .tasks()
+        .list_tasks(ListTasksRequest::default())
+        .await?
+        .into_inner();
 
-    let malformed = Backend { address: "10.0.0.999".into(), ..backend_for(&setup, "127.0.0.1:80".parse()?) };
+    let malformed = Backend {
+        address: "10.0.0.999".into(),
+        ..backend_for(&setup, "127.0.0.1:80".parse()?)
+    };
     let status = config
-        .create_backend(CreateBackendRequest { backend: Some(malformed) })
+        .create_backend(CreateBackendRequest {
+            backend: Some(malformed),
+        })
         .await
         .expect_err("a malformed address is refused");
     assert_eq!(status.code(), Code::InvalidArgument);
-    let violations = status.get_details_bad_request().context("field violations")?;
+    let violations = status
+        .get_details_bad_request()
+        .context("field violations")?;
     assert_eq!(violations.field_violations[0].field, "backend.address");
 
     let unknown_cluster = VarnishServer {
@@ -324,11 +403,17 @@ async fn invalid_input_is_refused_and_saves_nothing(store: StoreKind) -> Result<
         ..Default::default()
     };
     let status = config
-        .create_varnish_server(CreateVarnishServerRequest { varnish_server: Some(unknown_cluster) })
+        .create_varnish_server(CreateVarnishServerRequest {
+            varnish_server: Some(unknown_cluster),
+        })
         .await
         .expect_err("an unknown cluster is refused");
     assert_eq!(status.code(), Code::NotFound);
-    assert!(status.message().contains("varnish_server.cluster_id"), "{}", status.message());
+    assert!(
+        status.message().contains("varnish_server.cluster_id"),
+        "{}",
+        status.message()
+    );
 
     let duplicate = Director {
         name: "demo".into(),
@@ -337,15 +422,28 @@ async fn invalid_input_is_refused_and_saves_nothing(store: StoreKind) -> Result<
         ..Default::default()
     };
     let status = config
-        .create_director(CreateDirectorRequest { director: Some(duplicate) })
+        .create_director(CreateDirectorRequest {
+            director: Some(duplicate),
+        })
         .await
         .expect_err("a duplicate name is refused");
     assert_eq!(status.code(), Code::AlreadyExists);
-    assert!(status.message().contains("director.name"), "{}", status.message());
+    assert!(
+        status.message().contains("director.name"),
+        "{}",
+        status.message()
+    );
 
-    let backends = config.list_backends(ListBackendsRequest::default()).await?.into_inner();
+    let backends = config
+        .list_backends(ListBackendsRequest::default())
+        .await?
+        .into_inner();
     assert!(backends.backends.is_empty(), "nothing was saved");
-    let tasks_after = system.tasks().list_tasks(ListTasksRequest::default()).await?.into_inner();
+    let tasks_after = system
+        .tasks()
+        .list_tasks(ListTasksRequest::default())
+        .await?
+        .into_inner();
     assert_eq!(tasks_before.tasks, tasks_after.tasks, "no task was created");
     system.ensure_running()
 }

@@ -203,7 +203,7 @@ async fn timestamps_strictly_increase_and_outbox_follows_tasks(store: &Store) ->
         let outcome = store
             .create_backend(&backend(&world, &format!("10.0.0.{index}")))
             .await?;
-        let timestamp = outcome.tasks[0].timestamp.clone().expect("timestamp");
+        let timestamp = outcome.tasks[0].timestamp.expect("timestamp");
         let micros = timestamp.seconds * 1_000_000 + i64::from(timestamp.nanos / 1000);
         if let Some(previous) = last {
             assert!(micros > previous, "timestamps must strictly increase");
