@@ -5,14 +5,20 @@
 //! Every process's log is printed when a test fails. The binaries are built (incrementally) with
 //! cargo the first time a test process needs them, so a test never runs stale binaries.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, ensure};
 use tonic::transport::Channel;
 use vaas_proto::v1::config_service_client::ConfigServiceClient;
 use vaas_proto::v1::task_service_client::TaskServiceClient;
+use vaas_proto::v1::{
+    Backend, Cluster, CreateClusterRequest, CreateDcRequest, CreateDirectorRequest,
+    CreateVarnishServerRequest, CreateVclTemplateRequest, Dc, Director, ServerStatus, TaskState,
+    VarnishServer, VclTemplate,
+};
 use vaas_testkit::{Nats, Postgres, ServiceProcess, Varnishd, free_port};
 
 /// Which store the system runs on.
@@ -172,6 +178,18 @@ impl System {
         Ok(())
     }
 
+    /// Returns the resident memory in KiB of the API, the scheduler and the first agent.
+    pub fn resident_kib(&self) -> [(&'static str, Option<u64>); 3] {
+        [
+            ("vaas-api", self.api.resident_kib()),
+            ("vaas-scheduler", self.scheduler.resident_kib()),
+            (
+                "vaas-agent",
+                self.agents.first().and_then(ServiceProcess::resident_kib),
+            ),
+        ]
+    }
+
     /// Returns the scheduler's log so far.
     pub fn scheduler_log(&self) -> String {
         self.scheduler.log()
@@ -201,18 +219,21 @@ fn build_binaries() -> Result<Binaries> {
         .context("tests/ has a parent")?
         .to_owned();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let output = Command::new(cargo)
-        .current_dir(&workspace)
-        .args([
-            "build",
-            "--quiet",
-            "--bin",
-            "vaas-api",
-            "--bin",
-            "vaas-scheduler",
-            "--bin",
-            "vaas-agent",
-        ])
+    // Benchmarks (built without debug assertions) measure release binaries.
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let mut command = Command::new(cargo);
+    command.current_dir(&workspace).args(["build", "--quiet"]);
+    for binary in ["vaas-api", "vaas-scheduler", "vaas-agent"] {
+        command.args(["--bin", binary]);
+    }
+    if profile == "release" {
+        command.arg("--release");
+    }
+    let output = command
         .output()
         .context("cannot run cargo build for the VaaS binaries")?;
     if !output.status.success() {
@@ -224,7 +245,7 @@ fn build_binaries() -> Result<Binaries> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"))
-        .join("debug");
+        .join(profile);
     Ok(Binaries {
         api: target.join("vaas-api"),
         scheduler: target.join("vaas-scheduler"),
@@ -242,4 +263,123 @@ fn service_command(binary: &PathBuf, flags: &[(&str, String)]) -> Command {
         "info,vaas_api=debug,vaas_scheduler=debug,vaas_agent=debug",
     );
     command
+}
+
+/// The ids of a dc, cluster, template, server and director set up through the API.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    /// Id of the created resource.
+    pub dc_id: i64,
+    /// Id of the created resource.
+    pub cluster_id: i64,
+    /// Id of the created resource.
+    pub template_id: i64,
+    /// Id of the created resource.
+    pub server_id: i64,
+    /// Id of the created resource.
+    pub director_id: i64,
+}
+
+impl System {
+    /// Creates, through the API, a dc, a cluster, a `<VCL/>` template, the first varnishd as an
+    /// active server, and a director "demo" routed by "^/"; checks that the server got its VCL.
+    pub async fn set_up(&self) -> Result<Setup> {
+        let system = self;
+        let mut config = system.config();
+        let dc_id = config
+            .create_dc(CreateDcRequest {
+                dc: Some(Dc {
+                    id: 0,
+                    name: "Local".into(),
+                    symbol: "local".into(),
+                }),
+            })
+            .await?
+            .into_inner()
+            .dc
+            .context("dc")?
+            .id;
+        let cluster_id = config
+            .create_cluster(CreateClusterRequest {
+                cluster: Some(Cluster {
+                    name: "demo".into(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .cluster
+            .context("cluster")?
+            .id;
+        let template_id = config
+            .create_vcl_template(CreateVclTemplateRequest {
+                vcl_template: Some(VclTemplate {
+                    name: "default".into(),
+                    content: "<VCL/>".into(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .vcl_template
+            .context("template")?
+            .id;
+        let varnishd = system.varnishd(0);
+        let created_server = config
+            .create_varnish_server(CreateVarnishServerRequest {
+                varnish_server: Some(VarnishServer {
+                    address: "127.0.0.1".into(),
+                    http_port: Some(u32::from(varnishd.http_addr().port())),
+                    admin_port: Some(u32::from(varnishd.admin_addr().port())),
+                    status: ServerStatus::Active as i32,
+                    dc_id,
+                    template_id,
+                    cluster_id,
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner();
+        let server_id = created_server.varnish_server.context("server")?.id;
+        ensure!(
+            created_server
+                .tasks
+                .iter()
+                .all(|task| task.state == TaskState::Success as i32),
+            "a new server gets its (empty) VCL before the write answers: {:?}",
+            created_server.tasks
+        );
+        let director_id = config
+            .create_director(CreateDirectorRequest {
+                director: Some(Director {
+                    name: "demo".into(),
+                    cluster_ids: vec![cluster_id],
+                    route_expression: "^/".into(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .director
+            .context("director")?
+            .id;
+        Ok(Setup {
+            dc_id,
+            cluster_id,
+            template_id,
+            server_id,
+            director_id,
+        })
+    }
+}
+
+/// Returns a backend of the set-up director pointing at `origin`.
+pub fn backend_for(setup: &Setup, origin: SocketAddr) -> Backend {
+    Backend {
+        director_id: setup.director_id,
+        dc_id: setup.dc_id,
+        address: origin.ip().to_string(),
+        port: Some(u32::from(origin.port())),
+        ..Default::default()
+    }
 }

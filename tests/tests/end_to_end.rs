@@ -2,7 +2,6 @@
 //! and asynchronously, on SQLite and on PostgreSQL; compile errors and bad input are reported
 //! and lose nothing.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -11,14 +10,13 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 use vaas_proto::v1::{
-    Backend, Cluster, CreateBackendRequest, CreateClusterRequest, CreateDcRequest,
-    CreateDirectorRequest, CreateVarnishServerRequest, CreateVclTemplateRequest, Dc, Director,
+    Backend, CreateBackendRequest, CreateDirectorRequest, CreateVarnishServerRequest, Director,
     GetClusterRequest, GetTaskRequest, GetVarnishServerRequest, ListBackendsRequest,
-    ListTasksRequest, ServerStatus, TaskState, UpdateVclTemplateRequest, VarnishServer,
-    VclTemplate, WatchTaskRequest,
+    ListTasksRequest, TaskState, UpdateVclTemplateRequest, VarnishServer, VclTemplate,
+    WatchTaskRequest,
 };
 use vaas_testkit::{HttpOrigin, http_get};
-use vaas_tests::{StoreKind, System};
+use vaas_tests::{StoreKind, System, backend_for};
 
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
@@ -44,113 +42,6 @@ on_both_stores!(
     invalid_input_is_refused_and_saves_nothing,
 );
 
-/// The ids of a dc, cluster, template, server and director set up through the API.
-struct Setup {
-    dc_id: i64,
-    cluster_id: i64,
-    template_id: i64,
-    server_id: i64,
-    director_id: i64,
-}
-
-async fn set_up(system: &System) -> Result<Setup> {
-    let mut config = system.config();
-    let dc_id = config
-        .create_dc(CreateDcRequest {
-            dc: Some(Dc {
-                id: 0,
-                name: "Local".into(),
-                symbol: "local".into(),
-            }),
-        })
-        .await?
-        .into_inner()
-        .dc
-        .context("dc")?
-        .id;
-    let cluster_id = config
-        .create_cluster(CreateClusterRequest {
-            cluster: Some(Cluster {
-                name: "demo".into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .cluster
-        .context("cluster")?
-        .id;
-    let template_id = config
-        .create_vcl_template(CreateVclTemplateRequest {
-            vcl_template: Some(VclTemplate {
-                name: "default".into(),
-                content: "<VCL/>".into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .vcl_template
-        .context("template")?
-        .id;
-    let varnishd = system.varnishd(0);
-    let created_server = config
-        .create_varnish_server(CreateVarnishServerRequest {
-            varnish_server: Some(VarnishServer {
-                address: "127.0.0.1".into(),
-                http_port: Some(u32::from(varnishd.http_addr().port())),
-                admin_port: Some(u32::from(varnishd.admin_addr().port())),
-                status: ServerStatus::Active as i32,
-                dc_id,
-                template_id,
-                cluster_id,
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner();
-    let server_id = created_server.varnish_server.context("server")?.id;
-    ensure!(
-        created_server
-            .tasks
-            .iter()
-            .all(|task| task.state == TaskState::Success as i32),
-        "a new server gets its (empty) VCL before the write answers: {:?}",
-        created_server.tasks
-    );
-    let director_id = config
-        .create_director(CreateDirectorRequest {
-            director: Some(Director {
-                name: "demo".into(),
-                cluster_ids: vec![cluster_id],
-                route_expression: "^/".into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .director
-        .context("director")?
-        .id;
-    Ok(Setup {
-        dc_id,
-        cluster_id,
-        template_id,
-        server_id,
-        director_id,
-    })
-}
-
-fn backend_for(setup: &Setup, origin: SocketAddr) -> Backend {
-    Backend {
-        director_id: setup.director_id,
-        dc_id: setup.dc_id,
-        address: origin.ip().to_string(),
-        port: Some(u32::from(origin.port())),
-        ..Default::default()
-    }
-}
-
 async fn assert_served_by(system: &System, origin: &HttpOrigin) -> Result<()> {
     let response = http_get(system.varnishd(0).http_addr(), "/hello", "demo.example").await?;
     ensure!(
@@ -167,7 +58,7 @@ async fn synchronous_write_answers_after_varnish_serves_the_backend(
     store: StoreKind,
 ) -> Result<()> {
     let mut system = System::builder(store).start().await?;
-    let setup = set_up(&system).await?;
+    let setup = system.set_up().await?;
     let before = http_get(system.varnishd(0).http_addr(), "/hello", "demo.example").await?;
     assert_eq!(
         before.status, 404,
@@ -225,7 +116,7 @@ async fn asynchronous_write_answers_at_once_and_the_watch_follows_the_task(
     store: StoreKind,
 ) -> Result<()> {
     let mut system = System::builder(store).start().await?;
-    let setup = set_up(&system).await?;
+    let setup = system.set_up().await?;
     let origin = HttpOrigin::start("origin-async").await?;
 
     let mut request = Request::new(CreateBackendRequest {
@@ -296,7 +187,7 @@ async fn compile_error_fails_the_task_and_the_old_vcl_keeps_serving(
     store: StoreKind,
 ) -> Result<()> {
     let mut system = System::builder(store).start().await?;
-    let setup = set_up(&system).await?;
+    let setup = system.set_up().await?;
     let origin = HttpOrigin::start("origin-steady").await?;
     system
         .config()
@@ -371,7 +262,7 @@ async fn compile_error_fails_the_task_and_the_old_vcl_keeps_serving(
 
 async fn invalid_input_is_refused_and_saves_nothing(store: StoreKind) -> Result<()> {
     let mut system = System::builder(store).start().await?;
-    let setup = set_up(&system).await?;
+    let setup = system.set_up().await?;
     let mut config = system.config();
     let tasks_before = system
         .tasks()

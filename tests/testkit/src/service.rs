@@ -50,6 +50,18 @@ impl ServiceProcess {
         self.process.log().matches(line).count()
     }
 
+    /// Returns the process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Returns the resident memory of the process in KiB, read from `/proc`.
+    pub fn resident_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
     /// Returns everything the program wrote so far.
     pub fn log(&self) -> String {
         self.process.log()

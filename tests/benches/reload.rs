@@ -1,0 +1,172 @@
+//! Reload benchmark: how long a synchronous write takes until varnishd serves it, next to the
+//! physical floor measured in the same run on the same varnishd — loading and activating the
+//! very same VCL text directly over the admin CLI (`vcl.inline` + `vcl.use`).
+//!
+//! Also measures how a burst of asynchronous writes coalesces into few reloads, and the resident
+//! memory of the three services afterwards. Run: `cargo bench -p vaas-tests --bench reload`
+//! (`VAAS_BENCH_ROUNDS`, default 10; `VAAS_BENCH_BACKENDS`, default "1,100").
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use vaas_agent::varnish_cli::{CliTimeouts, VarnishCli};
+use vaas_proto::v1::{
+    Backend, CreateBackendRequest, TaskState, UpdateBackendRequest, WatchTaskRequest,
+};
+use vaas_testkit::HttpOrigin;
+use vaas_tests::{StoreKind, System, backend_for};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let rounds: usize = env_or("VAAS_BENCH_ROUNDS", "10").parse()?;
+    let sizes: Vec<usize> = env_or("VAAS_BENCH_BACKENDS", "1,100")
+        .split(',')
+        .map(|size| size.trim().parse())
+        .collect::<Result<_, _>>()?;
+    println!("reload benchmark: {rounds} rounds per size, SQLite store, 1 agent, release build");
+    println!(
+        "{:>8} | {:>16} | {:>16} | {:>16} | {:>9}",
+        "backends", "floor p50 (ms)", "vaas p50 (ms)", "vaas p90 (ms)", "overhead"
+    );
+    for size in sizes {
+        bench_size(size, rounds).await?;
+    }
+    Ok(())
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn percentile(samples: &mut [Duration], fraction: f64) -> Duration {
+    samples.sort();
+    let index = ((samples.len() as f64 - 1.0) * fraction).round() as usize;
+    samples[index]
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// Creates `count` backends with asynchronous writes and waits for the last task to finish;
+/// returns how many reloads that took.
+async fn create_backends(system: &System, template: &Backend, count: usize) -> Result<usize> {
+    let reloads_before = system.scheduler_log().matches("reload succeeded").count();
+    let mut last_task = None;
+    for index in 0..count {
+        let mut backend = template.clone();
+        backend.address = format!("127.0.{}.{}", 1 + index / 250, 1 + index % 250);
+        let mut request = Request::new(CreateBackendRequest {
+            backend: Some(backend),
+        });
+        request
+            .metadata_mut()
+            .insert("prefer", MetadataValue::from_static("respond-async"));
+        let created = system.config().create_backend(request).await?.into_inner();
+        last_task = created.tasks.last().map(|task| task.id);
+    }
+    let task_id = last_task.context("the writes created tasks")?;
+    let mut watch = system
+        .tasks()
+        .watch_task(WatchTaskRequest { id: task_id })
+        .await?
+        .into_inner();
+    let mut state = 0;
+    while let Some(update) = watch.next().await {
+        state = update?.task.context("task")?.state;
+    }
+    anyhow::ensure!(
+        state == TaskState::Success as i32,
+        "bulk create ended in {state}"
+    );
+    Ok(system.scheduler_log().matches("reload succeeded").count() - reloads_before)
+}
+
+async fn bench_size(size: usize, rounds: usize) -> Result<()> {
+    let system = System::builder(StoreKind::Sqlite).start().await?;
+    let setup = system.set_up().await?;
+    let origin = HttpOrigin::start("bench-origin").await?;
+    let first = system
+        .config()
+        .create_backend(CreateBackendRequest {
+            backend: Some(backend_for(&setup, origin.addr())),
+        })
+        .await?
+        .into_inner()
+        .backend
+        .context("backend")?;
+    let reloads = if size > 1 {
+        create_backends(&system, &backend_for(&setup, origin.addr()), size - 1).await?
+    } else {
+        0
+    };
+
+    // VaaS: synchronous writes that each produce a VCL never loaded before (a backend's
+    // connection limit; flipping back and forth would reuse the VCLs the agent keeps loaded).
+    let mut vaas = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let mut backend = first.clone();
+        backend.max_connections = Some(10 + round as u32);
+        let started = Instant::now();
+        system
+            .config()
+            .update_backend(UpdateBackendRequest {
+                backend: Some(backend),
+            })
+            .await?;
+        vaas.push(started.elapsed());
+    }
+
+    // The floor: the same VCL text straight into the same varnishd.
+    let varnishd = system.varnishd(0);
+    let secret = std::fs::read(varnishd.secret_file())?;
+    let mut cli =
+        VarnishCli::connect(varnishd.admin_addr(), &secret, CliTimeouts::default()).await?;
+    let active = cli
+        .vcl_list()
+        .await?
+        .into_iter()
+        .find(|vcl| vcl.is_active())
+        .context("an active VCL")?;
+    let text = cli.command(&["vcl.show", &active.name]).await?.body;
+    let mut floor = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let name = format!("floor{round}");
+        let started = Instant::now();
+        cli.vcl_inline(&name, &text).await?;
+        cli.vcl_use(&name).await?;
+        floor.push(started.elapsed());
+        cli.vcl_use(&active.name).await?;
+        cli.vcl_discard(&name).await?;
+    }
+
+    let floor_p50 = percentile(&mut floor, 0.5);
+    let vaas_p50 = percentile(&mut vaas, 0.5);
+    let vaas_p90 = percentile(&mut vaas, 0.9);
+    println!(
+        "{size:>8} | {:>16.0} | {:>16.0} | {:>16.0} | {:>8.0}%",
+        millis(floor_p50),
+        millis(vaas_p50),
+        millis(vaas_p90),
+        (vaas_p50.as_secs_f64() / floor_p50.as_secs_f64() - 1.0) * 100.0
+    );
+    if size > 1 {
+        println!(
+            "         | {} asynchronous creates were applied by {reloads} reload(s)",
+            size - 1
+        );
+    }
+    let memory: Vec<String> = system
+        .resident_kib()
+        .iter()
+        .map(|(name, kib)| format!("{name} {} MiB", kib.map_or(0, |kib| kib / 1024)))
+        .collect();
+    println!(
+        "         | resident memory after the run: {}",
+        memory.join(", ")
+    );
+    Ok(())
+}
