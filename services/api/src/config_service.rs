@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
-use tracing::instrument;
+use tracing::{info, instrument};
 use vaas_proto::v1::config_service_server::ConfigService;
 use vaas_proto::v1::{
     CreateBackendRequest, CreateBackendResponse, CreateClusterRequest, CreateClusterResponse,
@@ -76,6 +76,8 @@ impl ConfigApi {
     ) -> Result<(T, Vec<Task>, MetadataMap), ApiError> {
         self.relay_wake.notify_one();
         let WriteOutcome { value, tasks } = outcome;
+        let task_ids: Vec<i64> = tasks.iter().map(|task| task.id).collect();
+        info!(%resource, ?task_ids, "change saved");
         let mut headers = MetadataMap::new();
         if tasks.is_empty() {
             return Ok((value, tasks, headers));
@@ -98,7 +100,6 @@ impl ConfigApi {
         let wait = caller_timeout(metadata)
             .map(|timeout| timeout.saturating_sub(DEADLINE_MARGIN))
             .map_or(self.sync_timeout, |timeout| timeout.min(self.sync_timeout));
-        let task_ids: Vec<i64> = tasks.iter().map(|task| task.id).collect();
         let tasks = self
             .follower
             .wait_until_finished(&task_ids, Instant::now() + wait)

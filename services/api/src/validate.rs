@@ -257,11 +257,15 @@ pub fn director(mut director: Director, intent: Intent) -> Result<Director, ApiE
         director.router = DirectorRouter::Path as i32;
     }
     violations.text("route_expression", &director.route_expression, true, 512);
-    violations.check(
-        !director.route_expression.contains("\"}"),
-        "route_expression",
-        "must not contain the sequence \"}",
-    );
+    if director.route_expression.contains("\"}") {
+        violations.add("route_expression", "must not contain the sequence \"}");
+    } else if let Err(error) = pcre2::bytes::Regex::new(&director.route_expression) {
+        // The same engine as varnishd's (PCRE2): an expression it accepts here compiles there.
+        violations.add(
+            "route_expression",
+            format!("is not a valid regular expression: {error}"),
+        );
+    }
     director.active_active.get_or_insert(true);
     director.enabled.get_or_insert(true);
     violations.finish(director)
@@ -373,9 +377,17 @@ mod tests {
         sneaky.name = "api".into();
         sneaky.route_expression = "^/api/\n".into();
         assert_eq!(
-            violations(director(sneaky, Intent::Create).unwrap_err()),
+            violations(director(sneaky.clone(), Intent::Create).unwrap_err()),
             ["director.route_expression"]
         );
+        sneaky.route_expression = "^/(api".into();
+        let error = director(sneaky.clone(), Intent::Create)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("not a valid regular expression"), "{error}");
+        // PCRE features that Rust's regex crate lacks are fine: varnishd uses PCRE2 too.
+        sneaky.route_expression = "^/(?!internal/)".into();
+        assert!(director(sneaky, Intent::Create).is_ok());
     }
 
     #[test]
