@@ -6,11 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
-/// Exit code for bad configuration (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
+const BINARY: &str = "vaas-agent";
 
 /// Runs beside varnishd: renders and loads VCL on vaas-scheduler's command.
 #[derive(Debug, Parser)]
@@ -41,61 +38,23 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args: Args = match vaas_runtime::parse_args(BINARY) {
         Ok(args) => args,
-        Err(error)
-            if matches!(
-                error.kind(),
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
-            ) =>
-        {
-            let _ = error.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(error) => {
-            // One line: clap's message up to its usage section.
-            let message = error.to_string();
-            let summary: Vec<&str> = message
-                .lines()
-                .map(str::trim)
-                .take_while(|line| !line.is_empty())
-                .collect();
-            let summary = summary.join(" ");
-            eprintln!(
-                "vaas-agent: {}",
-                summary.strip_prefix("error: ").unwrap_or(&summary)
-            );
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(exit) => return exit,
     };
     let config = match config(args) {
         Ok(config) => config,
-        Err(message) => {
-            eprintln!("vaas-agent: {message}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(message) => return vaas_runtime::config_error(BINARY, message),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
-
+    vaas_runtime::init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("vaas-agent: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(error) => return vaas_runtime::runtime_error(BINARY, &error),
     };
     runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
-        match vaas_agent::run(config, shutdown).await {
+        match vaas_agent::run(config, vaas_runtime::shutdown_on_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("vaas-agent: {error}");
-                ExitCode::from(EXIT_CONFIG)
-            }
+            Err(error) => vaas_runtime::config_error(BINARY, error),
         }
     })
 }
@@ -141,30 +100,4 @@ fn system_hostname() -> String {
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|name| name.trim().to_owned())
         .unwrap_or_default()
-}
-
-/// Cancels `shutdown` on Ctrl-C or SIGTERM.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    shutdown.cancel();
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
-    shutdown.cancel();
 }

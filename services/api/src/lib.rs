@@ -98,21 +98,14 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ConfigServiceServer<ConfigApi>>().await;
     health.set_serving::<TaskServiceServer<TaskApi>>().await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(vaas_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(vaas_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection = vaas_runtime::reflection()?;
 
     info!(address = ?listener.local_addr().ok(), "vaas-api serving");
     let served = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(3600))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(reflection.v1)
+        .add_service(reflection.v1alpha)
         .add_service(ConfigServiceServer::new(config_api))
         .add_service(TaskServiceServer::new(task_api))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())

@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
+
+const BINARY: &str = "vaas-api";
 
 /// vaas-api: stores VaaS configuration changes and publishes reload intents.
 #[derive(Debug, Parser)]
@@ -19,61 +20,23 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args: Args = match vaas_runtime::parse_args(BINARY) {
         Ok(args) => args,
-        Err(error) if !error.use_stderr() => {
-            let _ = error.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(error) => {
-            let message = error.to_string();
-            eprintln!(
-                "vaas-api: {}",
-                message.lines().next().unwrap_or("invalid arguments")
-            );
-            return ExitCode::from(64);
-        }
+        Err(exit) => return exit,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    vaas_runtime::init_logging();
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
-        Err(error) => {
-            eprintln!("vaas-api: cannot listen on {}: {error}", args.listen);
-            return ExitCode::FAILURE;
-        }
+        Err(error) => return vaas_runtime::runtime_error(BINARY, &error),
     };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
-    match vaas_api::run(args.config, listener, shutdown).await {
+    match vaas_api::run(args.config, listener, vaas_runtime::shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(vaas_api::StartError::Store(vaas_store::Error::UnsupportedUrl)) => {
-            eprintln!("vaas-api: --database-url must start with postgres:// or sqlite:");
-            ExitCode::from(64)
+            vaas_runtime::config_error(
+                BINARY,
+                "--database-url must start with postgres:// or sqlite:",
+            )
         }
-        Err(error) => {
-            eprintln!(
-                "vaas-api: {}",
-                anyhow::Error::from(error)
-                    .chain()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(": ")
-            );
-            ExitCode::FAILURE
-        }
+        Err(error) => vaas_runtime::runtime_error(BINARY, &error),
     }
-}
-
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler cannot fail on unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
-    shutdown.cancel();
 }

@@ -14,7 +14,7 @@ use vaas_proto::v1::{
 };
 
 use crate::rows::{self, BACKEND_COLUMNS, CLUSTER_COLUMNS, DC_COLUMNS, DIRECTOR_COLUMNS};
-use crate::rows::{SERVER_COLUMNS, TEMPLATE_COLUMNS, duration_micros, join_list};
+use crate::rows::{SERVER_COLUMNS, Stored, TEMPLATE_COLUMNS, duration_micros, join_list};
 use crate::{Error, Result, Store, clock, tasks};
 
 /// The result of a write: the resource as stored and the reload tasks the write created.
@@ -101,16 +101,12 @@ impl Store {
 
     /// Returns one datacenter.
     pub async fn get_dc(&self, id: i64) -> Result<Dc> {
-        let row = self.fetch_by_id("dcs", DC_COLUMNS, id, "dc").await?;
-        rows::dc(&row)
+        self.fetch_by_id(id).await
     }
 
     /// Lists datacenters in id order.
     pub async fn list_dcs(&self, page_size: i32, page_token: &str) -> Result<Page<Dc>> {
-        let (rows, next) = self
-            .fetch_page("dcs", DC_COLUMNS, None, page_size, page_token)
-            .await?;
-        Ok((rows.iter().map(rows::dc).collect::<Result<_>>()?, next))
+        self.fetch_page(None, page_size, page_token).await
     }
 
     /// Replaces a datacenter; reloads the clusters with servers or backends in it.
@@ -183,18 +179,12 @@ impl Store {
 
     /// Returns one cluster with its reload status.
     pub async fn get_cluster(&self, id: i64) -> Result<Cluster> {
-        let row = self
-            .fetch_by_id("clusters", CLUSTER_COLUMNS, id, "cluster")
-            .await?;
-        rows::cluster(&row)
+        self.fetch_by_id(id).await
     }
 
     /// Lists clusters in id order.
     pub async fn list_clusters(&self, page_size: i32, page_token: &str) -> Result<Page<Cluster>> {
-        let (rows, next) = self
-            .fetch_page("clusters", CLUSTER_COLUMNS, None, page_size, page_token)
-            .await?;
-        Ok((rows.iter().map(rows::cluster).collect::<Result<_>>()?, next))
+        self.fetch_page(None, page_size, page_token).await
     }
 
     /// Replaces the writable fields of a cluster and reloads it.
@@ -287,10 +277,7 @@ impl Store {
 
     /// Returns one VCL template.
     pub async fn get_vcl_template(&self, id: i64) -> Result<VclTemplate> {
-        let row = self
-            .fetch_by_id("vcl_templates", TEMPLATE_COLUMNS, id, "vcl template")
-            .await?;
-        rows::template(&row)
+        self.fetch_by_id(id).await
     }
 
     /// Lists VCL templates in id order.
@@ -299,19 +286,7 @@ impl Store {
         page_size: i32,
         page_token: &str,
     ) -> Result<Page<VclTemplate>> {
-        let (rows, next) = self
-            .fetch_page(
-                "vcl_templates",
-                TEMPLATE_COLUMNS,
-                None,
-                page_size,
-                page_token,
-            )
-            .await?;
-        Ok((
-            rows.iter().map(rows::template).collect::<Result<_>>()?,
-            next,
-        ))
+        self.fetch_page(None, page_size, page_token).await
     }
 
     /// Replaces a VCL template; reloads the clusters whose servers use it.
@@ -411,10 +386,7 @@ impl Store {
 
     /// Returns one Varnish server.
     pub async fn get_varnish_server(&self, id: i64) -> Result<VarnishServer> {
-        let row = self
-            .fetch_by_id("varnish_servers", SERVER_COLUMNS, id, "varnish server")
-            .await?;
-        rows::server(&row)
+        self.fetch_by_id(id).await
     }
 
     /// Lists Varnish servers in id order, optionally only those of one cluster.
@@ -425,16 +397,7 @@ impl Store {
         cluster_id: i64,
     ) -> Result<Page<VarnishServer>> {
         let filter = (cluster_id != 0).then(|| format!("cluster_id = {cluster_id}"));
-        let (rows, next) = self
-            .fetch_page(
-                "varnish_servers",
-                SERVER_COLUMNS,
-                filter,
-                page_size,
-                page_token,
-            )
-            .await?;
-        Ok((rows.iter().map(rows::server).collect::<Result<_>>()?, next))
+        self.fetch_page(filter, page_size, page_token).await
     }
 
     /// Replaces a Varnish server; reloads its old and new cluster.
@@ -536,10 +499,7 @@ impl Store {
 
     /// Returns one director.
     pub async fn get_director(&self, id: i64) -> Result<Director> {
-        let row = self
-            .fetch_by_id("directors", DIRECTOR_COLUMNS, id, "director")
-            .await?;
-        let mut director = rows::director(&row)?;
+        let mut director: Director = self.fetch_by_id(id).await?;
         let mut transaction = self.pool.begin().await?;
         director.cluster_ids = director_cluster_ids(&mut transaction, id).await?;
         Ok(director)
@@ -557,15 +517,11 @@ impl Store {
                 "id IN (SELECT director_id FROM director_clusters WHERE cluster_id = {cluster_id})"
             )
         });
-        let (rows, next) = self
-            .fetch_page("directors", DIRECTOR_COLUMNS, filter, page_size, page_token)
-            .await?;
+        let (mut directors, next): Page<Director> =
+            self.fetch_page(filter, page_size, page_token).await?;
         let mut transaction = self.pool.begin().await?;
-        let mut directors = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let mut director = rows::director(row)?;
+        for director in &mut directors {
             director.cluster_ids = director_cluster_ids(&mut transaction, director.id).await?;
-            directors.push(director);
         }
         Ok((directors, next))
     }
@@ -664,10 +620,7 @@ impl Store {
 
     /// Returns one backend.
     pub async fn get_backend(&self, id: i64) -> Result<Backend> {
-        let row = self
-            .fetch_by_id("backends", BACKEND_COLUMNS, id, "backend")
-            .await?;
-        rows::backend(&row)
+        self.fetch_by_id(id).await
     }
 
     /// Lists backends in id order, optionally only those of one director.
@@ -678,10 +631,7 @@ impl Store {
         director_id: i64,
     ) -> Result<Page<Backend>> {
         let filter = (director_id != 0).then(|| format!("director_id = {director_id}"));
-        let (rows, next) = self
-            .fetch_page("backends", BACKEND_COLUMNS, filter, page_size, page_token)
-            .await?;
-        Ok((rows.iter().map(rows::backend).collect::<Result<_>>()?, next))
+        self.fetch_page(filter, page_size, page_token).await
     }
 
     /// Replaces a backend; reloads the clusters of its old and new director.
@@ -748,42 +698,43 @@ impl Store {
 
     // ---- shared reads ----
 
-    async fn fetch_by_id(
-        &self,
-        table: &str,
-        columns: &str,
-        id: i64,
-        resource: &'static str,
-    ) -> Result<AnyRow> {
-        sqlx::query(&format!("SELECT {columns} FROM {table} WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or(Error::NotFound { resource, id })
+    async fn fetch_by_id<T: Stored>(&self, id: i64) -> Result<T> {
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM {} WHERE id = $1",
+            T::COLUMNS,
+            T::TABLE
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(Error::NotFound {
+            resource: T::RESOURCE,
+            id,
+        })?;
+        T::from_row(&row)
     }
 
     /// Fetches one page in id order; `filter` is SQL built only from integers.
-    async fn fetch_page(
+    async fn fetch_page<T: Stored>(
         &self,
-        table: &str,
-        columns: &str,
         filter: Option<String>,
         page_size: i32,
         page_token: &str,
-    ) -> Result<(Vec<AnyRow>, String)> {
+    ) -> Result<Page<T>> {
         let limit = page_limit(page_size);
         let after = parse_page_token(page_token)?;
         let filter = filter.map(|sql| format!("AND {sql}")).unwrap_or_default();
         let rows = sqlx::query(&format!(
-            "SELECT {columns} FROM {table} WHERE id > $1 {filter} ORDER BY id LIMIT $2"
+            "SELECT {} FROM {} WHERE id > $1 {filter} ORDER BY id LIMIT $2",
+            T::COLUMNS,
+            T::TABLE
         ))
         .bind(after)
         .bind(limit + 1)
         .fetch_all(&self.pool)
         .await?;
-        Ok(cut_page(rows, limit, |row| {
-            sqlx::Row::try_get::<i64, _>(row, "id")
-        }))
+        let (rows, next) = cut_page(rows, limit, |row| sqlx::Row::try_get::<i64, _>(row, "id"));
+        Ok((rows.iter().map(T::from_row).collect::<Result<_>>()?, next))
     }
 }
 

@@ -21,6 +21,56 @@ pub(crate) const BACKEND_COLUMNS: &str = "id, director_id, dc_id, address, port,
 pub(crate) const TASK_COLUMNS: &str = "t.id, t.cluster_id, c.name AS cluster_name, t.timestamp, \
      t.state, t.description, t.error, t.create_time, t.start_time, t.finish_time";
 
+/// A resource stored one row per item in its own table.
+pub(crate) trait Stored: Sized {
+    /// The table.
+    const TABLE: &'static str;
+    /// The columns `from_row` reads.
+    const COLUMNS: &'static str;
+    /// The resource's name in errors, for example "varnish server".
+    const RESOURCE: &'static str;
+    /// Converts one row.
+    fn from_row(row: &AnyRow) -> Result<Self>;
+}
+
+macro_rules! stored {
+    ($type:ty, $table:literal, $columns:ident, $resource:literal, $convert:ident) => {
+        impl Stored for $type {
+            const TABLE: &'static str = $table;
+            const COLUMNS: &'static str = $columns;
+            const RESOURCE: &'static str = $resource;
+            fn from_row(row: &AnyRow) -> Result<Self> {
+                $convert(row)
+            }
+        }
+    };
+}
+
+stored!(Dc, "dcs", DC_COLUMNS, "dc", dc);
+stored!(Cluster, "clusters", CLUSTER_COLUMNS, "cluster", cluster);
+stored!(
+    VclTemplate,
+    "vcl_templates",
+    TEMPLATE_COLUMNS,
+    "vcl template",
+    template
+);
+stored!(
+    VarnishServer,
+    "varnish_servers",
+    SERVER_COLUMNS,
+    "varnish server",
+    server
+);
+stored!(
+    Director,
+    "directors",
+    DIRECTOR_COLUMNS,
+    "director",
+    director
+);
+stored!(Backend, "backends", BACKEND_COLUMNS, "backend", backend);
+
 /// Converts microseconds since the Unix epoch to a protobuf timestamp.
 pub(crate) fn timestamp(micros: i64) -> Timestamp {
     Timestamp {
