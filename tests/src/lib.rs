@@ -61,20 +61,14 @@ impl SystemBuilder {
             }
         };
         let scheduler_port = free_port();
-        let mut scheduler = ServiceProcess::spawn(
-            "vaas-scheduler",
-            service_command(
-                &binaries.scheduler,
-                &[
-                    ("--listen", format!("127.0.0.1:{scheduler_port}")),
-                    ("--database-url", database_url.clone()),
-                    ("--nats-url", nats.url()),
-                    ("--reconcile-interval", "2s".to_owned()),
-                ],
-            ),
-            &dir.path().join("scheduler.log"),
-        )?;
-        scheduler.wait_for_log("vaas-scheduler serving").await?;
+        let scheduler_flags = vec![
+            ("--listen", format!("127.0.0.1:{scheduler_port}")),
+            ("--database-url", database_url.clone()),
+            ("--nats-url", nats.url()),
+            ("--reconcile-interval", "2s".to_owned()),
+            ("--agent-wait", "2s".to_owned()),
+        ];
+        let scheduler = start_scheduler(&binaries, &scheduler_flags, dir.path(), 1).await?;
         let api_port = free_port();
         let mut api = ServiceProcess::spawn(
             "vaas-api",
@@ -123,6 +117,9 @@ impl SystemBuilder {
             .context("cannot connect to vaas-api")?;
         Ok(System {
             channel,
+            binaries,
+            scheduler_flags,
+            scheduler_starts: 1,
             agents,
             api,
             scheduler,
@@ -137,6 +134,9 @@ impl SystemBuilder {
 /// A running VaaS with its NATS, store and Varnish servers; everything stops on drop.
 pub struct System {
     channel: Channel,
+    binaries: Binaries,
+    scheduler_flags: Vec<(&'static str, String)>,
+    scheduler_starts: usize,
     // Fields drop in order: agents before varnishd, services before NATS and the store.
     agents: Vec<ServiceProcess>,
     api: ServiceProcess,
@@ -190,10 +190,55 @@ impl System {
         ]
     }
 
+    /// Stops the scheduler (SIGTERM, then SIGKILL after a grace period).
+    pub fn stop_scheduler(&mut self) {
+        self.scheduler.stop();
+    }
+
+    /// Starts the scheduler again with the same flags and waits until every agent re-attached.
+    pub async fn restart_scheduler(&mut self) -> Result<()> {
+        self.scheduler.stop();
+        self.scheduler_starts += 1;
+        self.scheduler = start_scheduler(
+            &self.binaries,
+            &self.scheduler_flags,
+            self._dir.path(),
+            self.scheduler_starts,
+        )
+        .await?;
+        for agent in &mut self.agents {
+            agent
+                .wait_for_log_count("attached to scheduler", self.scheduler_starts)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Returns how many reloads the scheduler (its current run) reported as succeeded.
+    pub fn succeeded_reloads(&self) -> usize {
+        self.scheduler.count_in_log("reload succeeded")
+    }
+
     /// Returns the scheduler's log so far.
     pub fn scheduler_log(&self) -> String {
         self.scheduler.log()
     }
+}
+
+/// Starts the scheduler (its `run`-th start, for the log file's name) and waits until it serves.
+async fn start_scheduler(
+    binaries: &Binaries,
+    flags: &[(&str, String)],
+    dir: &std::path::Path,
+    run: usize,
+) -> Result<ServiceProcess> {
+    let mut scheduler = ServiceProcess::spawn(
+        "vaas-scheduler",
+        service_command(&binaries.scheduler, flags),
+        &dir.join(format!("scheduler-{run}.log")),
+    )?;
+    scheduler.wait_for_log("vaas-scheduler serving").await?;
+    Ok(scheduler)
 }
 
 /// Paths of the three VaaS binaries.

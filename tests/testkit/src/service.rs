@@ -25,17 +25,23 @@ impl ServiceProcess {
     /// Waits until the log contains `line` (for example "attached to scheduler"), the program
     /// exits, or [`crate::READY_TIMEOUT`] passes.
     pub async fn wait_for_log(&mut self, line: &str) -> anyhow::Result<()> {
-        let wanted = line.to_owned();
+        self.wait_for_log_count(line, 1).await
+    }
+
+    /// Waits until the log contains `line` at least `count` times, the program exits, or
+    /// [`crate::READY_TIMEOUT`] passes.
+    pub async fn wait_for_log_count(&mut self, line: &str, count: usize) -> anyhow::Result<()> {
         let log = self.process.log_path().to_owned();
+        let wanted = line.to_owned();
         let outcome = self
             .process
             .wait_ready(line, || {
                 let log = log.clone();
-                let line = wanted.clone();
+                let wanted = wanted.clone();
                 async move {
                     tokio::fs::read_to_string(&log)
                         .await
-                        .is_ok_and(|text| text.contains(&line))
+                        .is_ok_and(|text| text.matches(&wanted).count() >= count)
                 }
             })
             .await;

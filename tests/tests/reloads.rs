@@ -1,0 +1,207 @@
+//! Reload semantics seen from outside: all-or-nothing across a cluster's active servers,
+//! maintenance servers that may fail, bursts coalesced into few reloads, and a scheduler restart
+//! that leaves no task behind.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use futures::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+use vaas_proto::v1::{
+    CreateBackendRequest, CreateVarnishServerRequest, ServerStatus, Task, TaskState,
+    UpdateVarnishServerRequest, UpdateVclTemplateRequest, VarnishServer, VclTemplate,
+    WatchTaskRequest,
+};
+use vaas_testkit::{HttpOrigin, free_port, http_get};
+use vaas_tests::{StoreKind, System, backend_for};
+
+/// Follows a task until it ends and returns it as it ended.
+async fn watch_to_end(system: &System, task_id: i64) -> Result<Task> {
+    let mut watch = system
+        .tasks()
+        .watch_task(WatchTaskRequest { id: task_id })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(update) = tokio::time::timeout(Duration::from_secs(60), watch.next())
+        .await
+        .context("the watch stalled")?
+    {
+        last = update?.task;
+    }
+    last.context("the watch sent nothing")
+}
+
+async fn generation_header(system: &System) -> Result<Option<String>> {
+    let response = http_get(system.varnishd(0).http_addr(), "/", "demo.example").await?;
+    ensure!(response.status == 200, "served: {}", response.status);
+    Ok(response.header("x-generation").map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_active_server_stops_the_whole_cluster_but_a_maintenance_one_does_not()
+-> Result<()> {
+    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+    let setup = system.set_up().await?;
+    let origin = HttpOrigin::start("origin").await?;
+    system
+        .config()
+        .create_backend(CreateBackendRequest {
+            backend: Some(backend_for(&setup, origin.addr())),
+        })
+        .await?;
+    assert_eq!(generation_header(&system).await?, None);
+
+    // A second active server whose agent never attaches: every reload of the cluster fails.
+    let silent = VarnishServer {
+        address: "127.0.0.1".into(),
+        admin_port: Some(u32::from(free_port())),
+        http_port: Some(80),
+        status: ServerStatus::Active as i32,
+        dc_id: setup.dc_id,
+        template_id: setup.template_id,
+        cluster_id: setup.cluster_id,
+        ..Default::default()
+    };
+    let status = system
+        .config()
+        .create_varnish_server(CreateVarnishServerRequest {
+            varnish_server: Some(silent),
+        })
+        .await
+        .expect_err("a reload with an unreachable active server fails");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("no agent is attached"),
+        "{}",
+        status.message()
+    );
+    let info = status.get_details_error_info().context("error info")?;
+    let silent_id: i64 = info
+        .metadata
+        .get("resource")
+        .and_then(|resource| resource.strip_prefix("varnish_servers/"))
+        .context("the saved server is named")?
+        .parse()?;
+
+    let next_generation = VclTemplate {
+        id: setup.template_id,
+        name: "default".into(),
+        content: "<VCL/>\nsub vcl_deliver { set resp.http.x-generation = \"2\"; }\n".into(),
+        ..Default::default()
+    };
+    let status = system
+        .config()
+        .update_vcl_template(UpdateVclTemplateRequest {
+            vcl_template: Some(next_generation),
+        })
+        .await
+        .expect_err("still failing while the silent server is active");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(
+        generation_header(&system).await?,
+        None,
+        "all or nothing: the reachable server did not activate the new VCL either"
+    );
+
+    // In maintenance, the silent server's failure no longer counts.
+    let mut maintenance = system
+        .config()
+        .get_varnish_server(vaas_proto::v1::GetVarnishServerRequest { id: silent_id })
+        .await?
+        .into_inner()
+        .varnish_server
+        .context("server")?;
+    maintenance.status = ServerStatus::Maintenance as i32;
+    let updated = system
+        .config()
+        .update_varnish_server(UpdateVarnishServerRequest {
+            varnish_server: Some(maintenance),
+        })
+        .await?
+        .into_inner();
+    assert!(
+        updated
+            .tasks
+            .iter()
+            .all(|task| task.state == TaskState::Success as i32)
+    );
+    assert_eq!(generation_header(&system).await?.as_deref(), Some("2"));
+    system.ensure_running()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_changes_is_applied_by_a_few_reloads() -> Result<()> {
+    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+    let setup = system.set_up().await?;
+    let origin = HttpOrigin::start("origin").await?;
+    let reloads_before = system.succeeded_reloads();
+    let mut task_ids = Vec::new();
+    for index in 1..=10u8 {
+        let mut backend = backend_for(&setup, origin.addr());
+        backend.address = format!("127.0.0.{index}");
+        let mut request = Request::new(CreateBackendRequest {
+            backend: Some(backend),
+        });
+        request
+            .metadata_mut()
+            .insert("prefer", MetadataValue::from_static("respond-async"));
+        let created = system.config().create_backend(request).await?.into_inner();
+        task_ids.extend(created.tasks.iter().map(|task| task.id));
+    }
+    assert_eq!(task_ids.len(), 10);
+    let last = watch_to_end(&system, *task_ids.last().context("tasks")?).await?;
+    assert_eq!(last.state, TaskState::Success as i32);
+    for &task_id in &task_ids {
+        let task = watch_to_end(&system, task_id).await?;
+        assert_eq!(
+            task.state,
+            TaskState::Success as i32,
+            "every task of the burst: {task:?}"
+        );
+    }
+    let reloads = system.succeeded_reloads() - reloads_before;
+    assert!(
+        (1..10).contains(&reloads),
+        "10 writes made {reloads} reloads; only the newest intent should trigger one"
+    );
+    system.ensure_running()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_saved_while_the_scheduler_is_down_finish_after_it_restarts() -> Result<()> {
+    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+    let setup = system.set_up().await?;
+    let origin = HttpOrigin::start("origin-after-restart").await?;
+    system.stop_scheduler();
+
+    let mut request = Request::new(CreateBackendRequest {
+        backend: Some(backend_for(&setup, origin.addr())),
+    });
+    request
+        .metadata_mut()
+        .insert("prefer", MetadataValue::from_static("respond-async"));
+    let created = system.config().create_backend(request).await?.into_inner();
+    let task_id = created.tasks.first().context("a task")?.id;
+    let still_pending = system
+        .tasks()
+        .get_task(vaas_proto::v1::GetTaskRequest { id: task_id })
+        .await?
+        .into_inner()
+        .task
+        .context("task")?;
+    assert_eq!(
+        still_pending.state,
+        TaskState::Pending as i32,
+        "nobody applies it yet"
+    );
+
+    system.restart_scheduler().await?;
+    let task = watch_to_end(&system, task_id).await?;
+    assert_eq!(task.state, TaskState::Success as i32, "{task:?}");
+    let response = http_get(system.varnishd(0).http_addr(), "/", "demo.example").await?;
+    assert_eq!(response.header("x-origin"), Some(origin.name()));
+    system.ensure_running()
+}
