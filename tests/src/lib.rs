@@ -88,26 +88,8 @@ impl SystemBuilder {
         let mut agents = Vec::with_capacity(self.agents);
         for index in 0..self.agents {
             let varnishd = Varnishd::start().await?;
-            let mut agent = ServiceProcess::spawn(
-                &format!("vaas-agent-{index}"),
-                service_command(
-                    &binaries.agent,
-                    &[
-                        (
-                            "--scheduler-url",
-                            format!("http://127.0.0.1:{scheduler_port}"),
-                        ),
-                        ("--varnish-admin", varnishd.admin_addr().to_string()),
-                        (
-                            "--varnish-secret-file",
-                            varnishd.secret_file().display().to_string(),
-                        ),
-                        ("--server-address", "127.0.0.1".to_owned()),
-                    ],
-                ),
-                &dir.path().join(format!("agent-{index}.log")),
-            )?;
-            agent.wait_for_log("attached to scheduler").await?;
+            let agent =
+                start_agent(&binaries, scheduler_port, &varnishd, dir.path(), index, 1).await?;
             varnishds.push(varnishd);
             agents.push(agent);
         }
@@ -119,7 +101,9 @@ impl SystemBuilder {
             channel,
             binaries,
             scheduler_flags,
+            scheduler_port,
             scheduler_starts: 1,
+            agent_starts: vec![1; self.agents],
             agents,
             api,
             scheduler,
@@ -136,7 +120,9 @@ pub struct System {
     channel: Channel,
     binaries: Binaries,
     scheduler_flags: Vec<(&'static str, String)>,
+    scheduler_port: u16,
     scheduler_starts: usize,
+    agent_starts: Vec<usize>,
     // Fields drop in order: agents before varnishd, services before NATS and the store.
     agents: Vec<ServiceProcess>,
     api: ServiceProcess,
@@ -206,11 +192,31 @@ impl System {
             self.scheduler_starts,
         )
         .await?;
-        for agent in &mut self.agents {
-            agent
-                .wait_for_log_count("attached to scheduler", self.scheduler_starts)
-                .await?;
-        }
+        // The new scheduler logs each agent that attaches to it.
+        self.scheduler
+            .wait_for_log_count("agent attached", self.agents.len())
+            .await?;
+        Ok(())
+    }
+
+    /// Stops the agent of Varnish server `index`.
+    pub fn stop_agent(&mut self, index: usize) {
+        self.agents[index].stop();
+    }
+
+    /// Starts the agent of Varnish server `index` again and waits until it attached.
+    pub async fn restart_agent(&mut self, index: usize) -> Result<()> {
+        self.agents[index].stop();
+        self.agent_starts[index] += 1;
+        self.agents[index] = start_agent(
+            &self.binaries,
+            self.scheduler_port,
+            &self.varnishds[index],
+            self._dir.path(),
+            index,
+            self.agent_starts[index],
+        )
+        .await?;
         Ok(())
     }
 
@@ -239,6 +245,36 @@ async fn start_scheduler(
     )?;
     scheduler.wait_for_log("vaas-scheduler serving").await?;
     Ok(scheduler)
+}
+
+/// Starts the agent of `varnishd` (its `run`-th start) and waits until it attached.
+async fn start_agent(
+    binaries: &Binaries,
+    scheduler_port: u16,
+    varnishd: &Varnishd,
+    dir: &std::path::Path,
+    index: usize,
+    run: usize,
+) -> Result<ServiceProcess> {
+    let flags = [
+        (
+            "--scheduler-url",
+            format!("http://127.0.0.1:{scheduler_port}"),
+        ),
+        ("--varnish-admin", varnishd.admin_addr().to_string()),
+        (
+            "--varnish-secret-file",
+            varnishd.secret_file().display().to_string(),
+        ),
+        ("--server-address", "127.0.0.1".to_owned()),
+    ];
+    let mut agent = ServiceProcess::spawn(
+        &format!("vaas-agent-{index}"),
+        service_command(&binaries.agent, &flags),
+        &dir.join(format!("agent-{index}-{run}.log")),
+    )?;
+    agent.wait_for_log("attached to scheduler").await?;
+    Ok(agent)
 }
 
 /// Paths of the three VaaS binaries.

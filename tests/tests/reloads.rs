@@ -9,6 +9,7 @@ use futures::StreamExt;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
+use vaas_agent::varnish_cli::{CliTimeouts, VarnishCli};
 use vaas_proto::v1::{
     CreateBackendRequest, CreateVarnishServerRequest, ServerStatus, Task, TaskState,
     UpdateVarnishServerRequest, UpdateVclTemplateRequest, VarnishServer, VclTemplate,
@@ -203,5 +204,51 @@ async fn tasks_saved_while_the_scheduler_is_down_finish_after_it_restarts() -> R
     assert_eq!(task.state, TaskState::Success as i32, "{task:?}");
     let response = http_get(system.varnishd(0).http_addr(), "/", "demo.example").await?;
     assert_eq!(response.header("x-origin"), Some(origin.name()));
+    system.ensure_running()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_varnishd_that_lost_its_vcl_gets_it_back_when_its_agent_attaches() -> Result<()> {
+    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+    let setup = system.set_up().await?;
+    let origin = HttpOrigin::start("origin-resync").await?;
+    system
+        .config()
+        .create_backend(CreateBackendRequest {
+            backend: Some(backend_for(&setup, origin.addr())),
+        })
+        .await?;
+
+    // While the agent is away, varnishd ends up running something else (as after a restart
+    // with another VCL, or an operator's hand).
+    system.stop_agent(0);
+    let varnishd = system.varnishd(0);
+    let secret = std::fs::read(varnishd.secret_file())?;
+    let mut cli =
+        VarnishCli::connect(varnishd.admin_addr(), &secret, CliTimeouts::default()).await?;
+    cli.vcl_inline(
+        "intruder",
+        "vcl 4.1;\nbackend none_here none;\nsub vcl_recv { return (synth(418)); }\n",
+    )
+    .await?;
+    cli.vcl_use("intruder").await?;
+    let hijacked = http_get(varnishd.http_addr(), "/", "demo.example").await?;
+    assert_eq!(hijacked.status, 418);
+
+    // No change is pending, yet attaching makes the scheduler put the cluster's VCL back.
+    system.restart_agent(0).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = http_get(system.varnishd(0).http_addr(), "/", "demo.example").await?;
+        if response.header("x-origin") == Some(origin.name()) {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "varnishd still answers {} after its agent re-attached",
+            response.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     system.ensure_running()
 }

@@ -16,8 +16,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument, warn};
 use vaas_proto::v1::agent_service_server::AgentService;
 use vaas_proto::v1::attach_request::Message as AgentMessage;
-use vaas_proto::v1::{AgentHello, AttachRequest, AttachResponse};
+use vaas_proto::v1::{AgentHello, AttachRequest, AttachResponse, ServerStatus};
 use vaas_store::Store;
+
+use crate::ReloadRequest;
 
 /// How long an agent has to say hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -177,23 +179,50 @@ impl AgentRegistry {
 pub struct AgentApi {
     registry: Arc<AgentRegistry>,
     store: Store,
+    reload_requests: mpsc::Sender<ReloadRequest>,
     streams: TaskTracker,
     shutdown: CancellationToken,
 }
 
 impl AgentApi {
-    /// Creates the service; stream readers run on `streams` and stop at `shutdown`.
+    /// Creates the service; an attaching agent's cluster is resynced through
+    /// `reload_requests`; stream readers run on `streams` and stop at `shutdown`.
     pub fn new(
         registry: Arc<AgentRegistry>,
         store: Store,
+        reload_requests: mpsc::Sender<ReloadRequest>,
         streams: TaskTracker,
         shutdown: CancellationToken,
     ) -> AgentApi {
         AgentApi {
             registry,
             store,
+            reload_requests,
             streams,
             shutdown,
+        }
+    }
+}
+
+impl AgentApi {
+    /// Asks for a reload of the server's cluster so that a server that came back empty (or
+    /// with another VCL) gets the current one; a server already up to date answers "unchanged".
+    async fn resync(&self, server_id: i64) {
+        let server = match self.store.get_varnish_server(server_id).await {
+            Ok(server) => server,
+            Err(error) => {
+                warn!(server = server_id, %error, "cannot read the attaching server");
+                return;
+            }
+        };
+        if server.status == ServerStatus::Disabled as i32 {
+            return;
+        }
+        let request = ReloadRequest::Resync {
+            cluster_id: server.cluster_id,
+        };
+        if self.reload_requests.send(request).await.is_err() {
+            warn!(server = server_id, "the reload loop is gone; no resync");
         }
     }
 }
@@ -255,6 +284,9 @@ impl AgentService for AgentApi {
             results: tokio::sync::Mutex::new(results),
         });
         self.registry.insert(key.clone(), link);
+        if let Some(server_id) = registered {
+            self.resync(server_id).await;
+        }
         let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
         self.streams.spawn(async move {

@@ -35,6 +35,23 @@ pub const CONSUMER_NAME: &str = "vaas-scheduler";
 /// Intents queued between the JetStream reader and the reload loop.
 const INTENT_QUEUE: usize = 1024;
 
+/// Why the reload loop should look at a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReloadRequest {
+    /// The cluster has a change up to `timestamp` (from JetStream or the store scan).
+    Intent {
+        /// The cluster.
+        cluster_id: i64,
+        /// The change's store timestamp.
+        timestamp: i64,
+    },
+    /// An agent of the cluster (re)attached: make sure its server runs the current VCL.
+    Resync {
+        /// The cluster.
+        cluster_id: i64,
+    },
+}
+
 /// Configuration of vaas-scheduler; every flag can also be set through its environment variable.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Config {
@@ -90,8 +107,12 @@ pub async fn run(
     let (nats, jetstream) = vaas_bus::connect(&config.nats_url, "vaas-scheduler").await?;
     let registry = Arc::new(AgentRegistry::default());
     let background = TaskTracker::new();
-    let (intent_sender, intents) = mpsc::channel(INTENT_QUEUE);
-    background.spawn(read_intents(jetstream, intent_sender, shutdown.clone()));
+    let (request_sender, requests) = mpsc::channel(INTENT_QUEUE);
+    background.spawn(read_intents(
+        jetstream,
+        request_sender.clone(),
+        shutdown.clone(),
+    ));
     let context = ReloadContext {
         store: store.clone(),
         agents: registry.clone(),
@@ -104,7 +125,7 @@ pub async fn run(
     };
     background.spawn(drive_reloads(
         context,
-        intents,
+        requests,
         config.reconcile_interval,
         shutdown.clone(),
     ));
@@ -115,6 +136,7 @@ pub async fn run(
     let agent_api = AgentApi::new(
         registry,
         store.clone(),
+        request_sender,
         background.clone(),
         shutdown.clone(),
     );
@@ -139,7 +161,7 @@ pub async fn run(
 /// Forwards intents from the JetStream stream to the reload loop, reconnecting on failure.
 async fn read_intents(
     jetstream: async_nats::jetstream::Context,
-    sender: mpsc::Sender<(i64, i64)>,
+    sender: mpsc::Sender<ReloadRequest>,
     shutdown: CancellationToken,
 ) {
     let mut failures: u32 = 0;
@@ -162,7 +184,7 @@ async fn read_intents(
 
 async fn read_intents_once(
     jetstream: &async_nats::jetstream::Context,
-    sender: &mpsc::Sender<(i64, i64)>,
+    sender: &mpsc::Sender<ReloadRequest>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let stream = vaas_bus::intents_stream(jetstream).await?;
     let consumer: consumer::PullConsumer = stream
@@ -185,7 +207,11 @@ async fn read_intents_once(
         match vaas_bus::decode::<vaas_bus::Intent>(&message.payload) {
             Ok(intent) => {
                 debug!(cluster = intent.cluster_id, task = intent.task_id, "intent");
-                sender.send((intent.cluster_id, intent.timestamp)).await?;
+                let request = ReloadRequest::Intent {
+                    cluster_id: intent.cluster_id,
+                    timestamp: intent.timestamp,
+                };
+                sender.send(request).await?;
             }
             Err(error) => warn!(%error, subject = %message.subject, "dropping a malformed intent"),
         }
@@ -195,12 +221,12 @@ async fn read_intents_once(
     Ok(())
 }
 
-/// The reload loop: feeds intents and reload ends to the machine and runs the reloads it asks
+/// The reload loop: feeds intents, resync requests and reload ends to the machine and runs the reloads it asks
 /// for, one per cluster at a time; scans the store for unfinished tasks at start and every
 /// `reconcile_interval`.
 async fn drive_reloads(
     context: ReloadContext,
-    mut intents: mpsc::Receiver<(i64, i64)>,
+    mut requests: mpsc::Receiver<ReloadRequest>,
     reconcile_interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -211,7 +237,10 @@ async fn drive_reloads(
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let actions = tokio::select! {
-            Some((cluster_id, timestamp)) = intents.recv() => machine.on_intent(cluster_id, timestamp),
+            Some(request) = requests.recv() => match request {
+                ReloadRequest::Intent { cluster_id, timestamp } => machine.on_intent(cluster_id, timestamp),
+                ReloadRequest::Resync { cluster_id } => machine.on_resync(cluster_id),
+            },
             Some((cluster_id, end)) = ends.recv() => machine.on_reload_end(cluster_id, end),
             _ = reconcile.tick() => match context.store.unfinished_clusters().await {
                 Ok(unfinished) => unfinished

@@ -35,6 +35,7 @@ struct ClusterState {
     newest_intent: i64,
     applied_up_to: i64,
     running: bool,
+    resync_wanted: bool,
 }
 
 /// The reload state of every cluster the scheduler heard of.
@@ -53,6 +54,16 @@ impl ReloadMachine {
     pub fn on_intent(&mut self, cluster_id: i64, timestamp: i64) -> Vec<Action> {
         let state = self.clusters.entry(cluster_id).or_default();
         state.newest_intent = state.newest_intent.max(timestamp);
+        Self::next(cluster_id, state)
+    }
+
+    /// Records that a server of the cluster may not run what the store says (its agent just
+    /// attached, for example after varnishd restarted empty): reload once even without a new
+    /// intent. A reload already running may have started before the server came back, so the
+    /// request waits for it to end.
+    pub fn on_resync(&mut self, cluster_id: i64) -> Vec<Action> {
+        let state = self.clusters.entry(cluster_id).or_default();
+        state.resync_wanted = true;
         Self::next(cluster_id, state)
     }
 
@@ -82,10 +93,12 @@ impl ReloadMachine {
     }
 
     fn next(cluster_id: i64, state: &mut ClusterState) -> Vec<Action> {
-        if state.running || state.newest_intent <= state.applied_up_to {
+        let behind = state.newest_intent > state.applied_up_to;
+        if state.running || !(behind || state.resync_wanted) {
             return Vec::new();
         }
         state.running = true;
+        state.resync_wanted = false;
         vec![Action::StartReload { cluster_id }]
     }
 }
@@ -147,6 +160,47 @@ mod tests {
         assert_eq!(
             machine.on_intent(PROD, 16),
             vec![Action::StartReload { cluster_id: PROD }]
+        );
+    }
+
+    #[test]
+    fn a_resync_reloads_once_even_without_a_new_intent() {
+        let mut machine = ReloadMachine::new();
+        machine.on_intent(PROD, 10);
+        machine.on_reload_end(
+            PROD,
+            ReloadEnd::Finished {
+                snapshot_version: 10,
+            },
+        );
+        assert_eq!(
+            machine.on_resync(PROD),
+            vec![Action::StartReload { cluster_id: PROD }]
+        );
+        assert!(
+            machine.on_resync(PROD).is_empty(),
+            "asked again while running: waits"
+        );
+        let next = machine.on_reload_end(
+            PROD,
+            ReloadEnd::Finished {
+                snapshot_version: 10,
+            },
+        );
+        assert_eq!(
+            next,
+            vec![Action::StartReload { cluster_id: PROD }],
+            "the waiting resync"
+        );
+        assert!(
+            machine
+                .on_reload_end(
+                    PROD,
+                    ReloadEnd::Finished {
+                        snapshot_version: 10
+                    }
+                )
+                .is_empty()
         );
     }
 
