@@ -131,6 +131,8 @@ async fn bench_size(size: usize, rounds: usize) -> Result<()> {
         .into_iter()
         .find(|vcl| vcl.is_active())
         .context("an active VCL")?;
+    // A large VCL does not fit the default 48 KiB answer limit of the CLI.
+    cli.command(&["param.set", "cli_limit", "16m"]).await?;
     let text = cli.command(&["vcl.show", &active.name]).await?.body;
     let mut floor = Vec::with_capacity(rounds);
     for round in 0..rounds {
@@ -143,6 +145,28 @@ async fn bench_size(size: usize, rounds: usize) -> Result<()> {
         cli.vcl_discard(&name).await?;
     }
 
+    // The same floor with the C compiler at -O0 (the lever VARNISH.md names), for comparison.
+    let shown = cli.command(&["param.show", "cc_command"]).await?.body;
+    let default_cc = shown
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Value is:"))
+        .map(|value| value.trim().trim_end_matches("(default)").trim().to_owned())
+        .context("param.show cc_command has a value")?;
+    cli.command(&["param.set", "cc_command", &default_cc.replace("-O2", "-O0")])
+        .await?;
+    let mut floor_o0 = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let name = format!("floor_o0_{round}");
+        let started = Instant::now();
+        cli.vcl_inline(&name, &text).await?;
+        cli.vcl_use(&name).await?;
+        floor_o0.push(started.elapsed());
+        cli.vcl_use(&active.name).await?;
+        cli.vcl_discard(&name).await?;
+    }
+    cli.command(&["param.set", "cc_command", &default_cc])
+        .await?;
+
     let floor_p50 = percentile(&mut floor, 0.5);
     let vaas_p50 = percentile(&mut vaas, 0.5);
     let vaas_p90 = percentile(&mut vaas, 0.9);
@@ -152,6 +176,10 @@ async fn bench_size(size: usize, rounds: usize) -> Result<()> {
         millis(vaas_p50),
         millis(vaas_p90),
         (vaas_p50.as_secs_f64() / floor_p50.as_secs_f64() - 1.0) * 100.0
+    );
+    println!(
+        "         | floor with cc_command at -O0 instead of -O2: p50 {:.0} ms",
+        millis(percentile(&mut floor_o0, 0.5))
     );
     if size > 1 {
         println!(
