@@ -40,7 +40,8 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 /// Configuration of the agent.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// URL of vaas-scheduler's gRPC endpoint, for example `http://127.0.0.1:50052`.
+    /// URL of vaas-scheduler's gRPC endpoint, for example `http://127.0.0.1:50052`; several
+    /// replicas as a comma-separated list, tried in turn until the leader accepts the agent.
     pub scheduler_url: String,
     /// varnishd's admin (CLI) address, its `-T` argument.
     pub varnish_admin: SocketAddr,
@@ -101,6 +102,9 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The scheduler URL list is empty.
+    #[error("no scheduler url given")]
+    NoSchedulerUrl,
     /// The scheduler could not be reached.
     #[error("cannot connect to the scheduler")]
     Connect(#[source] tonic::transport::Error),
@@ -127,13 +131,15 @@ pub enum Error {
 /// Runs the agent until `shutdown` is cancelled. Returns an error only for a configuration that
 /// can never work (an invalid scheduler URL); every other failure is logged and retried.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let endpoint = endpoint(&config)?;
+    let endpoints = endpoints(&config)?;
     let mut executor = Executor::new(config.clone());
     let mut backoff = INITIAL_BACKOFF;
-    loop {
+    for attempt in 0.. {
+        // Rotating through the replicas finds the leader; the others refuse the stream.
+        let (url, endpoint) = &endpoints[attempt % endpoints.len()];
         let attached = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            outcome = session(&config, &endpoint, &mut executor, &shutdown) => outcome,
+            outcome = session(&config, url, endpoint, &mut executor, &shutdown) => outcome,
         };
         match attached {
             Ok(Attached::ShutDown) => return Ok(()),
@@ -154,21 +160,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         }
         backoff = (backoff * 2).min(config.max_backoff);
     }
+    Ok(())
 }
 
-fn endpoint(config: &Config) -> Result<Endpoint, Error> {
-    let endpoint = Endpoint::from_shared(config.scheduler_url.clone()).map_err(|source| {
-        Error::SchedulerUrl {
-            url: config.scheduler_url.clone(),
-            source,
-        }
-    })?;
-    Ok(endpoint
-        .connect_timeout(config.connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(config.rpc_timeout / 2)
-        .keep_alive_timeout(config.rpc_timeout)
-        .keep_alive_while_idle(true))
+/// Splits `scheduler_url` into one endpoint per replica.
+pub fn endpoints(config: &Config) -> Result<Vec<(String, Endpoint)>, Error> {
+    let urls: Vec<&str> = config
+        .scheduler_url
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(Error::NoSchedulerUrl);
+    }
+    urls.into_iter()
+        .map(|url| {
+            let endpoint =
+                Endpoint::from_shared(url.to_owned()).map_err(|source| Error::SchedulerUrl {
+                    url: url.to_owned(),
+                    source,
+                })?;
+            let endpoint = endpoint
+                .connect_timeout(config.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(config.rpc_timeout / 2)
+                .keep_alive_timeout(config.rpc_timeout)
+                .keep_alive_while_idle(true);
+            Ok((url.to_owned(), endpoint))
+        })
+        .collect()
 }
 
 /// How a session ended without error.
@@ -201,9 +222,10 @@ impl From<tonic::Status> for SessionError {
 }
 
 /// One attach stream: hello, then commands until the stream ends.
-#[instrument(skip_all, fields(scheduler = %config.scheduler_url, admin = %config.varnish_admin))]
+#[instrument(skip_all, fields(scheduler = %url, admin = %config.varnish_admin))]
 async fn session(
     config: &Config,
+    url: &str,
     endpoint: &Endpoint,
     executor: &mut Executor,
     shutdown: &CancellationToken,

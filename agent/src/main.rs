@@ -13,7 +13,7 @@ const BINARY: &str = "vaas-agent";
 #[derive(Debug, Parser)]
 #[command(name = "vaas-agent", version)]
 struct Args {
-    /// URL of vaas-scheduler's gRPC endpoint.
+    /// URL of vaas-scheduler's gRPC endpoint; several replicas as a comma-separated list.
     #[arg(
         long,
         env = "VAAS_SCHEDULER_URL",
@@ -67,17 +67,14 @@ fn config(args: Args) -> Result<vaas_agent::Config, String> {
             args.varnish_secret_file.display()
         ));
     }
-    if let Err(error) = tonic::transport::Endpoint::from_shared(args.scheduler_url.clone()) {
-        return Err(format!(
-            "invalid --scheduler-url {:?}: {error}",
-            args.scheduler_url
-        ));
-    }
     let mut config = vaas_agent::Config::new(
         args.scheduler_url,
         args.varnish_admin,
         args.varnish_secret_file,
     );
+    if let Err(error) = vaas_agent::endpoints(&config) {
+        return Err(format!("invalid --scheduler-url: {error}"));
+    }
     if let Some(address) = args.server_address {
         if address.parse::<std::net::IpAddr>().is_err() {
             return Err(format!(

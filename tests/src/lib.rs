@@ -35,12 +35,19 @@ pub enum StoreKind {
 pub struct SystemBuilder {
     store: StoreKind,
     agents: usize,
+    schedulers: usize,
 }
 
 impl SystemBuilder {
     /// Sets the number of Varnish servers, each with its own varnishd and agent (default 1).
     pub fn agents(mut self, agents: usize) -> SystemBuilder {
         self.agents = agents;
+        self
+    }
+
+    /// Sets the number of scheduler replicas (default 1); the first one starts as the leader.
+    pub fn schedulers(mut self, schedulers: usize) -> SystemBuilder {
+        self.schedulers = schedulers.max(1);
         self
     }
 
@@ -60,15 +67,35 @@ impl SystemBuilder {
                 (Some(postgres), url)
             }
         };
-        let scheduler_port = free_port();
-        let scheduler_flags = vec![
-            ("--listen", format!("127.0.0.1:{scheduler_port}")),
-            ("--database-url", database_url.clone()),
-            ("--nats-url", nats.url()),
-            ("--reconcile-interval", "2s".to_owned()),
-            ("--agent-wait", "2s".to_owned()),
-        ];
-        let scheduler = start_scheduler(&binaries, &scheduler_flags, dir.path(), 1).await?;
+        let mut schedulers = Vec::with_capacity(self.schedulers);
+        for index in 0..self.schedulers {
+            let port = free_port();
+            let flags = vec![
+                ("--listen", format!("127.0.0.1:{port}")),
+                ("--database-url", database_url.clone()),
+                ("--nats-url", nats.url()),
+                ("--reconcile-interval", "2s".to_owned()),
+                ("--agent-wait", "2s".to_owned()),
+                ("--lease-ttl", "3s".to_owned()),
+                ("--replica-id", format!("scheduler-{index}")),
+            ];
+            let mut process = start_scheduler(&binaries, &flags, dir.path(), index, 1).await?;
+            if index == 0 {
+                process.wait_for_log(LEADING).await?;
+            }
+            schedulers.push(SchedulerReplica {
+                flags,
+                port,
+                starts: 1,
+                stopped: false,
+                process,
+            });
+        }
+        let scheduler_urls = schedulers
+            .iter()
+            .map(|replica| format!("http://127.0.0.1:{}", replica.port))
+            .collect::<Vec<_>>()
+            .join(",");
         let api_port = free_port();
         let mut api = ServiceProcess::spawn(
             "vaas-api",
@@ -89,7 +116,7 @@ impl SystemBuilder {
         for index in 0..self.agents {
             let varnishd = Varnishd::start().await?;
             let agent =
-                start_agent(&binaries, scheduler_port, &varnishd, dir.path(), index, 1).await?;
+                start_agent(&binaries, &scheduler_urls, &varnishd, dir.path(), index, 1).await?;
             varnishds.push(varnishd);
             agents.push(agent);
         }
@@ -100,13 +127,11 @@ impl SystemBuilder {
         Ok(System {
             channel,
             binaries,
-            scheduler_flags,
-            scheduler_port,
-            scheduler_starts: 1,
+            scheduler_urls,
             agent_starts: vec![1; self.agents],
             agents,
             api,
-            scheduler,
+            schedulers,
             varnishds,
             _postgres: postgres,
             _nats: nats,
@@ -119,14 +144,12 @@ impl SystemBuilder {
 pub struct System {
     channel: Channel,
     binaries: Binaries,
-    scheduler_flags: Vec<(&'static str, String)>,
-    scheduler_port: u16,
-    scheduler_starts: usize,
+    scheduler_urls: String,
     agent_starts: Vec<usize>,
     // Fields drop in order: agents before varnishd, services before NATS and the store.
     agents: Vec<ServiceProcess>,
     api: ServiceProcess,
-    scheduler: ServiceProcess,
+    schedulers: Vec<SchedulerReplica>,
     varnishds: Vec<Varnishd>,
     _postgres: Option<Postgres>,
     _nats: Nats,
@@ -136,7 +159,11 @@ pub struct System {
 impl System {
     /// Returns a builder for a system on `store`.
     pub fn builder(store: StoreKind) -> SystemBuilder {
-        SystemBuilder { store, agents: 1 }
+        SystemBuilder {
+            store,
+            agents: 1,
+            schedulers: 1,
+        }
     }
 
     /// Returns a ConfigService client.
@@ -157,7 +184,13 @@ impl System {
     /// Fails unless the API, the scheduler and every agent are still running.
     pub fn ensure_running(&mut self) -> Result<()> {
         self.api.ensure_running().context("vaas-api")?;
-        self.scheduler.ensure_running().context("vaas-scheduler")?;
+        for replica in self
+            .schedulers
+            .iter_mut()
+            .filter(|replica| !replica.stopped)
+        {
+            replica.process.ensure_running().context("vaas-scheduler")?;
+        }
         for agent in &mut self.agents {
             agent.ensure_running().context("vaas-agent")?;
         }
@@ -168,7 +201,7 @@ impl System {
     pub fn resident_kib(&self) -> [(&'static str, Option<u64>); 3] {
         [
             ("vaas-api", self.api.resident_kib()),
-            ("vaas-scheduler", self.scheduler.resident_kib()),
+            ("vaas-scheduler", self.schedulers[0].process.resident_kib()),
             (
                 "vaas-agent",
                 self.agents.first().and_then(ServiceProcess::resident_kib),
@@ -176,27 +209,43 @@ impl System {
         ]
     }
 
-    /// Stops the scheduler (SIGTERM, then SIGKILL after a grace period).
-    pub fn stop_scheduler(&mut self) {
-        self.scheduler.stop();
+    /// Stops scheduler replica `index` (SIGTERM, then SIGKILL after a grace period).
+    pub fn stop_scheduler(&mut self, index: usize) {
+        self.schedulers[index].process.stop();
+        self.schedulers[index].stopped = true;
     }
 
-    /// Starts the scheduler again with the same flags and waits until every agent re-attached.
-    pub async fn restart_scheduler(&mut self) -> Result<()> {
-        self.scheduler.stop();
-        self.scheduler_starts += 1;
-        self.scheduler = start_scheduler(
+    /// Starts scheduler replica `index` again with the same flags. With a single replica, also
+    /// waits until it leads and every agent re-attached.
+    pub async fn restart_scheduler(&mut self, index: usize) -> Result<()> {
+        let single = self.schedulers.len() == 1;
+        let agents = self.agents.len();
+        let replica = &mut self.schedulers[index];
+        replica.process.stop();
+        replica.starts += 1;
+        replica.process = start_scheduler(
             &self.binaries,
-            &self.scheduler_flags,
+            &replica.flags,
             self._dir.path(),
-            self.scheduler_starts,
+            index,
+            replica.starts,
         )
         .await?;
-        // The new scheduler logs each agent that attaches to it.
-        self.scheduler
-            .wait_for_log_count("agent attached", self.agents.len())
-            .await?;
+        replica.stopped = false;
+        if single {
+            replica.process.wait_for_log(LEADING).await?;
+            // The new scheduler logs each agent that attaches to it.
+            replica
+                .process
+                .wait_for_log_count("agent attached", agents)
+                .await?;
+        }
         Ok(())
+    }
+
+    /// Waits until scheduler replica `index` leads.
+    pub async fn wait_until_leading(&mut self, index: usize) -> Result<()> {
+        self.schedulers[index].process.wait_for_log(LEADING).await
     }
 
     /// Stops the agent of Varnish server `index`.
@@ -210,7 +259,7 @@ impl System {
         self.agent_starts[index] += 1;
         self.agents[index] = start_agent(
             &self.binaries,
-            self.scheduler_port,
+            &self.scheduler_urls,
             &self.varnishds[index],
             self._dir.path(),
             index,
@@ -222,26 +271,47 @@ impl System {
 
     /// Returns how many reloads the scheduler (its current run) reported as succeeded.
     pub fn succeeded_reloads(&self) -> usize {
-        self.scheduler.count_in_log("reload succeeded")
+        self.schedulers
+            .iter()
+            .map(|replica| replica.process.count_in_log("reload succeeded"))
+            .sum()
     }
 
-    /// Returns the scheduler's log so far.
+    /// Returns the logs of every scheduler replica so far.
     pub fn scheduler_log(&self) -> String {
-        self.scheduler.log()
+        self.schedulers
+            .iter()
+            .map(|replica| replica.process.log())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
-/// Starts the scheduler (its `run`-th start, for the log file's name) and waits until it serves.
+/// The log line of a scheduler replica that takes the leader lease.
+const LEADING: &str = "leading: this replica drives reloads";
+
+/// One scheduler replica and how to start it again.
+struct SchedulerReplica {
+    flags: Vec<(&'static str, String)>,
+    port: u16,
+    starts: usize,
+    stopped: bool,
+    process: ServiceProcess,
+}
+
+/// Starts scheduler replica `index` (its `run`-th start, for the log file's name) and waits
+/// until it serves.
 async fn start_scheduler(
     binaries: &Binaries,
     flags: &[(&str, String)],
     dir: &std::path::Path,
+    index: usize,
     run: usize,
 ) -> Result<ServiceProcess> {
     let mut scheduler = ServiceProcess::spawn(
-        "vaas-scheduler",
+        &format!("vaas-scheduler-{index}"),
         service_command(&binaries.scheduler, flags),
-        &dir.join(format!("scheduler-{run}.log")),
+        &dir.join(format!("scheduler-{index}-{run}.log")),
     )?;
     scheduler.wait_for_log("vaas-scheduler serving").await?;
     Ok(scheduler)
@@ -250,17 +320,14 @@ async fn start_scheduler(
 /// Starts the agent of `varnishd` (its `run`-th start) and waits until it attached.
 async fn start_agent(
     binaries: &Binaries,
-    scheduler_port: u16,
+    scheduler_urls: &str,
     varnishd: &Varnishd,
     dir: &std::path::Path,
     index: usize,
     run: usize,
 ) -> Result<ServiceProcess> {
     let flags = [
-        (
-            "--scheduler-url",
-            format!("http://127.0.0.1:{scheduler_port}"),
-        ),
+        ("--scheduler-url", scheduler_urls.to_owned()),
         ("--varnish-admin", varnishd.admin_addr().to_string()),
         (
             "--varnish-secret-file",

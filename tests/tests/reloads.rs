@@ -176,7 +176,7 @@ async fn tasks_saved_while_the_scheduler_is_down_finish_after_it_restarts() -> R
     let mut system = System::builder(StoreKind::Sqlite).start().await?;
     let setup = system.set_up().await?;
     let origin = HttpOrigin::start("origin-after-restart").await?;
-    system.stop_scheduler();
+    system.stop_scheduler(0);
 
     let mut request = Request::new(CreateBackendRequest {
         backend: Some(backend_for(&setup, origin.addr())),
@@ -199,7 +199,7 @@ async fn tasks_saved_while_the_scheduler_is_down_finish_after_it_restarts() -> R
         "nobody applies it yet"
     );
 
-    system.restart_scheduler().await?;
+    system.restart_scheduler(0).await?;
     let task = watch_to_end(&system, task_id).await?;
     assert_eq!(task.state, TaskState::Success as i32, "{task:?}");
     let response = http_get(system.varnishd(0).http_addr(), "/", "demo.example").await?;
@@ -250,5 +250,57 @@ async fn a_varnishd_that_lost_its_vcl_gets_it_back_when_its_agent_attaches() -> 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    system.ensure_running()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_scheduler_takes_over_when_the_leader_stops() -> Result<()> {
+    let mut system = System::builder(StoreKind::Sqlite)
+        .schedulers(2)
+        .start()
+        .await?;
+    let setup = system.set_up().await?;
+    let first = HttpOrigin::start("origin-before-failover").await?;
+    system
+        .config()
+        .create_backend(CreateBackendRequest {
+            backend: Some(backend_for(&setup, first.addr())),
+        })
+        .await?;
+    let log = system.scheduler_log();
+    assert_eq!(
+        log.matches("leading: this replica drives reloads").count(),
+        1,
+        "one leader"
+    );
+
+    system.stop_scheduler(0);
+    system.wait_until_leading(1).await?;
+    // A synchronous write goes through the new leader once the agent found it.
+    let second = HttpOrigin::start("origin-after-failover").await?;
+    let created = system
+        .config()
+        .create_backend(CreateBackendRequest {
+            backend: Some(backend_for(&setup, second.addr())),
+        })
+        .await?
+        .into_inner();
+    assert!(
+        created
+            .tasks
+            .iter()
+            .all(|task| task.state == TaskState::Success as i32)
+    );
+    let mut origins_seen = std::collections::BTreeSet::new();
+    for request in 0..4 {
+        // Distinct URLs: a cached answer would not show which backend serves.
+        let path = format!("/after-failover/{request}");
+        let response = http_get(system.varnishd(0).http_addr(), &path, "demo.example").await?;
+        origins_seen.insert(response.header("x-origin").unwrap_or_default().to_owned());
+    }
+    assert!(
+        origins_seen.contains(second.name()),
+        "served after failover: {origins_seen:?}"
+    );
     system.ensure_running()
 }

@@ -69,6 +69,9 @@ pub enum Error {
     /// Publishing a core NATS message failed.
     #[error("cannot publish to nats")]
     CorePublish(#[from] async_nats::PublishError),
+    /// The leader lease bucket could not be created or opened.
+    #[error("cannot set up the key-value bucket {LEADER_BUCKET}")]
+    LeaderBucket(#[from] Box<jetstream::context::CreateKeyValueError>),
     /// A message could not be encoded or decoded.
     #[error("malformed message")]
     Format(#[from] serde_json::Error),
@@ -137,4 +140,30 @@ pub async fn publish_task_event(
 /// Decodes a message payload of this crate's formats.
 pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Error> {
     Ok(serde_json::from_slice(payload)?)
+}
+
+/// Name of the key-value bucket holding the scheduler leader's lease.
+pub const LEADER_BUCKET: &str = "VAAS_SCHEDULER_LEADER";
+
+/// Creates (or opens) the bucket of the scheduler leader's lease; an entry not renewed within
+/// `lease_ttl` expires, which lets a standby replica take over.
+pub async fn leader_bucket(
+    jetstream: &jetstream::Context,
+    lease_ttl: Duration,
+) -> Result<jetstream::kv::Store, Error> {
+    // Replicas share the bucket as it was first created; only a missing one is created.
+    if let Ok(store) = jetstream.get_key_value(LEADER_BUCKET).await {
+        return Ok(store);
+    }
+    let store = jetstream
+        .create_key_value(jetstream::kv::Config {
+            bucket: LEADER_BUCKET.to_owned(),
+            description: "the lease of the vaas-scheduler replica that drives reloads".to_owned(),
+            history: 1,
+            max_age: lease_ttl,
+            ..Default::default()
+        })
+        .await
+        .map_err(Box::new)?;
+    Ok(store)
 }

@@ -180,26 +180,27 @@ pub struct AgentApi {
     registry: Arc<AgentRegistry>,
     store: Store,
     reload_requests: mpsc::Sender<ReloadRequest>,
+    terms: watch::Receiver<Option<CancellationToken>>,
     streams: TaskTracker,
-    shutdown: CancellationToken,
 }
 
 impl AgentApi {
     /// Creates the service; an attaching agent's cluster is resynced through
-    /// `reload_requests`; stream readers run on `streams` and stop at `shutdown`.
+    /// `reload_requests`. Agents are accepted only while `terms` holds a term of leadership,
+    /// and their streams end with it; stream readers run on `streams`.
     pub fn new(
         registry: Arc<AgentRegistry>,
         store: Store,
         reload_requests: mpsc::Sender<ReloadRequest>,
+        terms: watch::Receiver<Option<CancellationToken>>,
         streams: TaskTracker,
-        shutdown: CancellationToken,
     ) -> AgentApi {
         AgentApi {
             registry,
             store,
             reload_requests,
+            terms,
             streams,
-            shutdown,
         }
     }
 }
@@ -236,6 +237,11 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<AttachRequest>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        let Some(term) = self.terms.borrow().clone() else {
+            return Err(Status::unavailable(
+                "this vaas-scheduler replica is standing by; attach to the leader",
+            ));
+        };
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -288,12 +294,12 @@ impl AgentService for AgentApi {
             self.resync(server_id).await;
         }
         let registry = self.registry.clone();
-        let shutdown = self.shutdown.clone();
         self.streams.spawn(async move {
             loop {
                 let message = tokio::select! {
                     message = inbound.next() => message,
-                    () = shutdown.cancelled() => break,
+                    // Leadership lost or shutdown: the agent reconnects, to the new leader.
+                    () = term.cancelled() => break,
                 };
                 match message {
                     Some(Ok(AttachRequest { message: Some(message) })) => {

@@ -8,6 +8,7 @@
 //! writes configuration (the API does).
 
 pub mod agents;
+pub mod leader;
 pub mod machine;
 pub mod reload;
 
@@ -17,7 +18,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{self, pull};
 use futures::StreamExt;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -74,6 +75,13 @@ pub struct Config {
     /// How long an agent may take to render and compile a VCL.
     #[arg(long, env = "VAAS_PREPARE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
     pub prepare_timeout: Duration,
+    /// Time to live of the leader lease: a replica that stops renewing loses leadership after
+    /// this long, and a standby takes over.
+    #[arg(long, env = "VAAS_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+    /// Name of this replica in the leader lease [default: host name and process id].
+    #[arg(long, env = "VAAS_REPLICA_ID")]
+    pub replica_id: Option<String>,
     /// How long an agent may take to activate or discard a VCL.
     #[arg(long, env = "VAAS_COMMIT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub commit_timeout: Duration,
@@ -96,8 +104,8 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Serves the AgentService on `listener` and drives reloads until `shutdown` is cancelled, then
-/// lets running reloads finish and returns.
+/// Serves the AgentService on `listener` and, while this replica holds the leader lease, drives
+/// reloads; at `shutdown` lets running reloads finish, releases the lease and returns.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -105,41 +113,52 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let store = Store::connect(&config.database_url).await?;
     let (nats, jetstream) = vaas_bus::connect(&config.nats_url, "vaas-scheduler").await?;
+    let lease = vaas_bus::leader_bucket(&jetstream, config.lease_ttl).await?;
+    let replica = config.replica_id.clone().unwrap_or_else(default_replica_id);
     let registry = Arc::new(AgentRegistry::default());
     let background = TaskTracker::new();
-    let (request_sender, requests) = mpsc::channel(INTENT_QUEUE);
-    background.spawn(read_intents(
-        jetstream,
-        request_sender.clone(),
-        shutdown.clone(),
-    ));
-    let context = ReloadContext {
-        store: store.clone(),
-        agents: registry.clone(),
-        nats,
-        timeouts: ReloadTimeouts {
-            agent_wait: config.agent_wait,
-            prepare: config.prepare_timeout,
-            commit: config.commit_timeout,
-        },
-    };
-    background.spawn(drive_reloads(
-        context,
-        requests,
-        config.reconcile_interval,
+    let (term_sender, terms) = watch::channel(None);
+    background.spawn(leader::run_election(
+        lease,
+        replica,
+        config.lease_ttl,
+        term_sender,
         shutdown.clone(),
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AgentServiceServer<AgentApi>>().await;
+    // Standing by until elected: load balancers and agents look for the serving replica.
+    health
+        .set_not_serving::<AgentServiceServer<AgentApi>>()
+        .await;
     let reflection = vaas_runtime::reflection()?;
+    let (request_sender, requests) = mpsc::channel(INTENT_QUEUE);
     let agent_api = AgentApi::new(
-        registry,
+        registry.clone(),
         store.clone(),
-        request_sender,
+        request_sender.clone(),
+        terms.clone(),
         background.clone(),
-        shutdown.clone(),
     );
+    let leader_work = LeaderWork {
+        jetstream,
+        requests,
+        request_sender,
+        health,
+        reconcile_interval: config.reconcile_interval,
+        context: ReloadContext {
+            store: store.clone(),
+            agents: registry,
+            nats,
+            timeouts: ReloadTimeouts {
+                agent_wait: config.agent_wait,
+                prepare: config.prepare_timeout,
+                commit: config.commit_timeout,
+            },
+            term: CancellationToken::new(),
+        },
+    };
+    background.spawn(leader_work.run_terms(terms, shutdown.clone()));
     info!(address = ?listener.local_addr().ok(), "vaas-scheduler serving");
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
@@ -156,6 +175,66 @@ pub async fn run(
     store.close().await;
     info!("vaas-scheduler stopped");
     Ok(served?)
+}
+
+/// Returns "host:pid", unique enough among the replicas of one installation.
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "scheduler".to_owned());
+    format!("{host}:{}", std::process::id())
+}
+
+/// What this replica does while it leads: read intents and drive reloads.
+struct LeaderWork {
+    jetstream: async_nats::jetstream::Context,
+    requests: mpsc::Receiver<ReloadRequest>,
+    request_sender: mpsc::Sender<ReloadRequest>,
+    health: tonic_health::server::HealthReporter,
+    reconcile_interval: Duration,
+    context: ReloadContext,
+}
+
+impl LeaderWork {
+    /// Works through every term of leadership until `shutdown`.
+    async fn run_terms(
+        mut self,
+        mut terms: watch::Receiver<Option<CancellationToken>>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let term = loop {
+                if let Some(term) = terms.borrow_and_update().clone() {
+                    break term;
+                }
+                tokio::select! {
+                    changed = terms.changed() => if changed.is_err() { return },
+                    () = shutdown.cancelled() => return,
+                }
+            };
+            self.health
+                .set_serving::<AgentServiceServer<AgentApi>>()
+                .await;
+            let context = ReloadContext {
+                term: term.clone(),
+                ..self.context.clone()
+            };
+            tokio::join!(
+                read_intents(
+                    self.jetstream.clone(),
+                    self.request_sender.clone(),
+                    term.clone()
+                ),
+                drive_reloads(context, &mut self.requests, self.reconcile_interval, term),
+            );
+            self.health
+                .set_not_serving::<AgentServiceServer<AgentApi>>()
+                .await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
 }
 
 /// Forwards intents from the JetStream stream to the reload loop, reconnecting on failure.
@@ -226,7 +305,7 @@ async fn read_intents_once(
 /// `reconcile_interval`.
 async fn drive_reloads(
     context: ReloadContext,
-    mut requests: mpsc::Receiver<ReloadRequest>,
+    requests: &mut mpsc::Receiver<ReloadRequest>,
     reconcile_interval: Duration,
     shutdown: CancellationToken,
 ) {

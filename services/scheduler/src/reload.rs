@@ -38,12 +38,21 @@ pub struct ReloadContext {
     pub nats: async_nats::Client,
     /// Time limits.
     pub timeouts: ReloadTimeouts,
+    /// This replica's term of leadership: once cancelled, reloads leave their tasks unfinished
+    /// for the next leader.
+    pub term: tokio_util::sync::CancellationToken,
 }
 
 /// A failure that stops a reload before it could finish its tasks.
 #[derive(Debug, thiserror::Error)]
-#[error("reload interrupted: {0}")]
-pub struct Interrupted(#[from] vaas_store::Error);
+pub enum Interrupted {
+    /// The store failed.
+    #[error("reload interrupted: {0}")]
+    Store(#[from] vaas_store::Error),
+    /// This replica stopped leading; the next leader runs the reload again.
+    #[error("reload interrupted: this replica stopped leading")]
+    LeadershipLost,
+}
 
 struct Prepared {
     server: VarnishServer,
@@ -80,6 +89,11 @@ pub async fn reload_cluster(context: &ReloadContext, cluster_id: i64) -> Result<
     match &outcome {
         TaskOutcome::Success => info!(version, "reload succeeded"),
         TaskOutcome::Failure(error) => warn!(version, %error, "reload failed"),
+    }
+    if context.term.is_cancelled() {
+        // What the agents answered may be a side effect of losing leadership (streams closed):
+        // leave the tasks to the next leader rather than record a failure that was not one.
+        return Err(Interrupted::LeadershipLost);
     }
     let finished = context
         .store
