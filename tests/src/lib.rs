@@ -21,6 +21,26 @@ use vaas_proto::v1::{
 };
 use vaas_testkit::{Nats, Postgres, ServiceProcess, Varnishd, free_port};
 
+/// Declares, for each named `async fn name(store: StoreKind) -> anyhow::Result<()>`, one test in
+/// module `sqlite` and one in module `postgres`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> {
+                super::$name($crate::StoreKind::Sqlite).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> {
+                super::$name($crate::StoreKind::Postgres).await
+            })*
+        }
+    };
+}
+
 /// Which store the system runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreKind {

@@ -16,24 +16,7 @@ use vaas_proto::v1::{
     WatchTaskRequest,
 };
 use vaas_testkit::{HttpOrigin, http_get};
-use vaas_tests::{StoreKind, System, backend_for};
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() -> anyhow::Result<()> {
-                super::$name(vaas_tests::StoreKind::Sqlite).await
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() -> anyhow::Result<()> {
-                super::$name(vaas_tests::StoreKind::Postgres).await
-            })*
-        }
-    };
-}
+use vaas_tests::{StoreKind, System, backend_for, on_both_stores};
 
 on_both_stores!(
     synchronous_write_answers_after_varnish_serves_the_backend,

@@ -16,7 +16,15 @@ use vaas_proto::v1::{
     WatchTaskRequest,
 };
 use vaas_testkit::{HttpOrigin, free_port, http_get};
-use vaas_tests::{StoreKind, System, backend_for};
+use vaas_tests::{StoreKind, System, backend_for, on_both_stores};
+
+on_both_stores!(
+    a_failing_active_server_stops_the_whole_cluster_but_a_maintenance_one_does_not,
+    a_burst_of_changes_is_applied_by_a_few_reloads,
+    tasks_saved_while_the_scheduler_is_down_finish_after_it_restarts,
+    a_varnishd_that_lost_its_vcl_gets_it_back_when_its_agent_attaches,
+    a_standby_scheduler_takes_over_when_the_leader_stops,
+);
 
 /// Follows a task until it ends and returns it as it ended.
 async fn watch_to_end(system: &System, task_id: i64) -> Result<Task> {
@@ -41,10 +49,10 @@ async fn generation_header(system: &System) -> Result<Option<String>> {
     Ok(response.header("x-generation").map(str::to_owned))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_active_server_stops_the_whole_cluster_but_a_maintenance_one_does_not()
--> Result<()> {
-    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+async fn a_failing_active_server_stops_the_whole_cluster_but_a_maintenance_one_does_not(
+    store: StoreKind,
+) -> Result<()> {
+    let mut system = System::builder(store).start().await?;
     let setup = system.set_up().await?;
     let origin = HttpOrigin::start("origin").await?;
     system
@@ -133,9 +141,8 @@ async fn a_failing_active_server_stops_the_whole_cluster_but_a_maintenance_one_d
     system.ensure_running()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_changes_is_applied_by_a_few_reloads() -> Result<()> {
-    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+async fn a_burst_of_changes_is_applied_by_a_few_reloads(store: StoreKind) -> Result<()> {
+    let mut system = System::builder(store).start().await?;
     let setup = system.set_up().await?;
     let origin = HttpOrigin::start("origin").await?;
     let reloads_before = system.succeeded_reloads();
@@ -171,9 +178,10 @@ async fn a_burst_of_changes_is_applied_by_a_few_reloads() -> Result<()> {
     system.ensure_running()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tasks_saved_while_the_scheduler_is_down_finish_after_it_restarts() -> Result<()> {
-    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+async fn tasks_saved_while_the_scheduler_is_down_finish_after_it_restarts(
+    store: StoreKind,
+) -> Result<()> {
+    let mut system = System::builder(store).start().await?;
     let setup = system.set_up().await?;
     let origin = HttpOrigin::start("origin-after-restart").await?;
     system.stop_scheduler(0);
@@ -207,9 +215,10 @@ async fn tasks_saved_while_the_scheduler_is_down_finish_after_it_restarts() -> R
     system.ensure_running()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_varnishd_that_lost_its_vcl_gets_it_back_when_its_agent_attaches() -> Result<()> {
-    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+async fn a_varnishd_that_lost_its_vcl_gets_it_back_when_its_agent_attaches(
+    store: StoreKind,
+) -> Result<()> {
+    let mut system = System::builder(store).start().await?;
     let setup = system.set_up().await?;
     let origin = HttpOrigin::start("origin-resync").await?;
     system
@@ -253,12 +262,8 @@ async fn a_varnishd_that_lost_its_vcl_gets_it_back_when_its_agent_attaches() -> 
     system.ensure_running()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_scheduler_takes_over_when_the_leader_stops() -> Result<()> {
-    let mut system = System::builder(StoreKind::Sqlite)
-        .schedulers(2)
-        .start()
-        .await?;
+async fn a_standby_scheduler_takes_over_when_the_leader_stops(store: StoreKind) -> Result<()> {
+    let mut system = System::builder(store).schedulers(2).start().await?;
     let setup = system.set_up().await?;
     let first = HttpOrigin::start("origin-before-failover").await?;
     system
