@@ -201,7 +201,8 @@ start_agent() {
   launch agent "$bin_dir/vaas-agent" \
     --scheduler-url "http://127.0.0.1:$scheduler_port" \
     --varnish-admin "127.0.0.1:$varnish_admin_port" --varnish-secret-file "$secret_file" \
-    --server-address 127.0.0.1 --server-admin-port "$varnish_admin_port"
+    --server-address 127.0.0.1 --server-admin-port "$varnish_admin_port" \
+    --state-dir "$state/agent-state"
   # The agent has no listener of its own: it is ready when it runs (it keeps retrying to reach
   # the scheduler). A bad flag makes it exit at once, which start_api's checks would not see.
   pid_of agent >/dev/null || { tail -n 30 "$log_dir/agent.log" >&2; die "vaas-agent exited at start"; }

@@ -52,11 +52,21 @@ pub(crate) struct VarnishState {
 pub(crate) struct Executor {
     config: Config,
     cli: Option<VarnishCli>,
+    /// Name and text of the VCL the last prepare loaded, kept until it is committed.
+    prepared: Option<(String, String)>,
 }
+
+/// File names of the last good VCL in the state directory.
+const LAST_GOOD_TEXT: &str = "last-good.vcl";
+const LAST_GOOD_NAME: &str = "last-good.name";
 
 impl Executor {
     pub(crate) fn new(config: Config) -> Executor {
-        Executor { config, cli: None }
+        Executor {
+            config,
+            cli: None,
+            prepared: None,
+        }
     }
 
     /// Returns a connected CLI, connecting when needed.
@@ -144,6 +154,7 @@ impl Executor {
         match self.load(&vcl, &mut result).await {
             Ok(()) => {
                 result.ok = true;
+                self.prepared = Some((result.vcl_name.clone(), vcl.text));
                 info!(
                     reload_id,
                     vcl_name = result.vcl_name,
@@ -227,6 +238,9 @@ impl Executor {
                     use_ms = duration_ms(&result.use_duration),
                     "committed vcl"
                 );
+                if let Err(error) = self.keep_last_good(&command.vcl_name).await {
+                    warn!(error = %error, "cannot keep the committed vcl in the state directory");
+                }
                 if let Err(error) = self.collect_garbage().await {
                     warn!(error = %describe(&error), "vcl garbage collection failed");
                 }
@@ -237,6 +251,58 @@ impl Executor {
             }
         }
         result
+    }
+
+    /// Writes the committed VCL to the state directory (atomically: a reader sees the old file
+    /// or the new one, never half of one).
+    async fn keep_last_good(&mut self, vcl_name: &str) -> std::io::Result<()> {
+        let Some(dir) = self.config.state_dir.clone() else {
+            return Ok(());
+        };
+        let Some((name, text)) = self.prepared.take() else {
+            return Ok(());
+        };
+        if name != vcl_name {
+            return Ok(());
+        }
+        tokio::fs::create_dir_all(&dir).await?;
+        for (file, content) in [(LAST_GOOD_TEXT, text), (LAST_GOOD_NAME, name)] {
+            let partial = dir.join(format!("{file}.partial"));
+            tokio::fs::write(&partial, content).await?;
+            tokio::fs::rename(&partial, dir.join(file)).await?;
+        }
+        Ok(())
+    }
+
+    /// When varnishd has no active VCL (it restarted with `-f ''`), loads and activates the last
+    /// committed one from the state directory and starts the child.
+    pub(crate) async fn restore_last_good(&mut self) -> Result<(), Error> {
+        let Some(dir) = self.config.state_dir.clone() else {
+            return Ok(());
+        };
+        if !self.varnish_state().await?.active_vcl_name.is_empty() {
+            return Ok(());
+        }
+        let (Ok(name), Ok(text)) = (
+            tokio::fs::read_to_string(dir.join(LAST_GOOD_NAME)).await,
+            tokio::fs::read_to_string(dir.join(LAST_GOOD_TEXT)).await,
+        ) else {
+            return Ok(());
+        };
+        let name = name.trim();
+        let cli = self.cli().await?;
+        let loaded = cli.vcl_inline(name, &text).await;
+        match loaded {
+            // Loaded but never used (an earlier attempt that did not get to vcl.use).
+            Err(CliError::Command { ref body, .. }) if body.contains("Already a VCL named") => {}
+            other => self.note(other)?,
+        }
+        self.activate(name).await?;
+        info!(
+            vcl_name = name,
+            "restored the last good vcl into an empty varnishd"
+        );
+        Ok(())
     }
 
     async fn activate(&mut self, name: &str) -> Result<(), Error> {

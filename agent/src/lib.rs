@@ -64,6 +64,9 @@ pub struct Config {
     pub rpc_timeout: Duration,
     /// Longest delay between two reconnection attempts.
     pub max_backoff: Duration,
+    /// Where the last VCL that was committed is kept, so that an empty varnishd (restarted
+    /// with `-f ''`) gets it back even while no scheduler is reachable; `None` keeps nothing.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -86,6 +89,7 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             rpc_timeout: Duration::from_secs(20),
             max_backoff: Duration::from_secs(10),
+            state_dir: None,
         }
     }
 }
@@ -230,6 +234,9 @@ async fn session(
     executor: &mut Executor,
     shutdown: &CancellationToken,
 ) -> Result<Attached, SessionError> {
+    if let Err(error) = executor.restore_last_good().await {
+        warn!(error = %chain(&error), "cannot restore the last good vcl");
+    }
     let state = executor.varnish_state().await?;
     let channel = endpoint.connect().await.map_err(Error::Connect)?;
     let mut client = AgentServiceClient::new(channel);

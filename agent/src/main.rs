@@ -32,6 +32,10 @@ struct Args {
     /// The server's admin port as registered in VaaS [default: the varnish-admin port].
     #[arg(long, env = "VAAS_SERVER_ADMIN_PORT")]
     server_admin_port: Option<u16>,
+    /// Directory where the last committed VCL is kept, restored into an empty varnishd even
+    /// while no scheduler is reachable [default: none, nothing is kept].
+    #[arg(long, env = "VAAS_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Host name reported to the scheduler [default: the machine's host name].
     #[arg(long, env = "VAAS_HOSTNAME")]
     hostname: Option<String>,
@@ -87,6 +91,7 @@ fn config(args: Args) -> Result<vaas_agent::Config, String> {
         config.server_admin_port = port;
     }
     config.hostname = args.hostname.unwrap_or_else(system_hostname);
+    config.state_dir = args.state_dir;
     Ok(config)
 }
 

@@ -74,6 +74,10 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with_state_dir(None).await
+}
+
+async fn setup_with_state_dir(state_dir: Option<std::path::PathBuf>) -> Setup {
     let varnishd = Varnishd::start().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -96,6 +100,7 @@ async fn setup() -> Setup {
     config.server_admin_port = 6082;
     config.hostname = "cache-test".into();
     config.max_backoff = Duration::from_millis(500);
+    config.state_dir = state_dir;
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn(vaas_agent::run(config, shutdown.clone()));
     Setup {
@@ -349,4 +354,49 @@ async fn a_failing_template_gives_the_compiler_message() {
     assert!(commit.error.contains("No VCL named"), "{}", commit.error);
 
     setup.stop().await;
+}
+
+#[tokio::test]
+async fn an_empty_varnishd_gets_the_last_committed_vcl_back_without_a_scheduler() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut setup = setup_with_state_dir(Some(state.path().to_owned())).await;
+    let mut session = setup.next_session().await;
+    let prepared = session.prepare("r1", variant(1)).await;
+    assert!(prepared.ok, "{prepared:?}");
+    assert!(session.commit("r1", &prepared.vcl_name).await.ok);
+    setup.stop().await;
+
+    // A varnishd that started empty (as after a restart with -f ''), and no scheduler to ask.
+    let empty = Varnishd::start().await;
+    let mut config = vaas_agent::Config::new("http://127.0.0.1:9", empty.admin, &empty.secret_file);
+    config.state_dir = Some(state.path().to_owned());
+    config.max_backoff = Duration::from_millis(500);
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(vaas_agent::run(config, shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut cli = empty.cli().await;
+        let active = cli
+            .vcl_list()
+            .await
+            .expect("vcl.list")
+            .into_iter()
+            .find(|vcl| vcl.is_active())
+            .map(|vcl| vcl.name);
+        // The child may still be starting right after the restore.
+        let child = cli.status().await.expect("status");
+        if active.as_deref() == Some(prepared.vcl_name.as_str()) && child == ChildState::Running {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not restored: {active:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    let outcome = tokio::time::timeout(WAIT, agent)
+        .await
+        .expect("agent stopped");
+    assert!(outcome.expect("agent task").is_ok());
 }

@@ -354,6 +354,12 @@ async fn start_agent(
             varnishd.secret_file().display().to_string(),
         ),
         ("--server-address", "127.0.0.1".to_owned()),
+        (
+            "--state-dir",
+            dir.join(format!("agent-{index}-state"))
+                .display()
+                .to_string(),
+        ),
     ];
     let mut agent = ServiceProcess::spawn(
         &format!("vaas-agent-{index}"),
