@@ -57,13 +57,16 @@ pub fn runtime_error(binary: &str, error: &(dyn std::error::Error + 'static)) ->
     ExitCode::FAILURE
 }
 
-/// Logs structured lines to stderr, filtered by `RUST_LOG` (default `info`).
+/// Logs structured lines to stderr, filtered by `RUST_LOG` (default `info`), coloured only when
+/// stderr is a terminal.
 pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
