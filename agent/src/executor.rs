@@ -216,9 +216,9 @@ impl Executor {
         Ok(())
     }
 
-    /// Activates the VCL of a commit command, starts the child if it is stopped, then collects
-    /// old VCLs.
-    pub(crate) async fn commit(&mut self, command: CommitCommand) -> CommitResult {
+    /// Activates the VCL of a commit command and starts the child if it is stopped; the
+    /// housekeeping ([`Executor::after_commit`]) runs once the answer is sent.
+    pub(crate) async fn commit(&mut self, command: &CommitCommand) -> CommitResult {
         let mut result = CommitResult {
             reload_id: command.reload_id.clone(),
             ..Default::default()
@@ -238,11 +238,9 @@ impl Executor {
                     use_ms = duration_ms(&result.use_duration),
                     "committed vcl"
                 );
+                // Before answering (a quick local write): the agent may stop right after.
                 if let Err(error) = self.keep_last_good(&command.vcl_name).await {
                     warn!(error = %error, "cannot keep the committed vcl in the state directory");
-                }
-                if let Err(error) = self.collect_garbage().await {
-                    warn!(error = %describe(&error), "vcl garbage collection failed");
                 }
             }
             Err(error) => {
@@ -251,6 +249,14 @@ impl Executor {
             }
         }
         result
+    }
+
+    /// Collects old VCLs; run after the commit's answer was sent, because discarding can take
+    /// long on a busy varnishd. A failure is logged: it does not affect what serves.
+    pub(crate) async fn after_commit(&mut self) {
+        if let Err(error) = self.collect_garbage().await {
+            warn!(error = %describe(&error), "vcl garbage collection failed");
+        }
     }
 
     /// Writes the committed VCL to the state directory (atomically: a reader sees the old file

@@ -281,12 +281,15 @@ async fn session(
         let Some(message) = message else {
             return Ok(Attached::Ended);
         };
+        let mut committed = false;
         let reply = match message.command {
             Some(attach_response::Command::Prepare(command)) => {
                 attach_request::Message::PrepareResult(executor.prepare(command).await)
             }
             Some(attach_response::Command::Commit(command)) => {
-                attach_request::Message::CommitResult(executor.commit(command).await)
+                let result = executor.commit(&command).await;
+                committed = result.ok;
+                attach_request::Message::CommitResult(result)
             }
             Some(attach_response::Command::Abort(command)) => {
                 attach_request::Message::AbortResult(executor.abort(command).await)
@@ -305,6 +308,10 @@ async fn session(
             // The request stream was dropped: the RPC is over, its status comes from `inbound`.
             warn!("attach request stream closed");
             return Ok(Attached::Ended);
+        }
+        // Housekeeping after the answer, so that it does not delay the caller's reload.
+        if committed {
+            executor.after_commit().await;
         }
     }
 }

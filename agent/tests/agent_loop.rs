@@ -191,6 +191,13 @@ impl Session {
         }
     }
 
+    /// Returns once the agent finished everything before this call, including the housekeeping
+    /// it does after answering a commit (it handles one command at a time).
+    async fn barrier(&mut self) {
+        let answer = self.abort("barrier", "vaas-0000000000000000-0-0").await;
+        assert!(answer.ok, "{answer:?}");
+    }
+
     async fn abort(&mut self, reload_id: &str, vcl_name: &str) -> AbortResult {
         self.send(attach_response::Command::Abort(AbortCommand {
             reload_id: reload_id.into(),
@@ -285,6 +292,7 @@ async fn prepare_commit_garbage_collection_and_reconnect() {
         assert!(session.commit(&reload_id, &result.vcl_name).await.ok);
         names.push(result.vcl_name);
     }
+    session.barrier().await;
     let expected: Vec<(String, String, String)> = vec![
         (names[2].clone(), "available".into(), "cold".into()),
         (names[3].clone(), "available".into(), "cold".into()),
@@ -303,6 +311,7 @@ async fn prepare_commit_garbage_collection_and_reconnect() {
     let first = session.prepare("r5", variant(8)).await;
     let second = session.prepare("r6", variant(9)).await;
     assert!(session.commit("r6", &second.vcl_name).await.ok);
+    session.barrier().await;
     let cooled = setup.vaas_vcls().await;
     assert!(
         cooled.contains(&(first.vcl_name.clone(), "available".into(), "cold".into())),
