@@ -414,14 +414,7 @@ fn describe(error: &Error) -> String {
     if let Error::Cli(CliError::Command { body, .. }) = error {
         return body.trim_end().to_owned();
     }
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    vaas_runtime::error_chain(error)
 }
 
 fn proto_duration(duration: std::time::Duration) -> Option<prost_types::Duration> {

@@ -318,12 +318,5 @@ async fn session(
 
 /// Formats an error with its sources.
 fn chain(error: &Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    vaas_runtime::error_chain(error)
 }

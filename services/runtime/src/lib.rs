@@ -46,6 +46,12 @@ pub fn config_error(binary: &str, message: impl std::fmt::Display) -> ExitCode {
 
 /// Prints an error with its chain of causes as one line and returns exit code 1.
 pub fn runtime_error(binary: &str, error: &(dyn std::error::Error + 'static)) -> ExitCode {
+    eprintln!("{binary}: {}", error_chain(error));
+    ExitCode::FAILURE
+}
+
+/// Formats an error and its sources as one line: "error: cause: cause of the cause".
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut line = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -53,8 +59,7 @@ pub fn runtime_error(binary: &str, error: &(dyn std::error::Error + 'static)) ->
         line.push_str(&cause.to_string());
         source = cause.source();
     }
-    eprintln!("{binary}: {line}");
-    ExitCode::FAILURE
+    line
 }
 
 /// Logs structured lines to stderr, filtered by `RUST_LOG` (default `info`), coloured only when
