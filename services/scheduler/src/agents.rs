@@ -136,19 +136,6 @@ impl AgentRegistry {
         }
     }
 
-    /// Returns the number of attached agents.
-    pub fn len(&self) -> usize {
-        self.agents
-            .lock()
-            .map(|agents| agents.len())
-            .unwrap_or_default()
-    }
-
-    /// Returns true when no agent is attached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn lookup(&self, key: &AgentKey) -> Option<Arc<AgentLink>> {
         self.agents.lock().ok()?.get(key).cloned()
     }

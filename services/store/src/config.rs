@@ -112,7 +112,7 @@ impl Store {
     /// Replaces a datacenter; reloads the clusters with servers or backends in it.
     pub async fn update_dc(&self, dc: &Dc) -> Result<WriteOutcome<Dc>> {
         let mut write = self.begin_write().await?;
-        ensure_exists(&mut write.transaction, "dcs", "dc", dc.id).await?;
+        ensure_exists::<Dc>(&mut write.transaction, dc.id).await?;
         ensure_dc_symbol_free(&mut write.transaction, &dc.symbol, Some(dc.id)).await?;
         let row = sqlx::query(&format!(
             "UPDATE dcs SET name = $1, symbol = $2 WHERE id = $3 RETURNING {DC_COLUMNS}"
@@ -139,10 +139,10 @@ impl Store {
     /// Deletes a datacenter that no server or backend refers to.
     pub async fn delete_dc(&self, id: i64) -> Result<WriteOutcome<()>> {
         let mut write = self.begin_write().await?;
-        ensure_exists(&mut write.transaction, "dcs", "dc", id).await?;
+        ensure_exists::<Dc>(&mut write.transaction, id).await?;
         ensure_unused(&mut write.transaction, "dc", id, "varnish_servers", "dc_id").await?;
         ensure_unused(&mut write.transaction, "dc", id, "backends", "dc_id").await?;
-        delete_by_id(&mut write.transaction, "dcs", id).await?;
+        delete_by_id::<Dc>(&mut write.transaction, id).await?;
         self.commit_write(write, (), BTreeSet::new(), format!("delete dc {id}"))
             .await
     }
@@ -152,9 +152,8 @@ impl Store {
     /// Creates a cluster.
     pub async fn create_cluster(&self, cluster: &Cluster) -> Result<WriteOutcome<Cluster>> {
         let mut write = self.begin_write().await?;
-        ensure_unique(
+        ensure_unique::<Cluster>(
             &mut write.transaction,
-            "clusters",
             "name",
             &cluster.name,
             None,
@@ -190,10 +189,9 @@ impl Store {
     /// Replaces the writable fields of a cluster and reloads it.
     pub async fn update_cluster(&self, cluster: &Cluster) -> Result<WriteOutcome<Cluster>> {
         let mut write = self.begin_write().await?;
-        ensure_exists(&mut write.transaction, "clusters", "cluster", cluster.id).await?;
-        ensure_unique(
+        ensure_exists::<Cluster>(&mut write.transaction, cluster.id).await?;
+        ensure_unique::<Cluster>(
             &mut write.transaction,
-            "clusters",
             "name",
             &cluster.name,
             Some(cluster.id),
@@ -220,7 +218,7 @@ impl Store {
     /// Deletes a cluster that has no servers; directors stop being served by it.
     pub async fn delete_cluster(&self, id: i64) -> Result<WriteOutcome<()>> {
         let mut write = self.begin_write().await?;
-        ensure_exists(&mut write.transaction, "clusters", "cluster", id).await?;
+        ensure_exists::<Cluster>(&mut write.transaction, id).await?;
         ensure_unused(
             &mut write.transaction,
             "cluster",
@@ -237,7 +235,7 @@ impl Store {
             .bind(id)
             .execute(&mut *write.transaction)
             .await?;
-        delete_by_id(&mut write.transaction, "clusters", id).await?;
+        delete_by_id::<Cluster>(&mut write.transaction, id).await?;
         self.commit_write(write, (), BTreeSet::new(), format!("delete cluster {id}"))
             .await
     }
@@ -250,9 +248,8 @@ impl Store {
         template: &VclTemplate,
     ) -> Result<WriteOutcome<VclTemplate>> {
         let mut write = self.begin_write().await?;
-        ensure_unique(
+        ensure_unique::<VclTemplate>(
             &mut write.transaction,
-            "vcl_templates",
             "name",
             &template.name,
             None,
@@ -295,16 +292,9 @@ impl Store {
         template: &VclTemplate,
     ) -> Result<WriteOutcome<VclTemplate>> {
         let mut write = self.begin_write().await?;
-        ensure_exists(
+        ensure_exists::<VclTemplate>(&mut write.transaction, template.id).await?;
+        ensure_unique::<VclTemplate>(
             &mut write.transaction,
-            "vcl_templates",
-            "vcl template",
-            template.id,
-        )
-        .await?;
-        ensure_unique(
-            &mut write.transaction,
-            "vcl_templates",
             "name",
             &template.name,
             Some(template.id),
@@ -337,7 +327,7 @@ impl Store {
     /// Deletes a VCL template that no server uses.
     pub async fn delete_vcl_template(&self, id: i64) -> Result<WriteOutcome<()>> {
         let mut write = self.begin_write().await?;
-        ensure_exists(&mut write.transaction, "vcl_templates", "vcl template", id).await?;
+        ensure_exists::<VclTemplate>(&mut write.transaction, id).await?;
         ensure_unused(
             &mut write.transaction,
             "vcl template",
@@ -346,7 +336,7 @@ impl Store {
             "template_id",
         )
         .await?;
-        delete_by_id(&mut write.transaction, "vcl_templates", id).await?;
+        delete_by_id::<VclTemplate>(&mut write.transaction, id).await?;
         let description = format!("delete vcl template {id}");
         self.commit_write(write, (), BTreeSet::new(), description)
             .await
@@ -447,14 +437,8 @@ impl Store {
     /// Deletes a Varnish server; no other server's VCL changes, so no reload is needed.
     pub async fn delete_varnish_server(&self, id: i64) -> Result<WriteOutcome<()>> {
         let mut write = self.begin_write().await?;
-        ensure_exists(
-            &mut write.transaction,
-            "varnish_servers",
-            "varnish server",
-            id,
-        )
-        .await?;
-        delete_by_id(&mut write.transaction, "varnish_servers", id).await?;
+        ensure_exists::<VarnishServer>(&mut write.transaction, id).await?;
+        delete_by_id::<VarnishServer>(&mut write.transaction, id).await?;
         let description = format!("delete varnish server {id}");
         self.commit_write(write, (), BTreeSet::new(), description)
             .await
@@ -465,9 +449,8 @@ impl Store {
     /// Creates a director and reloads the clusters that serve it.
     pub async fn create_director(&self, director: &Director) -> Result<WriteOutcome<Director>> {
         let mut write = self.begin_write().await?;
-        ensure_unique(
+        ensure_unique::<Director>(
             &mut write.transaction,
-            "directors",
             "name",
             &director.name,
             None,
@@ -520,19 +503,16 @@ impl Store {
         let (mut directors, next): Page<Director> =
             self.fetch_page(filter, page_size, page_token).await?;
         let mut transaction = self.pool.begin().await?;
-        for director in &mut directors {
-            director.cluster_ids = director_cluster_ids(&mut transaction, director.id).await?;
-        }
+        fill_cluster_ids(&mut transaction, &mut directors).await?;
         Ok((directors, next))
     }
 
     /// Replaces a director; reloads the clusters that served it and that serve it now.
     pub async fn update_director(&self, director: &Director) -> Result<WriteOutcome<Director>> {
         let mut write = self.begin_write().await?;
-        ensure_exists(&mut write.transaction, "directors", "director", director.id).await?;
-        ensure_unique(
+        ensure_exists::<Director>(&mut write.transaction, director.id).await?;
+        ensure_unique::<Director>(
             &mut write.transaction,
-            "directors",
             "name",
             &director.name,
             Some(director.id),
@@ -575,7 +555,7 @@ impl Store {
     /// Deletes a director that has no backends; reloads the clusters that served it.
     pub async fn delete_director(&self, id: i64) -> Result<WriteOutcome<()>> {
         let mut write = self.begin_write().await?;
-        ensure_exists(&mut write.transaction, "directors", "director", id).await?;
+        ensure_exists::<Director>(&mut write.transaction, id).await?;
         ensure_unused(
             &mut write.transaction,
             "director",
@@ -588,7 +568,7 @@ impl Store {
             .await?
             .into_iter()
             .collect();
-        delete_by_id(&mut write.transaction, "directors", id).await?;
+        delete_by_id::<Director>(&mut write.transaction, id).await?;
         self.commit_write(write, (), affected, format!("delete director {id}"))
             .await
     }
@@ -691,7 +671,7 @@ impl Store {
             .await?
             .into_iter()
             .collect();
-        delete_by_id(&mut write.transaction, "backends", id).await?;
+        delete_by_id::<Backend>(&mut write.transaction, id).await?;
         self.commit_write(write, (), affected, format!("delete backend {id}"))
             .await
     }
@@ -802,27 +782,24 @@ async fn ids(transaction: &mut Transaction<'_, Any>, sql: &str, id: i64) -> Resu
     Ok(ids.into_iter().collect())
 }
 
-async fn ensure_exists(
-    transaction: &mut Transaction<'_, Any>,
-    table: &str,
-    resource: &'static str,
-    id: i64,
-) -> Result<()> {
-    let found: Option<i64> = sqlx::query_scalar(&format!("SELECT id FROM {table} WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&mut **transaction)
-        .await?;
-    found.map(|_| ()).ok_or(Error::NotFound { resource, id })
+async fn ensure_exists<T: Stored>(transaction: &mut Transaction<'_, Any>, id: i64) -> Result<()> {
+    let found: Option<i64> =
+        sqlx::query_scalar(&format!("SELECT id FROM {} WHERE id = $1", T::TABLE))
+            .bind(id)
+            .fetch_optional(&mut **transaction)
+            .await?;
+    found.map(|_| ()).ok_or(Error::NotFound {
+        resource: T::RESOURCE,
+        id,
+    })
 }
 
-async fn ensure_reference(
+async fn ensure_reference<T: Stored>(
     transaction: &mut Transaction<'_, Any>,
-    table: &str,
-    resource: &'static str,
     field: &'static str,
     id: i64,
 ) -> Result<()> {
-    ensure_exists(transaction, table, resource, id)
+    ensure_exists::<T>(transaction, id)
         .await
         .map_err(|error| match error {
             Error::NotFound { resource, id } => Error::MissingReference {
@@ -834,16 +811,16 @@ async fn ensure_reference(
         })
 }
 
-async fn ensure_unique(
+async fn ensure_unique<T: Stored>(
     transaction: &mut Transaction<'_, Any>,
-    table: &str,
     column: &str,
     value: &str,
     except_id: Option<i64>,
     field: &'static str,
 ) -> Result<()> {
     let taken: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT id FROM {table} WHERE {column} = $1 AND id <> $2"
+        "SELECT id FROM {} WHERE {column} = $1 AND id <> $2",
+        T::TABLE
     ))
     .bind(value)
     .bind(except_id.unwrap_or(0))
@@ -902,8 +879,8 @@ async fn ensure_unused(
     Ok(())
 }
 
-async fn delete_by_id(transaction: &mut Transaction<'_, Any>, table: &str, id: i64) -> Result<()> {
-    sqlx::query(&format!("DELETE FROM {table} WHERE id = $1"))
+async fn delete_by_id<T: Stored>(transaction: &mut Transaction<'_, Any>, id: i64) -> Result<()> {
+    sqlx::query(&format!("DELETE FROM {} WHERE id = $1", T::TABLE))
         .bind(id)
         .execute(&mut **transaction)
         .await?;
@@ -915,30 +892,15 @@ async fn check_server_references(
     server: &VarnishServer,
     except_id: Option<i64>,
 ) -> Result<()> {
-    ensure_reference(
+    ensure_reference::<Dc>(transaction, "varnish_server.dc_id", server.dc_id).await?;
+    ensure_reference::<VclTemplate>(
         transaction,
-        "dcs",
-        "dc",
-        "varnish_server.dc_id",
-        server.dc_id,
-    )
-    .await?;
-    ensure_reference(
-        transaction,
-        "vcl_templates",
-        "vcl template",
         "varnish_server.template_id",
         server.template_id,
     )
     .await?;
-    ensure_reference(
-        transaction,
-        "clusters",
-        "cluster",
-        "varnish_server.cluster_id",
-        server.cluster_id,
-    )
-    .await?;
+    ensure_reference::<Cluster>(transaction, "varnish_server.cluster_id", server.cluster_id)
+        .await?;
     let taken: Option<i64> = sqlx::query_scalar(
         "SELECT id FROM varnish_servers WHERE address = $1 AND admin_port = $2 AND id <> $3",
     )
@@ -965,15 +927,8 @@ async fn check_backend_references(
     backend: &Backend,
     except_id: Option<i64>,
 ) -> Result<()> {
-    ensure_reference(
-        transaction,
-        "directors",
-        "director",
-        "backend.director_id",
-        backend.director_id,
-    )
-    .await?;
-    ensure_reference(transaction, "dcs", "dc", "backend.dc_id", backend.dc_id).await?;
+    ensure_reference::<Director>(transaction, "backend.director_id", backend.director_id).await?;
+    ensure_reference::<Dc>(transaction, "backend.dc_id", backend.dc_id).await?;
     let taken: Option<i64> = sqlx::query_scalar(
         "SELECT id FROM backends WHERE address = $1 AND port = $2 AND director_id = $3 \
          AND id <> $4",
@@ -1002,14 +957,7 @@ async fn check_director_clusters(
     cluster_ids: &[i64],
 ) -> Result<()> {
     for &cluster_id in cluster_ids {
-        ensure_reference(
-            transaction,
-            "clusters",
-            "cluster",
-            "director.cluster_ids",
-            cluster_id,
-        )
-        .await?;
+        ensure_reference::<Cluster>(transaction, "director.cluster_ids", cluster_id).await?;
     }
     Ok(())
 }
@@ -1026,6 +974,17 @@ async fn link_director_clusters(
             .bind(cluster_id)
             .execute(&mut **transaction)
             .await?;
+    }
+    Ok(())
+}
+
+/// Sets the `cluster_ids` of directors read from their own table.
+pub(crate) async fn fill_cluster_ids(
+    transaction: &mut Transaction<'_, Any>,
+    directors: &mut [Director],
+) -> Result<()> {
+    for director in directors {
+        director.cluster_ids = director_cluster_ids(transaction, director.id).await?;
     }
     Ok(())
 }

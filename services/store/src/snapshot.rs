@@ -2,13 +2,17 @@
 
 use std::collections::BTreeSet;
 
-use sqlx::Executor;
-use vaas_proto::v1::{ClusterSnapshot, ServerStatus};
+use sqlx::{Any, Executor, Transaction};
+use vaas_proto::v1::{
+    Backend, Cluster, ClusterSnapshot, Dc, Director, ServerStatus, VarnishServer, VclTemplate,
+};
 
-use crate::config::director_cluster_ids;
-use crate::rows::{self, BACKEND_COLUMNS, CLUSTER_COLUMNS, DC_COLUMNS, DIRECTOR_COLUMNS};
-use crate::rows::{SERVER_COLUMNS, TEMPLATE_COLUMNS};
+use crate::config::fill_cluster_ids;
+use crate::rows::Stored;
 use crate::{Dialect, Error, Result, Store, clock};
+
+/// The status number of disabled servers, which get no VCL.
+const DISABLED: i32 = ServerStatus::Disabled as i32;
 
 impl Store {
     /// Reads everything needed to render the VCL of every non-disabled server of a cluster, in
@@ -21,86 +25,51 @@ impl Store {
                 .await?;
         }
         let version = clock::current(&mut transaction).await?;
-        let cluster = sqlx::query(&format!(
-            "SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1"
-        ))
-        .bind(cluster_id)
-        .fetch_optional(&mut *transaction)
-        .await?
-        .ok_or(Error::NotFound {
-            resource: "cluster",
-            id: cluster_id,
-        })?;
-        let cluster = rows::cluster(&cluster)?;
-        let servers = sqlx::query(&format!(
-            "SELECT {SERVER_COLUMNS} FROM varnish_servers WHERE cluster_id = $1 AND status <> $2 \
-             ORDER BY id"
-        ))
-        .bind(cluster_id)
-        .bind(ServerStatus::Disabled as i32 as i64)
-        .fetch_all(&mut *transaction)
-        .await?
-        .iter()
-        .map(rows::server)
-        .collect::<Result<Vec<_>>>()?;
-        let templates = sqlx::query(&format!(
-            "SELECT {TEMPLATE_COLUMNS} FROM vcl_templates WHERE id IN \
-             (SELECT template_id FROM varnish_servers WHERE cluster_id = $1 AND status <> $2) \
-             ORDER BY id"
-        ))
-        .bind(cluster_id)
-        .bind(ServerStatus::Disabled as i32 as i64)
-        .fetch_all(&mut *transaction)
-        .await?
-        .iter()
-        .map(rows::template)
-        .collect::<Result<Vec<_>>>()?;
-        let director_rows = sqlx::query(&format!(
-            "SELECT {DIRECTOR_COLUMNS} FROM directors WHERE enabled = 1 AND id IN \
-             (SELECT director_id FROM director_clusters WHERE cluster_id = $1) ORDER BY id"
-        ))
-        .bind(cluster_id)
-        .fetch_all(&mut *transaction)
+        let tx = &mut transaction;
+        let cluster = select::<Cluster>(tx, "id = $1", cluster_id)
+            .await?
+            .pop()
+            .ok_or(Error::NotFound {
+                resource: Cluster::RESOURCE,
+                id: cluster_id,
+            })?;
+        let servers = select::<VarnishServer>(
+            tx,
+            &format!("cluster_id = $1 AND status <> {DISABLED}"),
+            cluster_id,
+        )
         .await?;
-        let mut directors = Vec::with_capacity(director_rows.len());
-        for row in &director_rows {
-            let mut director = rows::director(row)?;
-            director.cluster_ids = director_cluster_ids(&mut transaction, director.id).await?;
-            directors.push(director);
-        }
-        let backends = sqlx::query(&format!(
-            "SELECT {BACKEND_COLUMNS} FROM backends WHERE enabled = 1 AND director_id IN \
-             (SELECT d.id FROM directors d JOIN director_clusters dc ON dc.director_id = d.id \
-              WHERE dc.cluster_id = $1 AND d.enabled = 1) ORDER BY id"
-        ))
-        .bind(cluster_id)
-        .fetch_all(&mut *transaction)
-        .await?
-        .iter()
-        .map(rows::backend)
-        .collect::<Result<Vec<_>>>()?;
+        let templates = select::<VclTemplate>(
+            tx,
+            &format!(
+                "id IN (SELECT template_id FROM varnish_servers \
+                 WHERE cluster_id = $1 AND status <> {DISABLED})"
+            ),
+            cluster_id,
+        )
+        .await?;
+        let mut directors = select::<Director>(
+            tx,
+            "enabled = 1 AND id IN (SELECT director_id FROM director_clusters WHERE cluster_id = $1)",
+            cluster_id,
+        )
+        .await?;
+        fill_cluster_ids(tx, &mut directors).await?;
+        let backends = select::<Backend>(
+            tx,
+            "enabled = 1 AND director_id IN (SELECT d.id FROM directors d \
+             JOIN director_clusters dc ON dc.director_id = d.id \
+             WHERE dc.cluster_id = $1 AND d.enabled = 1)",
+            cluster_id,
+        )
+        .await?;
         let dc_ids: BTreeSet<i64> = servers
             .iter()
             .map(|server| server.dc_id)
             .chain(backends.iter().map(|backend| backend.dc_id))
             .collect();
-        let dc_list = dc_ids
-            .iter()
-            .map(i64::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let dcs = if dc_ids.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query(&format!(
-                "SELECT {DC_COLUMNS} FROM dcs WHERE id IN ({dc_list}) ORDER BY id"
-            ))
-            .fetch_all(&mut *transaction)
-            .await?
-            .iter()
-            .map(rows::dc)
-            .collect::<Result<Vec<_>>>()?
-        };
+        let mut dcs = select::<Dc>(tx, "id > $1", 0).await?;
+        dcs.retain(|dc| dc_ids.contains(&dc.id));
         transaction.commit().await?;
         Ok(ClusterSnapshot {
             version,
@@ -112,4 +81,23 @@ impl Store {
             backends,
         })
     }
+}
+
+/// Reads the rows of `T` matching `condition` (SQL with `$1` bound to `value`), in id order.
+async fn select<T: Stored>(
+    transaction: &mut Transaction<'_, Any>,
+    condition: &str,
+    value: i64,
+) -> Result<Vec<T>> {
+    sqlx::query(&format!(
+        "SELECT {} FROM {} WHERE {condition} ORDER BY id",
+        T::COLUMNS,
+        T::TABLE
+    ))
+    .bind(value)
+    .fetch_all(&mut **transaction)
+    .await?
+    .iter()
+    .map(T::from_row)
+    .collect()
 }
