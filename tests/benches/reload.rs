@@ -9,13 +9,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use futures::StreamExt;
 use tonic::Request;
 use tonic::metadata::MetadataValue;
 use vaas_agent::varnish_cli::{CliTimeouts, VarnishCli};
-use vaas_proto::v1::{
-    Backend, CreateBackendRequest, TaskState, UpdateBackendRequest, WatchTaskRequest,
-};
+use vaas_proto::v1::{Backend, CreateBackendRequest, TaskState, UpdateBackendRequest};
 use vaas_testkit::HttpOrigin;
 use vaas_tests::{StoreKind, System, backend_for};
 
@@ -76,15 +73,11 @@ async fn create_backends(
         last_task = created.tasks.last().map(|task| task.id);
     }
     let task_id = last_task.context("the writes created tasks")?;
-    let mut watch = system
-        .tasks()
-        .watch_task(WatchTaskRequest { id: task_id })
+    let state = system
+        .watch(task_id)
         .await?
-        .into_inner();
-    let mut state = 0;
-    while let Some(update) = watch.next().await {
-        state = update?.task.context("task")?.state;
-    }
+        .last()
+        .map_or(0, |task| task.state);
     anyhow::ensure!(
         state == TaskState::Success as i32,
         "bulk create ended in {state}"

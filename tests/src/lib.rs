@@ -9,15 +9,18 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
+use futures::StreamExt;
 use tonic::transport::Channel;
 use vaas_proto::v1::config_service_client::ConfigServiceClient;
 use vaas_proto::v1::task_service_client::TaskServiceClient;
 use vaas_proto::v1::{
     Backend, Cluster, CreateClusterRequest, CreateDcRequest, CreateDirectorRequest,
-    CreateVarnishServerRequest, CreateVclTemplateRequest, Dc, Director, ServerStatus, TaskState,
-    VarnishServer, VclTemplate,
+    CreateVarnishServerRequest, CreateVclTemplateRequest, Dc, Director, GetClusterRequest,
+    GetTaskRequest, GetVarnishServerRequest, ServerStatus, Task, TaskState, VarnishServer,
+    VclTemplate, WatchTaskRequest,
 };
 use vaas_testkit::{Nats, Postgres, ServiceProcess, Varnishd, free_port};
 
@@ -194,6 +197,54 @@ impl System {
     /// Returns a TaskService client.
     pub fn tasks(&self) -> TaskServiceClient<Channel> {
         TaskServiceClient::new(self.channel.clone())
+    }
+
+    /// Reads a cluster through the API.
+    pub async fn cluster(&self, id: i64) -> Result<Cluster> {
+        let response = self.config().get_cluster(GetClusterRequest { id }).await?;
+        response
+            .into_inner()
+            .cluster
+            .context("GetCluster answered no cluster")
+    }
+
+    /// Reads a Varnish server through the API.
+    pub async fn server(&self, id: i64) -> Result<VarnishServer> {
+        let response = self
+            .config()
+            .get_varnish_server(GetVarnishServerRequest { id })
+            .await?;
+        response
+            .into_inner()
+            .varnish_server
+            .context("GetVarnishServer answered no server")
+    }
+
+    /// Reads a task through the API.
+    pub async fn task(&self, id: i64) -> Result<Task> {
+        let response = self.tasks().get_task(GetTaskRequest { id }).await?;
+        response
+            .into_inner()
+            .task
+            .context("GetTask answered no task")
+    }
+
+    /// Follows a task with WatchTask until the stream ends (after a terminal state); returns
+    /// every update in order. Fails when two updates are more than two minutes apart.
+    pub async fn watch(&self, id: i64) -> Result<Vec<Task>> {
+        let mut watch = self
+            .tasks()
+            .watch_task(WatchTaskRequest { id })
+            .await?
+            .into_inner();
+        let mut updates = Vec::new();
+        while let Some(update) = tokio::time::timeout(Duration::from_secs(120), watch.next())
+            .await
+            .context("the watch stalled")?
+        {
+            updates.push(update?.task.context("a watch update without a task")?);
+        }
+        Ok(updates)
     }
 
     /// Returns the varnishd of Varnish server `index`.

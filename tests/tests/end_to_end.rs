@@ -2,18 +2,14 @@
 //! and asynchronously, on SQLite and on PostgreSQL; compile errors and bad input are reported
 //! and lose nothing.
 
-use std::time::Duration;
-
 use anyhow::{Context, Result, ensure};
-use futures::StreamExt;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 use vaas_proto::v1::{
     Backend, CreateBackendRequest, CreateDirectorRequest, CreateVarnishServerRequest, Director,
-    GetClusterRequest, GetTaskRequest, GetVarnishServerRequest, ListBackendsRequest,
-    ListTasksRequest, TaskState, UpdateVclTemplateRequest, VarnishServer, VclTemplate,
-    WatchTaskRequest,
+    ListBackendsRequest, ListTasksRequest, TaskState, UpdateVclTemplateRequest, VarnishServer,
+    VclTemplate,
 };
 use vaas_testkit::{HttpOrigin, http_get};
 use vaas_tests::{StoreKind, System, backend_for, on_both_stores};
@@ -66,26 +62,10 @@ async fn synchronous_write_answers_after_varnish_serves_the_backend(
     // No waiting: the synchronous answer means the VCL is active.
     assert_served_by(&system, &origin).await?;
 
-    let cluster = system
-        .config()
-        .get_cluster(GetClusterRequest {
-            id: setup.cluster_id,
-        })
-        .await?
-        .into_inner()
-        .cluster
-        .context("cluster")?;
+    let cluster = system.cluster(setup.cluster_id).await?;
     assert_eq!(cluster.reload_timestamp, created.tasks[0].timestamp);
     assert!(cluster.last_error.is_empty());
-    let server = system
-        .config()
-        .get_varnish_server(GetVarnishServerRequest {
-            id: setup.server_id,
-        })
-        .await?
-        .into_inner()
-        .varnish_server
-        .context("server")?;
+    let server = system.server(setup.server_id).await?;
     let served_version = http_get(system.varnishd(0).http_addr(), "/vaas_version", "x").await?;
     assert_eq!(
         server.running_vcl_version,
@@ -121,18 +101,12 @@ async fn asynchronous_write_answers_at_once_and_the_watch_follows_the_task(
     assert_eq!(task.state, TaskState::Pending as i32);
     assert_eq!(location, format!("tasks/{}", task.id));
 
-    let mut watch = system
-        .tasks()
-        .watch_task(WatchTaskRequest { id: task.id })
+    let states: Vec<i32> = system
+        .watch(task.id)
         .await?
-        .into_inner();
-    let mut states = Vec::new();
-    while let Some(update) = tokio::time::timeout(Duration::from_secs(60), watch.next())
-        .await
-        .context("the watch stalled")?
-    {
-        states.push(update?.task.context("task")?.state);
-    }
+        .iter()
+        .map(|update| update.state)
+        .collect();
     // The write answered before the reload (compiling takes far longer than answering), so the
     // watch starts before the end and walks forward to SUCCESS, never backwards.
     let expected = [
@@ -155,13 +129,7 @@ async fn asynchronous_write_answers_at_once_and_the_watch_follows_the_task(
     assert_eq!(states.last(), Some(&(TaskState::Success as i32)));
     assert_served_by(&system, &origin).await?;
 
-    let finished = system
-        .tasks()
-        .get_task(GetTaskRequest { id: task.id })
-        .await?
-        .into_inner()
-        .task
-        .context("task")?;
+    let finished = system.task(task.id).await?;
     assert!(finished.start_time.is_some() && finished.finish_time.is_some());
     system.ensure_running()
 }
@@ -199,28 +167,14 @@ async fn compile_error_fails_the_task_and_the_old_vcl_keeps_serving(
     assert_eq!(info.metadata.get("saved").map(String::as_str), Some("true"));
     let task_id: i64 = info.metadata.get("task_ids").context("task ids")?.parse()?;
 
-    let task = system
-        .tasks()
-        .get_task(GetTaskRequest { id: task_id })
-        .await?
-        .into_inner()
-        .task
-        .context("task")?;
+    let task = system.task(task_id).await?;
     assert_eq!(task.state, TaskState::Failure as i32);
     assert!(
         task.error.contains("x-broken"),
         "the compiler's message: {}",
         task.error
     );
-    let cluster = system
-        .config()
-        .get_cluster(GetClusterRequest {
-            id: setup.cluster_id,
-        })
-        .await?
-        .into_inner()
-        .cluster
-        .context("cluster")?;
+    let cluster = system.cluster(setup.cluster_id).await?;
     assert!(
         cluster.last_error.contains("x-broken"),
         "{}",

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use futures::StreamExt;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
@@ -13,7 +12,6 @@ use vaas_agent::varnish_cli::{CliTimeouts, VarnishCli};
 use vaas_proto::v1::{
     CreateBackendRequest, CreateVarnishServerRequest, ServerStatus, Task, TaskState,
     UpdateVarnishServerRequest, UpdateVclTemplateRequest, VarnishServer, VclTemplate,
-    WatchTaskRequest,
 };
 use vaas_testkit::{HttpOrigin, free_port, http_get};
 use vaas_tests::{StoreKind, System, backend_for, on_both_stores};
@@ -28,19 +26,11 @@ on_both_stores!(
 
 /// Follows a task until it ends and returns it as it ended.
 async fn watch_to_end(system: &System, task_id: i64) -> Result<Task> {
-    let mut watch = system
-        .tasks()
-        .watch_task(WatchTaskRequest { id: task_id })
+    system
+        .watch(task_id)
         .await?
-        .into_inner();
-    let mut last = None;
-    while let Some(update) = tokio::time::timeout(Duration::from_secs(60), watch.next())
-        .await
-        .context("the watch stalled")?
-    {
-        last = update?.task;
-    }
-    last.context("the watch sent nothing")
+        .pop()
+        .context("the watch sent nothing")
 }
 
 async fn generation_header(system: &System) -> Result<Option<String>> {
@@ -116,13 +106,7 @@ async fn a_failing_active_server_stops_the_whole_cluster_but_a_maintenance_one_d
     );
 
     // In maintenance, the silent server's failure no longer counts.
-    let mut maintenance = system
-        .config()
-        .get_varnish_server(vaas_proto::v1::GetVarnishServerRequest { id: silent_id })
-        .await?
-        .into_inner()
-        .varnish_server
-        .context("server")?;
+    let mut maintenance = system.server(silent_id).await?;
     maintenance.status = ServerStatus::Maintenance as i32;
     let updated = system
         .config()
@@ -194,13 +178,7 @@ async fn tasks_saved_while_the_scheduler_is_down_finish_after_it_restarts(
         .insert("prefer", MetadataValue::from_static("respond-async"));
     let created = system.config().create_backend(request).await?.into_inner();
     let task_id = created.tasks.first().context("a task")?.id;
-    let still_pending = system
-        .tasks()
-        .get_task(vaas_proto::v1::GetTaskRequest { id: task_id })
-        .await?
-        .into_inner()
-        .task
-        .context("task")?;
+    let still_pending = system.task(task_id).await?;
     assert_eq!(
         still_pending.state,
         TaskState::Pending as i32,
