@@ -4,7 +4,12 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
-        "vaas/v1/resources.proto",
+        "vaas/v1/dc.proto",
+        "vaas/v1/cluster.proto",
+        "vaas/v1/vcl_template.proto",
+        "vaas/v1/varnish_server.proto",
+        "vaas/v1/director.proto",
+        "vaas/v1/backend.proto",
         "vaas/v1/task.proto",
         "vaas/v1/config_service.proto",
         "vaas/v1/agent_service.proto",

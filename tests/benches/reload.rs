@@ -109,13 +109,20 @@ async fn bench_size(size: usize, rounds: usize) -> Result<()> {
     // connection limit; flipping back and forth would reuse the VCLs the agent keeps loaded).
     let mut vaas = Vec::with_capacity(rounds);
     for round in 0..rounds {
-        let mut backend = first.clone();
-        backend.max_connections = Some(10 + round as u32);
+        // A partial update: only the id and the one changed field travel.
+        let backend = Backend {
+            id: first.id,
+            max_connections: Some(10 + round as u32),
+            ..Backend::default()
+        };
         let started = Instant::now();
         system
             .config()
             .update_backend(UpdateBackendRequest {
                 backend: Some(backend),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["max_connections".to_owned()],
+                }),
             })
             .await?;
         vaas.push(started.elapsed());

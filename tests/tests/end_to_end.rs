@@ -158,6 +158,7 @@ async fn compile_error_fails_the_task_and_the_old_vcl_keeps_serving(
         .config()
         .update_vcl_template(UpdateVclTemplateRequest {
             vcl_template: Some(broken),
+            update_mask: None,
         })
         .await
         .expect_err("a template that does not compile fails the synchronous write");

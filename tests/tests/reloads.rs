@@ -95,6 +95,7 @@ async fn a_failing_active_server_stops_the_whole_cluster_but_a_maintenance_one_d
         .config()
         .update_vcl_template(UpdateVclTemplateRequest {
             vcl_template: Some(next_generation),
+            update_mask: None,
         })
         .await
         .expect_err("still failing while the silent server is active");
@@ -112,6 +113,7 @@ async fn a_failing_active_server_stops_the_whole_cluster_but_a_maintenance_one_d
         .config()
         .update_varnish_server(UpdateVarnishServerRequest {
             varnish_server: Some(maintenance),
+            update_mask: None,
         })
         .await?
         .into_inner();

@@ -1,40 +1,26 @@
 //! The ConfigService: validates writes, stores them with their reload tasks, and answers after
 //! the reloads (by default) or at once (`prefer: respond-async`).
 //!
-//! The RPC methods are uniform per resource; what differs between synchronous and asynchronous
-//! writes lives in [`ConfigApi::settle`].
+//! Every resource gets the same five RPCs from one generic implementation ([`ConfigApi::create`],
+//! [`ConfigApi::update`] …); the table at the end of this file stamps them out, one line per
+//! resource, so spans, errors and partial updates live in one place. What differs between
+//! synchronous and asynchronous writes lives in [`ConfigApi::settle`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use prost_types::FieldMask;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 use vaas_proto::v1::config_service_server::ConfigService;
-use vaas_proto::v1::{
-    CreateBackendRequest, CreateBackendResponse, CreateClusterRequest, CreateClusterResponse,
-    CreateDcRequest, CreateDcResponse, CreateDirectorRequest, CreateDirectorResponse,
-    CreateVarnishServerRequest, CreateVarnishServerResponse, CreateVclTemplateRequest,
-    CreateVclTemplateResponse, DeleteBackendRequest, DeleteBackendResponse, DeleteClusterRequest,
-    DeleteClusterResponse, DeleteDcRequest, DeleteDcResponse, DeleteDirectorRequest,
-    DeleteDirectorResponse, DeleteVarnishServerRequest, DeleteVarnishServerResponse,
-    DeleteVclTemplateRequest, DeleteVclTemplateResponse, GetBackendRequest, GetBackendResponse,
-    GetClusterRequest, GetClusterResponse, GetDcRequest, GetDcResponse, GetDirectorRequest,
-    GetDirectorResponse, GetVarnishServerRequest, GetVarnishServerResponse, GetVclTemplateRequest,
-    GetVclTemplateResponse, ListBackendsRequest, ListBackendsResponse, ListClustersRequest,
-    ListClustersResponse, ListDcsRequest, ListDcsResponse, ListDirectorsRequest,
-    ListDirectorsResponse, ListVarnishServersRequest, ListVarnishServersResponse,
-    ListVclTemplatesRequest, ListVclTemplatesResponse, UpdateBackendRequest, UpdateBackendResponse,
-    UpdateClusterRequest, UpdateClusterResponse, UpdateDcRequest, UpdateDcResponse,
-    UpdateDirectorRequest, UpdateDirectorResponse, UpdateVarnishServerRequest,
-    UpdateVarnishServerResponse, UpdateVclTemplateRequest, UpdateVclTemplateResponse,
-};
-use vaas_proto::v1::{Task, TaskState};
-use vaas_store::{Store, WriteOutcome};
+use vaas_proto::v1::*;
+use vaas_store::{Resource, Store, WriteOutcome};
 
 use crate::error::ApiError;
+use crate::field_mask::{self, MessageFields};
 use crate::follow::TaskFollower;
 use crate::validate::{self, Intent};
 
@@ -150,586 +136,185 @@ fn respond<T>(body: T, headers: MetadataMap) -> Response<T> {
     response
 }
 
-#[tonic::async_trait]
-impl ConfigService for ConfigApi {
-    #[instrument(skip_all, fields(rpc = "CreateDc"))]
-    async fn create_dc(
+/// What the API knows of a resource beyond the store: its proto message and its validation.
+pub trait ApiResource: Resource + prost::Message + Default {
+    /// Validates and normalises an item about to be created or updated.
+    fn validate(self, intent: Intent) -> Result<Self, ApiError>;
+    /// The message's fields, for partial updates; the output-only ones are read-only.
+    fn fields() -> &'static MessageFields;
+    /// The resource's collection in names such as "backends/7".
+    const COLLECTION: &'static str;
+}
+
+impl ConfigApi {
+    /// Validates and creates an item, then settles the write.
+    async fn create<R: ApiResource>(
         &self,
-        request: Request<CreateDcRequest>,
-    ) -> Result<Response<CreateDcResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let dc = validate::dc(validate::required(request.dc, "dc")?, Intent::Create)?;
-        let outcome = self.store.create_dc(&dc).await.map_err(ApiError::from)?;
-        let resource = format!("dcs/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            CreateDcResponse {
-                dc: Some(value),
-                tasks,
-            },
-            headers,
-        ))
+        metadata: &MetadataMap,
+        item: Option<R>,
+    ) -> Result<(R, Vec<Task>, MetadataMap), ApiError> {
+        let item = validate::required(item, R::FIELD)?.validate(Intent::Create)?;
+        let outcome = self.store.create(&item).await?;
+        let resource = format!("{}/{}", R::COLLECTION, outcome.value.id());
+        self.settle(metadata, resource, outcome).await
     }
 
-    #[instrument(skip_all, fields(rpc = "GetDc"))]
-    async fn get_dc(
+    /// Merges the fields named in `mask` into the stored item (all of them without a mask),
+    /// validates the result and stores it, in one transaction; then settles the write.
+    async fn update<R: ApiResource>(
         &self,
-        request: Request<GetDcRequest>,
-    ) -> Result<Response<GetDcResponse>, Status> {
-        let dc = self
-            .store
-            .get_dc(request.into_inner().id)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(GetDcResponse { dc: Some(dc) }))
-    }
-
-    #[instrument(skip_all, fields(rpc = "ListDcs"))]
-    async fn list_dcs(
-        &self,
-        request: Request<ListDcsRequest>,
-    ) -> Result<Response<ListDcsResponse>, Status> {
-        let request = request.into_inner();
-        let (dcs, next_page_token) = self
-            .store
-            .list_dcs(request.page_size, &request.page_token)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(ListDcsResponse {
-            dcs,
-            next_page_token,
-        }))
-    }
-
-    #[instrument(skip_all, fields(rpc = "UpdateDc"))]
-    async fn update_dc(
-        &self,
-        request: Request<UpdateDcRequest>,
-    ) -> Result<Response<UpdateDcResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let dc = validate::dc(validate::required(request.dc, "dc")?, Intent::Update)?;
-        let outcome = self.store.update_dc(&dc).await.map_err(ApiError::from)?;
-        let resource = format!("dcs/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            UpdateDcResponse {
-                dc: Some(value),
-                tasks,
-            },
-            headers,
-        ))
-    }
-
-    #[instrument(skip_all, fields(rpc = "DeleteDc"))]
-    async fn delete_dc(
-        &self,
-        request: Request<DeleteDcRequest>,
-    ) -> Result<Response<DeleteDcResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
+        metadata: &MetadataMap,
+        patch: Option<R>,
+        mask: Option<FieldMask>,
+    ) -> Result<(R, Vec<Task>, MetadataMap), ApiError> {
+        let patch = validate::required(patch, R::FIELD)?;
+        let id = patch.id();
+        if id <= 0 {
+            return Err(ApiError::invalid(
+                format!("{}.id", R::FIELD),
+                "must be a positive id",
+            ));
+        }
+        let paths = mask.map(|mask| mask.paths).unwrap_or_default();
         let outcome = self
             .store
-            .delete_dc(request.id)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("dcs/{}", request.id);
-        let ((), tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(DeleteDcResponse { tasks }, headers))
-    }
-    #[instrument(skip_all, fields(rpc = "CreateCluster"))]
-    async fn create_cluster(
-        &self,
-        request: Request<CreateClusterRequest>,
-    ) -> Result<Response<CreateClusterResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let cluster = validate::cluster(
-            validate::required(request.cluster, "cluster")?,
-            Intent::Create,
-        )?;
-        let outcome = self
-            .store
-            .create_cluster(&cluster)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("clusters/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            CreateClusterResponse {
-                cluster: Some(value),
-                tasks,
-            },
-            headers,
-        ))
+            .update_with(id, |current: &R| {
+                let merged = field_mask::merge(current, &patch, &paths, R::fields())?;
+                merged.validate(Intent::Update)
+            })
+            .await?;
+        let resource = format!("{}/{id}", R::COLLECTION);
+        self.settle(metadata, resource, outcome).await
     }
 
-    #[instrument(skip_all, fields(rpc = "GetCluster"))]
-    async fn get_cluster(
+    /// Deletes an item, then settles the write.
+    async fn delete<R: ApiResource>(
         &self,
-        request: Request<GetClusterRequest>,
-    ) -> Result<Response<GetClusterResponse>, Status> {
-        let cluster = self
-            .store
-            .get_cluster(request.into_inner().id)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(GetClusterResponse {
-            cluster: Some(cluster),
-        }))
+        metadata: &MetadataMap,
+        id: i64,
+    ) -> Result<((), Vec<Task>, MetadataMap), ApiError> {
+        let outcome = self.store.delete::<R>(id).await?;
+        let resource = format!("{}/{id}", R::COLLECTION);
+        self.settle(metadata, resource, outcome).await
     }
+}
 
-    #[instrument(skip_all, fields(rpc = "ListClusters"))]
-    async fn list_clusters(
-        &self,
-        request: Request<ListClustersRequest>,
-    ) -> Result<Response<ListClustersResponse>, Status> {
-        let request = request.into_inner();
-        let (clusters, next_page_token) = self
-            .store
-            .list_clusters(request.page_size, &request.page_token)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(ListClustersResponse {
-            clusters,
-            next_page_token,
-        }))
-    }
+/// Stamps out, for each resource of the table, its [`ApiResource`] implementation and its five
+/// RPCs: `Create<R>`, `Get<R>`, `List<Rs>`, `Update<R>` and `Delete<R>`.
+macro_rules! config_service {
+    ($($resource:ident {
+        field: $field:ident,
+        plural: $plural:ident,
+        validate: $validate:path,
+        read_only: [$($read_only:literal),*] $(,)?
+    }),+ $(,)?) => {
+        $(
+            impl ApiResource for $resource {
+                fn validate(self, intent: Intent) -> Result<Self, ApiError> {
+                    $validate(self, intent)
+                }
 
-    #[instrument(skip_all, fields(rpc = "UpdateCluster"))]
-    async fn update_cluster(
-        &self,
-        request: Request<UpdateClusterRequest>,
-    ) -> Result<Response<UpdateClusterResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let cluster = validate::cluster(
-            validate::required(request.cluster, "cluster")?,
-            Intent::Update,
-        )?;
-        let outcome = self
-            .store
-            .update_cluster(&cluster)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("clusters/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            UpdateClusterResponse {
-                cluster: Some(value),
-                tasks,
-            },
-            headers,
-        ))
-    }
+                fn fields() -> &'static MessageFields {
+                    static FIELDS: std::sync::OnceLock<MessageFields> = std::sync::OnceLock::new();
+                    FIELDS.get_or_init(|| {
+                        let name = concat!("vaas.v1.", stringify!($resource));
+                        MessageFields::from_descriptor_set(vaas_proto::FILE_DESCRIPTOR_SET, name)
+                            .and_then(|fields| fields.with_read_only(&["id", $($read_only),*]))
+                            .unwrap_or_else(|| panic!("{name} and its read-only fields are in the descriptor set"))
+                    })
+                }
 
-    #[instrument(skip_all, fields(rpc = "DeleteCluster"))]
-    async fn delete_cluster(
-        &self,
-        request: Request<DeleteClusterRequest>,
-    ) -> Result<Response<DeleteClusterResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let outcome = self
-            .store
-            .delete_cluster(request.id)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("clusters/{}", request.id);
-        let ((), tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(DeleteClusterResponse { tasks }, headers))
-    }
-    #[instrument(skip_all, fields(rpc = "CreateVclTemplate"))]
-    async fn create_vcl_template(
-        &self,
-        request: Request<CreateVclTemplateRequest>,
-    ) -> Result<Response<CreateVclTemplateResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let vcl_template = validate::vcl_template(
-            validate::required(request.vcl_template, "vcl_template")?,
-            Intent::Create,
-        )?;
-        let outcome = self
-            .store
-            .create_vcl_template(&vcl_template)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("vcl_templates/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            CreateVclTemplateResponse {
-                vcl_template: Some(value),
-                tasks,
-            },
-            headers,
-        ))
-    }
+                const COLLECTION: &'static str = stringify!($plural);
+            }
+        )+
 
-    #[instrument(skip_all, fields(rpc = "GetVclTemplate"))]
-    async fn get_vcl_template(
-        &self,
-        request: Request<GetVclTemplateRequest>,
-    ) -> Result<Response<GetVclTemplateResponse>, Status> {
-        let vcl_template = self
-            .store
-            .get_vcl_template(request.into_inner().id)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(GetVclTemplateResponse {
-            vcl_template: Some(vcl_template),
-        }))
-    }
+        pastey::paste! {
+        #[tonic::async_trait]
+        impl ConfigService for ConfigApi {
+            $(
+                #[instrument(skip_all, fields(rpc = concat!("Create", stringify!($resource))))]
+                async fn [<create_ $field>](
+                    &self,
+                    request: Request<[<Create $resource Request>]>,
+                ) -> Result<Response<[<Create $resource Response>]>, Status> {
+                    let (metadata, _, request) = request.into_parts();
+                    let (value, tasks, headers) = self.create(&metadata, request.$field).await?;
+                    Ok(respond([<Create $resource Response>] { $field: Some(value), tasks }, headers))
+                }
 
-    #[instrument(skip_all, fields(rpc = "ListVclTemplates"))]
-    async fn list_vcl_templates(
-        &self,
-        request: Request<ListVclTemplatesRequest>,
-    ) -> Result<Response<ListVclTemplatesResponse>, Status> {
-        let request = request.into_inner();
-        let (vcl_templates, next_page_token) = self
-            .store
-            .list_vcl_templates(request.page_size, &request.page_token)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(ListVclTemplatesResponse {
-            vcl_templates,
-            next_page_token,
-        }))
-    }
+                #[instrument(skip_all, fields(rpc = concat!("Get", stringify!($resource))))]
+                async fn [<get_ $field>](
+                    &self,
+                    request: Request<[<Get $resource Request>]>,
+                ) -> Result<Response<[<Get $resource Response>]>, Status> {
+                    let item = self
+                        .store
+                        .get::<$resource>(request.into_inner().id)
+                        .await
+                        .map_err(ApiError::from)?;
+                    Ok(Response::new([<Get $resource Response>] { $field: Some(item) }))
+                }
 
-    #[instrument(skip_all, fields(rpc = "UpdateVclTemplate"))]
-    async fn update_vcl_template(
-        &self,
-        request: Request<UpdateVclTemplateRequest>,
-    ) -> Result<Response<UpdateVclTemplateResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let vcl_template = validate::vcl_template(
-            validate::required(request.vcl_template, "vcl_template")?,
-            Intent::Update,
-        )?;
-        let outcome = self
-            .store
-            .update_vcl_template(&vcl_template)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("vcl_templates/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            UpdateVclTemplateResponse {
-                vcl_template: Some(value),
-                tasks,
-            },
-            headers,
-        ))
-    }
+                #[instrument(skip_all, fields(rpc = concat!("List", stringify!([<$plural:camel>]))))]
+                async fn [<list_ $plural>](
+                    &self,
+                    request: Request<[<List $plural:camel Request>]>,
+                ) -> Result<Response<[<List $plural:camel Response>]>, Status> {
+                    let request = request.into_inner();
+                    let ($plural, next_page_token) = self
+                        .store
+                        .list::<$resource>(&request, request.page_size, &request.page_token)
+                        .await
+                        .map_err(ApiError::from)?;
+                    Ok(Response::new([<List $plural:camel Response>] { $plural, next_page_token }))
+                }
 
-    #[instrument(skip_all, fields(rpc = "DeleteVclTemplate"))]
-    async fn delete_vcl_template(
-        &self,
-        request: Request<DeleteVclTemplateRequest>,
-    ) -> Result<Response<DeleteVclTemplateResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let outcome = self
-            .store
-            .delete_vcl_template(request.id)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("vcl_templates/{}", request.id);
-        let ((), tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(DeleteVclTemplateResponse { tasks }, headers))
-    }
-    #[instrument(skip_all, fields(rpc = "CreateVarnishServer"))]
-    async fn create_varnish_server(
-        &self,
-        request: Request<CreateVarnishServerRequest>,
-    ) -> Result<Response<CreateVarnishServerResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let varnish_server = validate::varnish_server(
-            validate::required(request.varnish_server, "varnish_server")?,
-            Intent::Create,
-        )?;
-        let outcome = self
-            .store
-            .create_varnish_server(&varnish_server)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("varnish_servers/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            CreateVarnishServerResponse {
-                varnish_server: Some(value),
-                tasks,
-            },
-            headers,
-        ))
-    }
+                #[instrument(skip_all, fields(rpc = concat!("Update", stringify!($resource))))]
+                async fn [<update_ $field>](
+                    &self,
+                    request: Request<[<Update $resource Request>]>,
+                ) -> Result<Response<[<Update $resource Response>]>, Status> {
+                    let (metadata, _, request) = request.into_parts();
+                    let (value, tasks, headers) = self
+                        .update(&metadata, request.$field, request.update_mask)
+                        .await?;
+                    Ok(respond([<Update $resource Response>] { $field: Some(value), tasks }, headers))
+                }
 
-    #[instrument(skip_all, fields(rpc = "GetVarnishServer"))]
-    async fn get_varnish_server(
-        &self,
-        request: Request<GetVarnishServerRequest>,
-    ) -> Result<Response<GetVarnishServerResponse>, Status> {
-        let varnish_server = self
-            .store
-            .get_varnish_server(request.into_inner().id)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(GetVarnishServerResponse {
-            varnish_server: Some(varnish_server),
-        }))
-    }
+                #[instrument(skip_all, fields(rpc = concat!("Delete", stringify!($resource))))]
+                async fn [<delete_ $field>](
+                    &self,
+                    request: Request<[<Delete $resource Request>]>,
+                ) -> Result<Response<[<Delete $resource Response>]>, Status> {
+                    let (metadata, _, request) = request.into_parts();
+                    let ((), tasks, headers) = self.delete::<$resource>(&metadata, request.id).await?;
+                    Ok(respond([<Delete $resource Response>] { tasks }, headers))
+                }
+            )+
+        }
+        }
+    };
+}
 
-    #[instrument(skip_all, fields(rpc = "ListVarnishServers"))]
-    async fn list_varnish_servers(
-        &self,
-        request: Request<ListVarnishServersRequest>,
-    ) -> Result<Response<ListVarnishServersResponse>, Status> {
-        let request = request.into_inner();
-        let (varnish_servers, next_page_token) = self
-            .store
-            .list_varnish_servers(request.page_size, &request.page_token, request.cluster_id)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(ListVarnishServersResponse {
-            varnish_servers,
-            next_page_token,
-        }))
-    }
-
-    #[instrument(skip_all, fields(rpc = "UpdateVarnishServer"))]
-    async fn update_varnish_server(
-        &self,
-        request: Request<UpdateVarnishServerRequest>,
-    ) -> Result<Response<UpdateVarnishServerResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let varnish_server = validate::varnish_server(
-            validate::required(request.varnish_server, "varnish_server")?,
-            Intent::Update,
-        )?;
-        let outcome = self
-            .store
-            .update_varnish_server(&varnish_server)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("varnish_servers/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            UpdateVarnishServerResponse {
-                varnish_server: Some(value),
-                tasks,
-            },
-            headers,
-        ))
-    }
-
-    #[instrument(skip_all, fields(rpc = "DeleteVarnishServer"))]
-    async fn delete_varnish_server(
-        &self,
-        request: Request<DeleteVarnishServerRequest>,
-    ) -> Result<Response<DeleteVarnishServerResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let outcome = self
-            .store
-            .delete_varnish_server(request.id)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("varnish_servers/{}", request.id);
-        let ((), tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(DeleteVarnishServerResponse { tasks }, headers))
-    }
-    #[instrument(skip_all, fields(rpc = "CreateDirector"))]
-    async fn create_director(
-        &self,
-        request: Request<CreateDirectorRequest>,
-    ) -> Result<Response<CreateDirectorResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let director = validate::director(
-            validate::required(request.director, "director")?,
-            Intent::Create,
-        )?;
-        let outcome = self
-            .store
-            .create_director(&director)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("directors/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            CreateDirectorResponse {
-                director: Some(value),
-                tasks,
-            },
-            headers,
-        ))
-    }
-
-    #[instrument(skip_all, fields(rpc = "GetDirector"))]
-    async fn get_director(
-        &self,
-        request: Request<GetDirectorRequest>,
-    ) -> Result<Response<GetDirectorResponse>, Status> {
-        let director = self
-            .store
-            .get_director(request.into_inner().id)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(GetDirectorResponse {
-            director: Some(director),
-        }))
-    }
-
-    #[instrument(skip_all, fields(rpc = "ListDirectors"))]
-    async fn list_directors(
-        &self,
-        request: Request<ListDirectorsRequest>,
-    ) -> Result<Response<ListDirectorsResponse>, Status> {
-        let request = request.into_inner();
-        let (directors, next_page_token) = self
-            .store
-            .list_directors(request.page_size, &request.page_token, request.cluster_id)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(ListDirectorsResponse {
-            directors,
-            next_page_token,
-        }))
-    }
-
-    #[instrument(skip_all, fields(rpc = "UpdateDirector"))]
-    async fn update_director(
-        &self,
-        request: Request<UpdateDirectorRequest>,
-    ) -> Result<Response<UpdateDirectorResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let director = validate::director(
-            validate::required(request.director, "director")?,
-            Intent::Update,
-        )?;
-        let outcome = self
-            .store
-            .update_director(&director)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("directors/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            UpdateDirectorResponse {
-                director: Some(value),
-                tasks,
-            },
-            headers,
-        ))
-    }
-
-    #[instrument(skip_all, fields(rpc = "DeleteDirector"))]
-    async fn delete_director(
-        &self,
-        request: Request<DeleteDirectorRequest>,
-    ) -> Result<Response<DeleteDirectorResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let outcome = self
-            .store
-            .delete_director(request.id)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("directors/{}", request.id);
-        let ((), tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(DeleteDirectorResponse { tasks }, headers))
-    }
-    #[instrument(skip_all, fields(rpc = "CreateBackend"))]
-    async fn create_backend(
-        &self,
-        request: Request<CreateBackendRequest>,
-    ) -> Result<Response<CreateBackendResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let backend = validate::backend(
-            validate::required(request.backend, "backend")?,
-            Intent::Create,
-        )?;
-        let outcome = self
-            .store
-            .create_backend(&backend)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("backends/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            CreateBackendResponse {
-                backend: Some(value),
-                tasks,
-            },
-            headers,
-        ))
-    }
-
-    #[instrument(skip_all, fields(rpc = "GetBackend"))]
-    async fn get_backend(
-        &self,
-        request: Request<GetBackendRequest>,
-    ) -> Result<Response<GetBackendResponse>, Status> {
-        let backend = self
-            .store
-            .get_backend(request.into_inner().id)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(GetBackendResponse {
-            backend: Some(backend),
-        }))
-    }
-
-    #[instrument(skip_all, fields(rpc = "ListBackends"))]
-    async fn list_backends(
-        &self,
-        request: Request<ListBackendsRequest>,
-    ) -> Result<Response<ListBackendsResponse>, Status> {
-        let request = request.into_inner();
-        let (backends, next_page_token) = self
-            .store
-            .list_backends(request.page_size, &request.page_token, request.director_id)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(ListBackendsResponse {
-            backends,
-            next_page_token,
-        }))
-    }
-
-    #[instrument(skip_all, fields(rpc = "UpdateBackend"))]
-    async fn update_backend(
-        &self,
-        request: Request<UpdateBackendRequest>,
-    ) -> Result<Response<UpdateBackendResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let backend = validate::backend(
-            validate::required(request.backend, "backend")?,
-            Intent::Update,
-        )?;
-        let outcome = self
-            .store
-            .update_backend(&backend)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("backends/{}", outcome.value.id);
-        let (value, tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(
-            UpdateBackendResponse {
-                backend: Some(value),
-                tasks,
-            },
-            headers,
-        ))
-    }
-
-    #[instrument(skip_all, fields(rpc = "DeleteBackend"))]
-    async fn delete_backend(
-        &self,
-        request: Request<DeleteBackendRequest>,
-    ) -> Result<Response<DeleteBackendResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
-        let outcome = self
-            .store
-            .delete_backend(request.id)
-            .await
-            .map_err(ApiError::from)?;
-        let resource = format!("backends/{}", request.id);
-        let ((), tasks, headers) = self.settle(&metadata, resource, outcome).await?;
-        Ok(respond(DeleteBackendResponse { tasks }, headers))
-    }
+// The resources of the ConfigService: adding one is one line here, one store file and one proto
+// file. Read-only fields are reported by the system and refused in an update mask.
+config_service! {
+    Dc { field: dc, plural: dcs, validate: validate::dc, read_only: [] },
+    Cluster {
+        field: cluster,
+        plural: clusters,
+        validate: validate::cluster,
+        read_only: ["reload_timestamp", "error_timestamp", "last_error"],
+    },
+    VclTemplate { field: vcl_template, plural: vcl_templates, validate: validate::vcl_template, read_only: [] },
+    VarnishServer {
+        field: varnish_server,
+        plural: varnish_servers,
+        validate: validate::varnish_server,
+        read_only: ["running_vcl_version", "agent_seen_time"],
+    },
+    Director { field: director, plural: directors, validate: validate::director, read_only: [] },
+    Backend { field: backend, plural: backends, validate: validate::backend, read_only: [] },
 }
 
 #[cfg(test)]

@@ -34,6 +34,9 @@ pub enum ApiError {
         /// The tasks of the write as they were at the deadline.
         tasks: Vec<Task>,
     },
+    /// The update mask of a partial update names no writable field, or the merge failed.
+    #[error(transparent)]
+    UpdateMask(#[from] crate::field_mask::MaskError),
     /// NATS failed while following a task.
     #[error("cannot follow task events")]
     Bus(#[from] vaas_bus::Error),
@@ -135,7 +138,9 @@ impl From<ApiError> for Status {
                 tracing::error!(error = %source, "store failed");
                 Status::unavailable("the store is unavailable, nothing was saved; try again")
             }
-            ApiError::Store(StoreError::UnsupportedUrl) => Status::internal(message),
+            ApiError::Store(StoreError::UnsupportedUrl | StoreError::Migrate(_)) => {
+                Status::internal(message)
+            }
             ApiError::ReloadFailed { resource, tasks } => Status::with_error_details(
                 Code::FailedPrecondition,
                 message,
@@ -146,6 +151,17 @@ impl From<ApiError> for Status {
                 message,
                 reload_info("RELOAD_PENDING", &resource, &tasks),
             ),
+            ApiError::UpdateMask(ref mask_error) if mask_error.path().is_some() => {
+                Status::with_error_details(
+                    Code::InvalidArgument,
+                    message.clone(),
+                    ErrorDetails::with_bad_request_violation("update_mask", message),
+                )
+            }
+            ApiError::UpdateMask(ref source) => {
+                tracing::error!(error = %source, "partial update failed");
+                Status::internal("the partial update could not be merged; nothing was saved")
+            }
             ApiError::Bus(ref source) => {
                 tracing::error!(error = %source, "nats failed");
                 Status::unavailable(message)

@@ -7,6 +7,7 @@
 
 pub mod config_service;
 pub mod error;
+pub mod field_mask;
 pub mod follow;
 mod relay;
 pub mod task_service;

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument, warn};
 use vaas_proto::v1::agent_service_server::AgentService;
 use vaas_proto::v1::attach_request::Message as AgentMessage;
-use vaas_proto::v1::{AgentHello, AttachRequest, AttachResponse, ServerStatus};
+use vaas_proto::v1::{AgentHello, AttachRequest, AttachResponse, ServerStatus, VarnishServer};
 use vaas_store::Store;
 
 use crate::ReloadRequest;
@@ -196,7 +196,7 @@ impl AgentApi {
     /// Asks for a reload of the server's cluster so that a server that came back empty (or
     /// with another VCL) gets the current one; a server already up to date answers "unchanged".
     async fn resync(&self, server_id: i64) {
-        let server = match self.store.get_varnish_server(server_id).await {
+        let server = match self.store.get::<VarnishServer>(server_id).await {
             Ok(server) => server,
             Err(error) => {
                 warn!(server = server_id, %error, "cannot read the attaching server");

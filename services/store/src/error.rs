@@ -48,6 +48,9 @@ pub enum Error {
     /// The database URL names no supported database.
     #[error("database url must start with postgres://, postgresql:// or sqlite:")]
     UnsupportedUrl,
+    /// The schema could not be brought up to date.
+    #[error("cannot migrate the store schema")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
     /// The database failed or could not be reached.
     #[error("database error")]
     Database(#[from] sqlx::Error),

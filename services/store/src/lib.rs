@@ -8,12 +8,14 @@
 //! It knows nothing of NATS or gRPC.
 
 mod clock;
-mod config;
 mod error;
 mod migrations;
+mod resource;
+mod resources;
 mod rows;
 mod snapshot;
 mod tasks;
+mod write;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,9 +23,10 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-pub use config::WriteOutcome;
 pub use error::{Error, Result};
+pub use resource::{Condition, Page, Resource, Tx, Value};
 pub use tasks::{OutboxEntry, TaskOutcome, TaskPage};
+pub use write::WriteOutcome;
 
 /// Which SQL database a [`Store`] talks to; the few statements that differ are chosen by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,13 +2,12 @@
 
 use std::collections::BTreeSet;
 
-use sqlx::{Any, Executor, Transaction};
+use sqlx::Executor;
 use vaas_proto::v1::{
     Backend, Cluster, ClusterSnapshot, Dc, Director, ServerStatus, VarnishServer, VclTemplate,
 };
 
-use crate::config::fill_cluster_ids;
-use crate::rows::Stored;
+use crate::resource::{Resource, select};
 use crate::{Dialect, Error, Result, Store, clock};
 
 /// The status number of disabled servers, which get no VCL.
@@ -30,7 +29,7 @@ impl Store {
             .await?
             .pop()
             .ok_or(Error::NotFound {
-                resource: Cluster::RESOURCE,
+                resource: Cluster::KIND,
                 id: cluster_id,
             })?;
         let servers = select::<VarnishServer>(
@@ -48,13 +47,12 @@ impl Store {
             cluster_id,
         )
         .await?;
-        let mut directors = select::<Director>(
+        let directors = select::<Director>(
             tx,
             "enabled = 1 AND id IN (SELECT director_id FROM director_clusters WHERE cluster_id = $1)",
             cluster_id,
         )
         .await?;
-        fill_cluster_ids(tx, &mut directors).await?;
         let backends = select::<Backend>(
             tx,
             "enabled = 1 AND director_id IN (SELECT d.id FROM directors d \
@@ -81,23 +79,4 @@ impl Store {
             backends,
         })
     }
-}
-
-/// Reads the rows of `T` matching `condition` (SQL with `$1` bound to `value`), in id order.
-async fn select<T: Stored>(
-    transaction: &mut Transaction<'_, Any>,
-    condition: &str,
-    value: i64,
-) -> Result<Vec<T>> {
-    sqlx::query(&format!(
-        "SELECT {} FROM {} WHERE {condition} ORDER BY id",
-        T::COLUMNS,
-        T::TABLE
-    ))
-    .bind(value)
-    .fetch_all(&mut **transaction)
-    .await?
-    .iter()
-    .map(T::from_row)
-    .collect()
 }

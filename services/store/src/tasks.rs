@@ -4,7 +4,7 @@ use sqlx::{Any, Transaction};
 use vaas_proto::v1::{Task, TaskState};
 
 use crate::clock::now_micros_sql;
-use crate::config::{cut_page, page_limit, parse_page_token};
+use crate::resource::{cut_page, page_limit, parse_page_token};
 use crate::rows::{self, TASK_COLUMNS};
 use crate::{Dialect, Error, Result, Store};
 

@@ -60,6 +60,8 @@ on_both_stores!(
     finishing_tasks_records_cluster_status,
     snapshot_contains_what_the_cluster_serves,
     pages_walk_every_item_once,
+    every_kind_of_change_reloads_exactly_the_clusters_it_touches,
+    a_partial_update_merges_into_the_stored_item,
 );
 
 struct World {
@@ -72,7 +74,7 @@ struct World {
 
 async fn world(store: &Store) -> Result<World> {
     let dc = store
-        .create_dc(&Dc {
+        .create(&Dc {
             id: 0,
             name: "Frankfurt".into(),
             symbol: "fra-1".into(),
@@ -80,14 +82,14 @@ async fn world(store: &Store) -> Result<World> {
         .await?
         .value;
     let cluster = store
-        .create_cluster(&Cluster {
+        .create(&Cluster {
             name: "prod".into(),
             ..Default::default()
         })
         .await?
         .value;
     let template = store
-        .create_vcl_template(&VclTemplate {
+        .create(&VclTemplate {
             name: "default".into(),
             content: "<VCL/>".into(),
             ..Default::default()
@@ -95,7 +97,7 @@ async fn world(store: &Store) -> Result<World> {
         .await?
         .value;
     let server = store
-        .create_varnish_server(&VarnishServer {
+        .create(&VarnishServer {
             address: "127.0.0.1".into(),
             http_port: Some(80),
             admin_port: Some(6082),
@@ -108,7 +110,7 @@ async fn world(store: &Store) -> Result<World> {
         .await?
         .value;
     let director = store
-        .create_director(&Director {
+        .create(&Director {
             name: "api".into(),
             cluster_ids: vec![cluster.id],
             route_expression: "^/api/".into(),
@@ -142,7 +144,7 @@ fn backend(world: &World, address: &str) -> Backend {
 
 async fn writes_create_tasks_only_for_clusters_with_servers(store: &Store) -> Result<()> {
     let dc = store
-        .create_dc(&Dc {
+        .create(&Dc {
             id: 0,
             name: "A".into(),
             symbol: "a".into(),
@@ -150,14 +152,14 @@ async fn writes_create_tasks_only_for_clusters_with_servers(store: &Store) -> Re
         .await?;
     assert!(dc.tasks.is_empty(), "a new dc affects no cluster");
     let empty_cluster = store
-        .create_cluster(&Cluster {
+        .create(&Cluster {
             name: "empty".into(),
             ..Default::default()
         })
         .await?
         .value;
     let updated = store
-        .update_cluster(&Cluster {
+        .update(&Cluster {
             labels: vec!["env:test".into()],
             ..empty_cluster.clone()
         })
@@ -169,7 +171,7 @@ async fn writes_create_tasks_only_for_clusters_with_servers(store: &Store) -> Re
     assert_eq!(updated.value.labels, vec!["env:test".to_owned()]);
 
     let world = world(store).await?;
-    let created = store.create_backend(&backend(&world, "10.0.0.1")).await?;
+    let created = store.create(&backend(&world, "10.0.0.1")).await?;
     assert_eq!(created.tasks.len(), 1);
     let task = &created.tasks[0];
     assert_eq!(task.cluster_id, world.cluster.id);
@@ -182,7 +184,7 @@ async fn writes_create_tasks_only_for_clusters_with_servers(store: &Store) -> Re
     assert_eq!(task.name, format!("tasks/{}", task.id));
 
     let renamed = store
-        .update_dc(&Dc {
+        .update(&Dc {
             name: "Frankfurt 1".into(),
             ..world.dc.clone()
         })
@@ -201,7 +203,7 @@ async fn timestamps_strictly_increase_and_outbox_follows_tasks(store: &Store) ->
     let mut task_ids = Vec::new();
     for index in 0..5 {
         let outcome = store
-            .create_backend(&backend(&world, &format!("10.0.0.{index}")))
+            .create(&backend(&world, &format!("10.0.0.{index}")))
             .await?;
         let timestamp = outcome.tasks[0].timestamp.expect("timestamp");
         let micros = timestamp.seconds * 1_000_000 + i64::from(timestamp.nanos / 1000);
@@ -225,7 +227,7 @@ async fn timestamps_strictly_increase_and_outbox_follows_tasks(store: &Store) ->
 async fn references_and_uniqueness_are_checked_and_nothing_is_saved(store: &Store) -> Result<()> {
     let world = world(store).await?;
     let missing_cluster = store
-        .create_varnish_server(&VarnishServer {
+        .create(&VarnishServer {
             cluster_id: 999,
             address: "10.1.1.1".into(),
             ..world.server.clone()
@@ -240,7 +242,7 @@ async fn references_and_uniqueness_are_checked_and_nothing_is_saved(store: &Stor
         })
     ));
     let duplicate = store
-        .create_director(&Director {
+        .create(&Director {
             id: 0,
             ..world.director.clone()
         })
@@ -253,7 +255,7 @@ async fn references_and_uniqueness_are_checked_and_nothing_is_saved(store: &Stor
         })
     ));
     let colliding = store
-        .create_dc(&Dc {
+        .create(&Dc {
             id: 0,
             name: "other".into(),
             symbol: "fra_1".into(),
@@ -269,7 +271,7 @@ async fn references_and_uniqueness_are_checked_and_nothing_is_saved(store: &Stor
         ),
         "fra_1 and fra-1 are the same name in VCL"
     );
-    let in_use = store.delete_cluster(world.cluster.id).await;
+    let in_use = store.delete::<Cluster>(world.cluster.id).await;
     assert!(matches!(
         in_use,
         Err(Error::InUse {
@@ -277,7 +279,9 @@ async fn references_and_uniqueness_are_checked_and_nothing_is_saved(store: &Stor
             ..
         })
     ));
-    let (servers, _) = store.list_varnish_servers(100, "", 0).await?;
+    let (servers, _) = store
+        .list::<VarnishServer>(&Default::default(), 100, "")
+        .await?;
     assert_eq!(servers.len(), 1, "the refused server was not saved");
     let (tasks, _) = store.list_tasks(100, "", 0, 0).await?;
     assert_eq!(
@@ -286,7 +290,7 @@ async fn references_and_uniqueness_are_checked_and_nothing_is_saved(store: &Stor
         "only the world's server and director made tasks"
     );
     assert!(matches!(
-        store.get_backend(42).await,
+        store.get::<Backend>(42).await,
         Err(Error::NotFound {
             resource: "backend",
             id: 42
@@ -297,11 +301,7 @@ async fn references_and_uniqueness_are_checked_and_nothing_is_saved(store: &Stor
 
 async fn finishing_tasks_records_cluster_status(store: &Store) -> Result<()> {
     let world = world(store).await?;
-    let first = store
-        .create_backend(&backend(&world, "10.0.0.1"))
-        .await?
-        .tasks[0]
-        .clone();
+    let first = store.create(&backend(&world, "10.0.0.1")).await?.tasks[0].clone();
     let pending = store.unfinished_clusters().await?;
     assert_eq!(pending.len(), 1);
     let (cluster_id, newest) = pending[0];
@@ -319,11 +319,7 @@ async fn finishing_tasks_records_cluster_status(store: &Store) -> Result<()> {
             .all(|task| task.state == TaskState::Started as i32)
     );
 
-    let second = store
-        .create_backend(&backend(&world, "10.0.0.2"))
-        .await?
-        .tasks[0]
-        .clone();
+    let second = store.create(&backend(&world, "10.0.0.2")).await?.tasks[0].clone();
     let failed = store
         .finish_tasks(
             cluster_id,
@@ -341,7 +337,7 @@ async fn finishing_tasks_records_cluster_status(store: &Store) -> Result<()> {
             .iter()
             .all(|task| task.state == TaskState::Failure as i32)
     );
-    let cluster = store.get_cluster(cluster_id).await?;
+    let cluster = store.get::<Cluster>(cluster_id).await?;
     assert_eq!(cluster.last_error, "VCL compilation failed");
     assert_eq!(cluster.error_timestamp, first.timestamp);
     assert_eq!(cluster.reload_timestamp, None);
@@ -355,7 +351,7 @@ async fn finishing_tasks_records_cluster_status(store: &Store) -> Result<()> {
         .await?;
     assert_eq!(succeeded.len(), 1);
     assert_eq!(
-        store.get_cluster(cluster_id).await?.reload_timestamp,
+        store.get::<Cluster>(cluster_id).await?.reload_timestamp,
         second.timestamp
     );
     assert!(store.unfinished_clusters().await?.is_empty());
@@ -364,9 +360,9 @@ async fn finishing_tasks_records_cluster_status(store: &Store) -> Result<()> {
 
 async fn snapshot_contains_what_the_cluster_serves(store: &Store) -> Result<()> {
     let world = world(store).await?;
-    store.create_backend(&backend(&world, "10.0.0.1")).await?;
+    store.create(&backend(&world, "10.0.0.1")).await?;
     store
-        .create_backend(&Backend {
+        .create(&Backend {
             enabled: Some(false),
             ..backend(&world, "10.0.0.2")
         })
@@ -389,7 +385,7 @@ async fn snapshot_contains_what_the_cluster_serves(store: &Store) -> Result<()> 
     assert_eq!(reported, Some(world.server.id));
     assert_eq!(
         store
-            .get_varnish_server(world.server.id)
+            .get::<VarnishServer>(world.server.id)
             .await?
             .running_vcl_version,
         "abc123"
@@ -400,7 +396,7 @@ async fn snapshot_contains_what_the_cluster_serves(store: &Store) -> Result<()> 
 async fn pages_walk_every_item_once(store: &Store) -> Result<()> {
     for index in 0..7 {
         store
-            .create_dc(&Dc {
+            .create(&Dc {
                 id: 0,
                 name: format!("dc {index}"),
                 symbol: format!("dc{index}"),
@@ -410,7 +406,7 @@ async fn pages_walk_every_item_once(store: &Store) -> Result<()> {
     let mut token = String::new();
     let mut seen = Vec::new();
     loop {
-        let (dcs, next) = store.list_dcs(3, &token).await?;
+        let (dcs, next) = store.list::<Dc>(&Default::default(), 3, &token).await?;
         seen.extend(dcs.into_iter().map(|dc| dc.symbol));
         if next.is_empty() {
             break;
@@ -422,8 +418,248 @@ async fn pages_walk_every_item_once(store: &Store) -> Result<()> {
         (0..7).map(|index| format!("dc{index}")).collect::<Vec<_>>()
     );
     assert!(matches!(
-        store.list_dcs(3, "garbage").await,
+        store.list::<Dc>(&Default::default(), 3, "garbage").await,
         Err(Error::InvalidPageToken)
     ));
     Ok(())
+}
+
+/// The clusters that got a task, by name, in order.
+fn reloaded<T>(outcome: &vaas_store::WriteOutcome<T>) -> Vec<String> {
+    let mut names: Vec<String> = outcome
+        .tasks
+        .iter()
+        .map(|task| task.cluster_name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+async fn every_kind_of_change_reloads_exactly_the_clusters_it_touches(store: &Store) -> Result<()> {
+    let dc = |name: &str| Dc {
+        id: 0,
+        name: name.into(),
+        symbol: name.into(),
+    };
+    let (x, y) = (
+        store.create(&dc("x")).await?.value,
+        store.create(&dc("y")).await?.value,
+    );
+    let mut clusters = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let cluster = Cluster {
+            name: name.into(),
+            ..Default::default()
+        };
+        clusters.push(store.create(&cluster).await?.value);
+    }
+    let [a, b, c, d] = [0, 1, 2, 3].map(|index| clusters[index].clone());
+    let template = |name: &str| VclTemplate {
+        name: name.into(),
+        content: "<VCL/>".into(),
+        ..Default::default()
+    };
+    let t1 = store.create(&template("t1")).await?.value;
+    let t2 = store.create(&template("t2")).await?.value;
+    let server =
+        |address: &str, dc: &Dc, template: &VclTemplate, cluster: &Cluster| VarnishServer {
+            address: address.into(),
+            http_port: Some(80),
+            admin_port: Some(6082),
+            status: ServerStatus::Active as i32,
+            dc_id: dc.id,
+            template_id: template.id,
+            cluster_id: cluster.id,
+            ..Default::default()
+        };
+    let server_a = store.create(&server("10.0.1.1", &x, &t1, &a)).await?.value;
+    store.create(&server("10.0.1.2", &x, &t1, &b)).await?;
+    // A second server keeps cluster a reloadable when server_a leaves it.
+    store.create(&server("10.0.1.5", &x, &t1, &a)).await?;
+    store.create(&server("10.0.1.3", &y, &t2, &c)).await?;
+    let disabled = VarnishServer {
+        status: ServerStatus::Disabled as i32,
+        ..server("10.0.1.4", &y, &t2, &d)
+    };
+    let created_disabled = store.create(&disabled).await?;
+    assert_eq!(
+        reloaded(&created_disabled),
+        Vec::<String>::new(),
+        "disabled servers get no VCL"
+    );
+    let director = |name: &str, clusters: Vec<i64>| Director {
+        name: name.into(),
+        cluster_ids: clusters,
+        route_expression: format!("^/{name}/"),
+        ..Default::default()
+    };
+    let d1 = store.create(&director("d1", vec![a.id])).await?;
+    assert_eq!(reloaded(&d1), ["a"], "a new director reloads its clusters");
+    let d1 = d1.value;
+    let d2 = store.create(&director("d2", vec![b.id, c.id])).await?.value;
+    let d3 = store.create(&director("d3", vec![d.id])).await?;
+    assert_eq!(
+        reloaded(&d3),
+        Vec::<String>::new(),
+        "d has only a disabled server"
+    );
+    let in_dc = |director: &Director, dc: &Dc, address: &str| Backend {
+        director_id: director.id,
+        dc_id: dc.id,
+        address: address.into(),
+        port: Some(80),
+        ..Default::default()
+    };
+
+    let b1 = store.create(&in_dc(&d1, &y, "10.0.2.1")).await?;
+    assert_eq!(
+        reloaded(&b1),
+        ["a"],
+        "a new backend reloads its director's clusters"
+    );
+    let b2 = store.create(&in_dc(&d2, &y, "10.0.2.2")).await?;
+    assert_eq!(reloaded(&b2), ["b", "c"]);
+    let moved = store
+        .update(&in_dc(&d2, &y, "10.0.2.1").with_id(b1.value.id))
+        .await?;
+    assert_eq!(
+        reloaded(&moved),
+        ["a", "b", "c"],
+        "old and new director's clusters"
+    );
+    let deleted = store.delete::<Backend>(b2.value.id).await?;
+    assert_eq!(reloaded(&deleted), ["b", "c"]);
+
+    let d1_moved = store
+        .update(&director("d1", vec![c.id]).with_id(d1.id))
+        .await?;
+    assert_eq!(
+        reloaded(&d1_moved),
+        ["a", "c"],
+        "clusters it left and joined"
+    );
+
+    let renamed_x = store
+        .update(&Dc {
+            name: "x2".into(),
+            ..x.clone()
+        })
+        .await?;
+    assert_eq!(reloaded(&renamed_x), ["a", "b"], "servers in x");
+    let renamed_y = store
+        .update(&Dc {
+            name: "y2".into(),
+            ..y.clone()
+        })
+        .await?;
+    assert_eq!(
+        reloaded(&renamed_y),
+        ["b", "c"],
+        "server in y, and d2's backend in y"
+    );
+
+    let t2_changed = store
+        .update(&VclTemplate {
+            comment: "v2".into(),
+            ..t2.clone()
+        })
+        .await?;
+    assert_eq!(
+        reloaded(&t2_changed),
+        ["c"],
+        "the servers running it (d's is disabled)"
+    );
+    let a_changed = store
+        .update(&Cluster {
+            labels: vec!["env:prod".into()],
+            ..a.clone()
+        })
+        .await?;
+    assert_eq!(reloaded(&a_changed), ["a"]);
+
+    let server_moved = store
+        .update(&VarnishServer {
+            cluster_id: b.id,
+            ..server_a.clone()
+        })
+        .await?;
+    assert_eq!(
+        reloaded(&server_moved),
+        ["a", "b"],
+        "the server's old and new cluster"
+    );
+    let server_deleted = store.delete::<VarnishServer>(server_a.id).await?;
+    assert_eq!(
+        reloaded(&server_deleted),
+        Vec::<String>::new(),
+        "no other server's VCL changes"
+    );
+
+    let new_dc = store.create(&dc("z")).await?;
+    let new_cluster = store
+        .create(&Cluster {
+            name: "e".into(),
+            ..Default::default()
+        })
+        .await?;
+    let new_template = store.create(&template("t3")).await?;
+    assert!(
+        new_dc.tasks.is_empty() && new_cluster.tasks.is_empty() && new_template.tasks.is_empty()
+    );
+    Ok(())
+}
+
+async fn a_partial_update_merges_into_the_stored_item(store: &Store) -> Result<()> {
+    let world = world(store).await?;
+    let created = store.create(&backend(&world, "10.0.0.1")).await?.value;
+    let outcome = store
+        .update_with(created.id, |stored: &Backend| {
+            Ok::<_, vaas_store::Error>(Backend {
+                weight: Some(7),
+                ..stored.clone()
+            })
+        })
+        .await?;
+    assert_eq!(outcome.value.weight, Some(7));
+    assert_eq!(outcome.value.address, "10.0.0.1", "other fields are kept");
+    assert_eq!(outcome.tasks.len(), 1, "the director's cluster is reloaded");
+    let refused = store
+        .update_with(created.id, |_: &Backend| {
+            Err::<Backend, _>(Error::InvalidPageToken)
+        })
+        .await;
+    assert!(matches!(refused, Err(Error::InvalidPageToken)));
+    assert_eq!(
+        store.get::<Backend>(created.id).await?.weight,
+        Some(7),
+        "a refused change saves nothing"
+    );
+    let missing = store
+        .update_with(4242, |stored: &Backend| Ok::<_, Error>(stored.clone()))
+        .await;
+    assert!(matches!(
+        missing,
+        Err(Error::NotFound {
+            resource: "backend",
+            id: 4242
+        })
+    ));
+    Ok(())
+}
+
+/// Sets the id of a message built for a create, to update the stored item.
+trait WithId {
+    fn with_id(self, id: i64) -> Self;
+}
+
+impl WithId for Backend {
+    fn with_id(self, id: i64) -> Backend {
+        Backend { id, ..self }
+    }
+}
+
+impl WithId for Director {
+    fn with_id(self, id: i64) -> Director {
+        Director { id, ..self }
+    }
 }

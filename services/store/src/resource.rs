@@ -1,0 +1,443 @@
+//! The generic resource layer: one trait that a configuration resource implements once, and the
+//! create / get / list / update / delete that every resource shares.
+//!
+//! A resource names its table and its writable columns (with their values) in one list, converts
+//! a row back into its message, checks references and uniqueness, and says which clusters a change
+//! touches from the item before and after it. Everything else — the write transaction with its
+//! store timestamp, the reload tasks and outbox rows, paging, not-found errors — lives here, so
+//! no resource can forget the clusters an update leaves or bind its columns in the wrong order.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, Row, Transaction};
+
+use crate::write::WriteOutcome;
+use crate::{Error, Result, Store};
+
+/// The open transaction a write runs in.
+pub type Tx<'c> = Transaction<'c, Any>;
+
+/// A page of a listing: the items and the token of the next page (empty on the last page).
+pub type Page<T> = (Vec<T>, String);
+
+/// The value of one column, bound to a statement.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    /// An integer (also booleans, as 0/1, enums and durations in microseconds).
+    Int(i64),
+    /// A text.
+    Text(String),
+    /// An integer that may be NULL.
+    OptionalInt(Option<i64>),
+}
+
+impl From<i64> for Value {
+    fn from(value: i64) -> Value {
+        Value::Int(value)
+    }
+}
+
+impl From<i32> for Value {
+    fn from(value: i32) -> Value {
+        Value::Int(i64::from(value))
+    }
+}
+
+impl From<u32> for Value {
+    fn from(value: u32) -> Value {
+        Value::Int(i64::from(value))
+    }
+}
+
+impl From<bool> for Value {
+    fn from(value: bool) -> Value {
+        Value::Int(i64::from(value))
+    }
+}
+
+impl From<&str> for Value {
+    fn from(value: &str) -> Value {
+        Value::Text(value.to_owned())
+    }
+}
+
+impl From<&String> for Value {
+    fn from(value: &String) -> Value {
+        Value::Text(value.clone())
+    }
+}
+
+impl From<Option<i64>> for Value {
+    fn from(value: Option<i64>) -> Value {
+        Value::OptionalInt(value)
+    }
+}
+
+/// One condition of a listing: SQL with a single `?` for the bound value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Condition {
+    sql: &'static str,
+    value: Value,
+}
+
+impl Condition {
+    /// Creates a condition; `sql` holds exactly one `?`, where `value` is bound.
+    pub fn new(sql: &'static str, value: impl Into<Value>) -> Condition {
+        Condition {
+            sql,
+            value: value.into(),
+        }
+    }
+}
+
+/// A configuration resource stored one row per item in its own table.
+///
+/// Implement it once per resource (one file under `resources/`); the generic operations on
+/// [`Store`] do the rest.
+pub trait Resource: Clone + Send + Sync + Unpin + 'static {
+    /// The table.
+    const TABLE: &'static str;
+    /// The resource's name in errors and task descriptions, for example "varnish server".
+    const KIND: &'static str;
+    /// The request field that holds the resource, for example "varnish_server".
+    const FIELD: &'static str;
+    /// What a listing can be filtered by (the list request).
+    type Filter: Send + Sync;
+
+    /// Returns the identifier (0 before the item is created).
+    fn id(&self) -> i64;
+
+    /// Returns the writable columns with their values: the one column list of the resource.
+    fn columns(&self) -> Vec<(&'static str, Value)>;
+
+    /// Converts a row of `SELECT *` from the table.
+    fn from_row(row: &AnyRow) -> Result<Self>;
+
+    /// Returns the conditions a listing applies for `filter`.
+    fn conditions(filter: &Self::Filter) -> Vec<Condition>;
+
+    /// Checks references and uniqueness before the item is written; errors name request fields.
+    fn check(&self, tx: &mut Tx<'_>) -> impl Future<Output = Result<()>> + Send;
+
+    /// Returns the clusters whose VCL may change when `before` becomes `after` (`None` for the
+    /// side of a create or a delete that has no item).
+    fn affected(
+        tx: &mut Tx<'_>,
+        before: Option<&Self>,
+        after: Option<&Self>,
+    ) -> impl Future<Output = Result<BTreeSet<i64>>> + Send;
+
+    /// Writes what lives outside the row (link tables) once the row with `id` is written.
+    fn save_links(&self, tx: &mut Tx<'_>, id: i64) -> impl Future<Output = Result<()>> + Send {
+        let _ = (tx, id);
+        async { Ok(()) }
+    }
+
+    /// Fills in what lives outside the rows of `items`.
+    fn load_links(tx: &mut Tx<'_>, items: &mut [Self]) -> impl Future<Output = Result<()>> + Send {
+        let _ = (tx, items);
+        async { Ok(()) }
+    }
+
+    /// Refuses to delete the item while others use it, and removes what only it used.
+    fn before_delete(&self, tx: &mut Tx<'_>) -> impl Future<Output = Result<()>> + Send {
+        let _ = tx;
+        async { Ok(()) }
+    }
+}
+
+impl Store {
+    /// Creates `item` (its id is ignored) with a reload task for every affected cluster.
+    pub async fn create<R: Resource>(&self, item: &R) -> Result<WriteOutcome<R>> {
+        let mut write = self.begin_write().await?;
+        let tx = &mut write.transaction;
+        item.check(tx).await?;
+        let columns = item.columns();
+        let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+        let placeholders: Vec<String> = (1..=columns.len()).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "INSERT INTO {} ({}) VALUES ({}) RETURNING id",
+            R::TABLE,
+            names.join(", "),
+            placeholders.join(", ")
+        );
+        let row = bind_values(sqlx::query(&sql), columns)
+            .fetch_one(&mut **tx)
+            .await?;
+        let id: i64 = row.try_get("id")?;
+        item.save_links(tx, id).await?;
+        let created = fetch_in::<R>(tx, id).await?;
+        let affected = R::affected(tx, None, Some(&created)).await?;
+        let description = format!("create {} {id}", R::KIND);
+        self.commit_write(write, created, affected, description)
+            .await
+    }
+
+    /// Returns the item with `id`.
+    pub async fn get<R: Resource>(&self, id: i64) -> Result<R> {
+        let mut transaction = self.pool.begin().await?;
+        let item = fetch_in::<R>(&mut transaction, id).await?;
+        transaction.commit().await?;
+        Ok(item)
+    }
+
+    /// Lists a page of items matching `filter`, in id order.
+    pub async fn list<R: Resource>(
+        &self,
+        filter: &R::Filter,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<Page<R>> {
+        let limit = page_limit(page_size);
+        let after = parse_page_token(page_token)?;
+        let conditions = R::conditions(filter);
+        let mut sql = format!("SELECT * FROM {} WHERE id > $1", R::TABLE);
+        for (index, condition) in conditions.iter().enumerate() {
+            sql.push_str(" AND ");
+            sql.push_str(&condition.sql.replace('?', &format!("${}", index + 2)));
+        }
+        sql.push_str(&format!(" ORDER BY id LIMIT ${}", conditions.len() + 2));
+        let values = conditions
+            .into_iter()
+            .map(|condition| ("", condition.value));
+        let mut transaction = self.pool.begin().await?;
+        let rows = bind_values(sqlx::query(&sql).bind(after), values)
+            .bind(limit + 1)
+            .fetch_all(&mut *transaction)
+            .await?;
+        let (rows, next) = cut_page(rows, limit, |row| row.try_get::<i64, _>("id"));
+        let mut items = rows.iter().map(R::from_row).collect::<Result<Vec<_>>>()?;
+        R::load_links(&mut transaction, &mut items).await?;
+        transaction.commit().await?;
+        Ok((items, next))
+    }
+
+    /// Replaces the writable fields of the item `item.id()`; reloads the clusters it touched
+    /// before and touches now.
+    pub async fn update<R: Resource>(&self, item: &R) -> Result<WriteOutcome<R>> {
+        self.update_with(item.id(), |_| Ok::<R, Error>(item.clone()))
+            .await
+    }
+
+    /// Changes the item with `id` to what `change` makes of it as stored, inside the write
+    /// transaction, so that no concurrent write slips in between the read and the write (partial
+    /// updates merge into the stored item this way). Reloads the clusters the item touched
+    /// before and touches now.
+    pub async fn update_with<R, E>(
+        &self,
+        id: i64,
+        change: impl FnOnce(&R) -> std::result::Result<R, E> + Send,
+    ) -> std::result::Result<WriteOutcome<R>, E>
+    where
+        R: Resource,
+        E: From<Error>,
+    {
+        let mut write = self.begin_write().await?;
+        let tx = &mut write.transaction;
+        let before = fetch_in::<R>(tx, id).await?;
+        let item = change(&before)?;
+        item.check(tx).await?;
+        let columns = item.columns();
+        let assignments: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(index, (name, _))| format!("{name} = ${}", index + 1))
+            .collect();
+        let sql = format!(
+            "UPDATE {} SET {} WHERE id = ${}",
+            R::TABLE,
+            assignments.join(", "),
+            columns.len() + 1
+        );
+        bind_values(sqlx::query(&sql), columns)
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .map_err(Error::from)?;
+        item.save_links(tx, id).await?;
+        let after = fetch_in::<R>(tx, id).await?;
+        let affected = R::affected(tx, Some(&before), Some(&after)).await?;
+        let description = format!("update {} {id}", R::KIND);
+        Ok(self
+            .commit_write(write, after, affected, description)
+            .await?)
+    }
+
+    /// Deletes the item with `id`, unless others still use it.
+    pub async fn delete<R: Resource>(&self, id: i64) -> Result<WriteOutcome<()>> {
+        let mut write = self.begin_write().await?;
+        let tx = &mut write.transaction;
+        let before = fetch_in::<R>(tx, id).await?;
+        before.before_delete(tx).await?;
+        let affected = R::affected(tx, Some(&before), None).await?;
+        sqlx::query(&format!("DELETE FROM {} WHERE id = $1", R::TABLE))
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        let description = format!("delete {} {id}", R::KIND);
+        self.commit_write(write, (), affected, description).await
+    }
+}
+
+/// Binds `values` in order; their column names are the caller's business.
+pub(crate) fn bind_values<'q>(
+    mut query: Query<'q, Any, AnyArguments<'q>>,
+    values: impl IntoIterator<Item = (&'static str, Value)>,
+) -> Query<'q, Any, AnyArguments<'q>> {
+    for (_, value) in values {
+        query = match value {
+            Value::Int(value) => query.bind(value),
+            Value::Text(value) => query.bind(value),
+            Value::OptionalInt(value) => query.bind(value),
+        };
+    }
+    query
+}
+
+/// Reads the item with `id` inside `tx`, with its links.
+pub(crate) async fn fetch_in<R: Resource>(tx: &mut Tx<'_>, id: i64) -> Result<R> {
+    let mut items = select::<R>(tx, "id = $1", id).await?;
+    if items.is_empty() {
+        return Err(Error::NotFound {
+            resource: R::KIND,
+            id,
+        });
+    }
+    Ok(items.remove(0))
+}
+
+/// Reads the items matching `condition` (SQL with `$1` bound to `value`) in id order, with their
+/// links.
+pub(crate) async fn select<R: Resource>(
+    tx: &mut Tx<'_>,
+    condition: &str,
+    value: i64,
+) -> Result<Vec<R>> {
+    let rows = sqlx::query(&format!(
+        "SELECT * FROM {} WHERE {condition} ORDER BY id",
+        R::TABLE
+    ))
+    .bind(value)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut items = rows.iter().map(R::from_row).collect::<Result<Vec<_>>>()?;
+    R::load_links(tx, &mut items).await?;
+    Ok(items)
+}
+
+/// Fails with a reference error naming `field` unless an `R` with `id` exists.
+pub(crate) async fn ensure_reference<R: Resource>(
+    tx: &mut Tx<'_>,
+    field: &'static str,
+    id: i64,
+) -> Result<()> {
+    let found: Option<i64> =
+        sqlx::query_scalar(&format!("SELECT id FROM {} WHERE id = $1", R::TABLE))
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(Error::MissingReference {
+            field,
+            resource: R::KIND,
+            id,
+        }),
+    }
+}
+
+/// Fails with an already-exists error naming `field` when another item than `item` has `value`
+/// in `column`.
+pub(crate) async fn ensure_unique<R: Resource>(
+    tx: &mut Tx<'_>,
+    item: &R,
+    column: &str,
+    value: &str,
+    field: &'static str,
+) -> Result<()> {
+    let taken: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT id FROM {} WHERE {column} = $1 AND id <> $2",
+        R::TABLE
+    ))
+    .bind(value)
+    .bind(item.id())
+    .fetch_optional(&mut **tx)
+    .await?;
+    match taken {
+        Some(_) => Err(Error::AlreadyExists {
+            field,
+            value: value.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Fails with an in-use error while rows of `U` refer to `item` through `column`.
+pub(crate) async fn ensure_unused<R: Resource, U: Resource>(
+    tx: &mut Tx<'_>,
+    item: &R,
+    column: &str,
+) -> Result<()> {
+    let count: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM {} WHERE {column} = $1",
+        U::TABLE
+    ))
+    .bind(item.id())
+    .fetch_one(&mut **tx)
+    .await?;
+    if count > 0 {
+        return Err(Error::InUse {
+            resource: R::KIND,
+            id: item.id(),
+            users: format!("{count} {}s", U::KIND),
+        });
+    }
+    Ok(())
+}
+
+/// Returns the ids that `sql` (with `$1` bound to `id`) selects.
+pub(crate) async fn ids(tx: &mut Tx<'_>, sql: &str, id: i64) -> Result<BTreeSet<i64>> {
+    let ids: Vec<i64> = sqlx::query_scalar(sql)
+        .bind(id)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(ids.into_iter().collect())
+}
+
+/// Returns the number of items a page holds: 100 by default, at most 1000.
+pub(crate) fn page_limit(page_size: i32) -> i64 {
+    match page_size {
+        size if size <= 0 => 100,
+        size => i64::from(size.min(1000)),
+    }
+}
+
+/// Parses a page token handed out by this store: the last key of the previous page.
+pub(crate) fn parse_page_token(token: &str) -> Result<i64> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token.parse().map_err(|_| Error::InvalidPageToken)
+}
+
+/// Keeps `limit` rows and, when there were more, returns the last kept key as the next token.
+pub(crate) fn cut_page(
+    mut rows: Vec<AnyRow>,
+    limit: i64,
+    key: impl Fn(&AnyRow) -> std::result::Result<i64, sqlx::Error>,
+) -> (Vec<AnyRow>, String) {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if rows.len() <= limit {
+        return (rows, String::new());
+    }
+    rows.truncate(limit);
+    let next = rows
+        .last()
+        .and_then(|row| key(row).ok())
+        .map(|key| key.to_string())
+        .unwrap_or_default();
+    (rows, next)
+}

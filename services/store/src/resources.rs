@@ -1,0 +1,9 @@
+//! One file per configuration resource: its [`Resource`](crate::Resource) implementation, the
+//! only place that knows its table, columns, checks and affected clusters.
+
+mod backend;
+mod cluster;
+mod dc;
+mod director;
+mod varnish_server;
+mod vcl_template;

@@ -1,0 +1,123 @@
+//! Backends: the origin servers of a director, each in a datacenter.
+
+use std::collections::BTreeSet;
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use vaas_proto::v1::{Backend, Dc, Director, ListBackendsRequest};
+
+use crate::resource::{Condition, Resource, Tx, Value, ensure_reference, ids};
+use crate::rows::{duration, duration_micros, flag, join_list, port, split_list};
+use crate::{Error, Result};
+
+impl Resource for Backend {
+    const TABLE: &'static str = "backends";
+    const KIND: &'static str = "backend";
+    const FIELD: &'static str = "backend";
+    type Filter = ListBackendsRequest;
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
+    fn columns(&self) -> Vec<(&'static str, Value)> {
+        let micros = |duration: &Option<prost_types::Duration>| {
+            Value::Int(duration.as_ref().map(duration_micros).unwrap_or_default())
+        };
+        vec![
+            ("director_id", self.director_id.into()),
+            ("dc_id", self.dc_id.into()),
+            ("address", (&self.address).into()),
+            ("port", self.port.unwrap_or_default().into()),
+            ("weight", self.weight.unwrap_or_default().into()),
+            (
+                "max_connections",
+                self.max_connections.unwrap_or_default().into(),
+            ),
+            ("connect_timeout_micros", micros(&self.connect_timeout)),
+            (
+                "first_byte_timeout_micros",
+                micros(&self.first_byte_timeout),
+            ),
+            (
+                "between_bytes_timeout_micros",
+                micros(&self.between_bytes_timeout),
+            ),
+            ("enabled", self.enabled.unwrap_or(true).into()),
+            ("tags", Value::Text(join_list(&self.tags))),
+        ]
+    }
+
+    fn from_row(row: &AnyRow) -> Result<Backend> {
+        Ok(Backend {
+            id: row.try_get("id")?,
+            director_id: row.try_get("director_id")?,
+            dc_id: row.try_get("dc_id")?,
+            address: row.try_get("address")?,
+            port: Some(port(row, "port")?),
+            weight: Some(port(row, "weight")?),
+            max_connections: Some(port(row, "max_connections")?),
+            connect_timeout: Some(duration(row.try_get("connect_timeout_micros")?)),
+            first_byte_timeout: Some(duration(row.try_get("first_byte_timeout_micros")?)),
+            between_bytes_timeout: Some(duration(row.try_get("between_bytes_timeout_micros")?)),
+            enabled: Some(flag(row, "enabled")?),
+            tags: split_list(row.try_get("tags")?),
+        })
+    }
+
+    fn conditions(filter: &ListBackendsRequest) -> Vec<Condition> {
+        let mut conditions = Vec::new();
+        if filter.director_id != 0 {
+            conditions.push(Condition::new("director_id = ?", filter.director_id));
+        }
+        conditions
+    }
+
+    async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {
+        ensure_reference::<Director>(tx, "backend.director_id", self.director_id).await?;
+        ensure_reference::<Dc>(tx, "backend.dc_id", self.dc_id).await?;
+        let port = i64::from(self.port.unwrap_or_default());
+        let taken: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM backends WHERE address = $1 AND port = $2 AND director_id = $3 \
+             AND id <> $4",
+        )
+        .bind(&self.address)
+        .bind(port)
+        .bind(self.director_id)
+        .bind(self.id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if taken.is_some() {
+            return Err(Error::AlreadyExists {
+                field: "backend.address",
+                value: format!("{} port {port}", self.address),
+            });
+        }
+        Ok(())
+    }
+
+    /// The clusters of the director the backend belonged to and of the one it belongs to now.
+    async fn affected(
+        tx: &mut Tx<'_>,
+        before: Option<&Backend>,
+        after: Option<&Backend>,
+    ) -> Result<BTreeSet<i64>> {
+        let directors: BTreeSet<i64> = before
+            .into_iter()
+            .chain(after)
+            .map(|backend| backend.director_id)
+            .collect();
+        let mut clusters = BTreeSet::new();
+        for director_id in directors {
+            clusters.extend(
+                ids(
+                    tx,
+                    "SELECT cluster_id FROM director_clusters WHERE director_id = $1",
+                    director_id,
+                )
+                .await?,
+            );
+        }
+        Ok(clusters)
+    }
+}

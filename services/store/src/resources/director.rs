@@ -1,0 +1,116 @@
+//! Directors: a set of backends behind one load-balancing policy, served by some clusters (the
+//! `director_clusters` link table) and chosen by a route.
+
+use std::collections::BTreeSet;
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use vaas_proto::v1::{Backend, Cluster, Director, ListDirectorsRequest};
+
+use crate::Result;
+use crate::resource::ensure_unused;
+use crate::resource::{Condition, Resource, Tx, Value, ensure_reference, ensure_unique};
+use crate::rows::flag;
+
+impl Resource for Director {
+    const TABLE: &'static str = "directors";
+    const KIND: &'static str = "director";
+    const FIELD: &'static str = "director";
+    type Filter = ListDirectorsRequest;
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
+    fn columns(&self) -> Vec<(&'static str, Value)> {
+        vec![
+            ("name", (&self.name).into()),
+            ("service", (&self.service).into()),
+            ("mode", self.mode.into()),
+            ("router", self.router.into()),
+            ("route_expression", (&self.route_expression).into()),
+            ("active_active", self.active_active.unwrap_or(true).into()),
+            ("enabled", self.enabled.unwrap_or(true).into()),
+        ]
+    }
+
+    /// Converts a row; `cluster_ids` come from the link table in [`Resource::load_links`].
+    fn from_row(row: &AnyRow) -> Result<Director> {
+        Ok(Director {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            service: row.try_get("service")?,
+            cluster_ids: Vec::new(),
+            mode: row.try_get::<i64, _>("mode")? as i32,
+            router: row.try_get::<i64, _>("router")? as i32,
+            route_expression: row.try_get("route_expression")?,
+            active_active: Some(flag(row, "active_active")?),
+            enabled: Some(flag(row, "enabled")?),
+        })
+    }
+
+    fn conditions(filter: &ListDirectorsRequest) -> Vec<Condition> {
+        let mut conditions = Vec::new();
+        if filter.cluster_id != 0 {
+            conditions.push(Condition::new(
+                "id IN (SELECT director_id FROM director_clusters WHERE cluster_id = ?)",
+                filter.cluster_id,
+            ));
+        }
+        conditions
+    }
+
+    async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {
+        ensure_unique(tx, self, "name", &self.name, "director.name").await?;
+        for &cluster_id in &self.cluster_ids {
+            ensure_reference::<Cluster>(tx, "director.cluster_ids", cluster_id).await?;
+        }
+        Ok(())
+    }
+
+    /// The clusters that served the director and those that serve it now.
+    async fn affected(
+        _: &mut Tx<'_>,
+        before: Option<&Director>,
+        after: Option<&Director>,
+    ) -> Result<BTreeSet<i64>> {
+        Ok(before
+            .into_iter()
+            .chain(after)
+            .flat_map(|director| director.cluster_ids.iter().copied())
+            .collect())
+    }
+
+    async fn save_links(&self, tx: &mut Tx<'_>, id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM director_clusters WHERE director_id = $1")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        let unique: BTreeSet<i64> = self.cluster_ids.iter().copied().collect();
+        for cluster_id in unique {
+            sqlx::query("INSERT INTO director_clusters (director_id, cluster_id) VALUES ($1, $2)")
+                .bind(id)
+                .bind(cluster_id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn load_links(tx: &mut Tx<'_>, directors: &mut [Director]) -> Result<()> {
+        for director in directors {
+            director.cluster_ids = sqlx::query_scalar(
+                "SELECT cluster_id FROM director_clusters WHERE director_id = $1 \
+                 ORDER BY cluster_id",
+            )
+            .bind(director.id)
+            .fetch_all(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn before_delete(&self, tx: &mut Tx<'_>) -> Result<()> {
+        ensure_unused::<Director, Backend>(tx, self, "director_id").await
+    }
+}

@@ -1,0 +1,74 @@
+//! The write transaction every configuration change runs in: it takes the next store timestamp
+//! first (which serialises writers), and commits the change together with one reload task and
+//! outbox row per affected cluster that has a server to reload.
+
+use std::collections::BTreeSet;
+
+use vaas_proto::v1::{ServerStatus, Task};
+
+use crate::resource::Tx;
+use crate::{Result, Store, clock, tasks};
+
+/// The result of a write: the resource as stored and the reload tasks the write created.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteOutcome<T> {
+    /// The resource as stored (unit for deletes).
+    pub value: T,
+    /// One reload task per affected cluster, in state PENDING.
+    pub tasks: Vec<Task>,
+}
+
+/// An open write transaction with its store timestamp.
+pub(crate) struct Write<'a> {
+    /// The transaction the change, its tasks and outbox rows are written in.
+    pub(crate) transaction: Tx<'a>,
+    /// The store timestamp of the change and of its tasks.
+    pub(crate) timestamp: i64,
+}
+
+impl Store {
+    /// Opens a write transaction and takes its store timestamp.
+    pub(crate) async fn begin_write(&self) -> Result<Write<'static>> {
+        let mut transaction = self.pool.begin().await?;
+        let timestamp = clock::tick(&mut transaction, self.dialect).await?;
+        Ok(Write {
+            transaction,
+            timestamp,
+        })
+    }
+
+    /// Creates tasks for the affected clusters that have a server to reload, then commits.
+    pub(crate) async fn commit_write<T>(
+        &self,
+        mut write: Write<'_>,
+        value: T,
+        affected_clusters: BTreeSet<i64>,
+        description: String,
+    ) -> Result<WriteOutcome<T>> {
+        let mut task_ids = Vec::new();
+        for cluster_id in affected_clusters {
+            let has_servers: Option<i64> = sqlx::query_scalar(
+                "SELECT id FROM varnish_servers WHERE cluster_id = $1 AND status <> $2 LIMIT 1",
+            )
+            .bind(cluster_id)
+            .bind(ServerStatus::Disabled as i32 as i64)
+            .fetch_optional(&mut *write.transaction)
+            .await?;
+            if has_servers.is_none() {
+                continue;
+            }
+            let task_id = tasks::create(
+                &mut write.transaction,
+                self.dialect,
+                cluster_id,
+                write.timestamp,
+                &description,
+            )
+            .await?;
+            task_ids.push(task_id);
+        }
+        let tasks = tasks::by_ids(&mut write.transaction, &task_ids).await?;
+        write.transaction.commit().await?;
+        Ok(WriteOutcome { value, tasks })
+    }
+}
