@@ -39,33 +39,83 @@ secret_file=$state/varnish-secret
 # Stop order is the reverse of start order.
 all_services=(nats varnishd origin scheduler agent api)
 
-export PATH="$HOME/.cargo/bin:/usr/local/bin:/usr/sbin:/sbin:$PATH"
+# The directories install.sh installs into (pip's, npm's, cargo's), found the way it finds them;
+# again after install.sh ran, which may have made new ones.
+# shellcheck source=deploy/lib/path.sh
+source "$root/deploy/lib/path.sh"
+vaas_path_setup
 
 say() { printf '%s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # --- processes ---------------------------------------------------------------------------------
+# A service is known by the pid that launch() recorded and that process's start time (field 22 of
+# /proc/PID/stat). Both are fixed from the fork on, unlike the command line, which is still the
+# script's own bash until the child has exec'd, and is a wrapper's (a pyenv shim, a Python console
+# script) rather than the program's when a wrapper runs it. So checking them cannot race with
+# start-up, and works whatever runs in between. The start time tells our process from a later
+# one that got the same pid.
+#
+# Each service runs in its own session and process group, whose id is that pid: a wrapper that
+# spawns the real program as a child (rather than exec'ing it) leaves it in that group, so the
+# service counts as running while any member of the group runs, and stopping signals the group.
 
-pid_of() { # Prints the pid of a service started by us if it is alive.
-  local pid_file=$run_dir/$1.pid pid
+proc_stat() { # proc_stat PID: sets stat_fields to fields 3... of /proc/PID/stat (fails if gone).
+  local stat
+  { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+  # Field 2, the command name in parentheses, may hold spaces and parentheses itself.
+  read -ra stat_fields <<<"${stat##*) }"
+  # stat_fields[0] is field 3 (state), [2] field 5 (process group), [19] field 22 (start time).
+}
+
+start_time() { # start_time PID: prints the start time of PID, if it runs (a zombie does not).
+  proc_stat "$1" && [ "${stat_fields[0]}" != Z ] && echo "${stat_fields[19]}"
+}
+
+group_runs() { # group_runs PGID: true while a process of group PGID runs (zombies do not count).
+  local stat_file
+  kill -0 -- "-$1" 2>/dev/null || return 1 # the common answer, without reading /proc
+  for stat_file in /proc/[0-9]*/stat; do
+    proc_stat "${stat_file:6:-5}" || continue
+    [ "${stat_fields[2]}" = "$1" ] && [ "${stat_fields[0]}" != Z ] && return 0
+  done
+  return 1
+}
+
+pid_of() { # pid_of NAME: prints the pid (= process group id) of service NAME while it runs.
+  local pid_file=$run_dir/$1.pid pid="" started="" now
   [ -f "$pid_file" ] || return 1
-  pid=$(cat "$pid_file")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-  # Guards against a recycled pid: the process must still run from our binary.
-  grep -qF -- "$(cat "$run_dir/$1.cmd" 2>/dev/null)" "/proc/$pid/cmdline" 2>/dev/null || return 1
-  echo "$pid"
+  read -r pid started <"$pid_file" || true
+  [ -n "$pid" ] || return 1
+  if [ -z "$started" ] && [ -f "$run_dir/$1.cmd" ]; then
+    # Started by an older start.sh, which recorded the program's name instead of a start time.
+    kill -0 "$pid" 2>/dev/null && grep -qF -- "$(cat "$run_dir/$1.cmd")" "/proc/$pid/cmdline" 2>/dev/null &&
+      echo "$pid"
+    return
+  fi
+  if now=$(start_time "$pid"); then
+    # A live process has this pid: ours if it started when ours did, else the pid was reused.
+    [ "$now" = "$started" ] && echo "$pid"
+    return
+  fi
+  # The leader is gone (or a zombie). Processes left in its group are ours: a process group id
+  # cannot be handed to a new process while the group has members.
+  group_runs "$pid" && echo "$pid"
 }
 
 launch() { # launch NAME COMMAND...: starts COMMAND in its own session, output to logs/NAME.log.
-  local name=$1
+  local name=$1 pid
   shift
   mkdir -p "$run_dir" "$log_dir"
   printf '\n=== %s: starting at %s\n' "$name" "$(date -Is)" >>"$log_dir/$name.log"
   # Without job control a background child is not a group leader, so setsid does not fork and $!
-  # is the service's own pid (which is also its process group id).
+  # is the service's own pid, which becomes its session and process group id.
   setsid "$@" </dev/null >>"$log_dir/$name.log" 2>&1 &
-  echo $! >"$run_dir/$name.pid"
-  basename "$1" >"$run_dir/$name.cmd"
+  pid=$!
+  # The forked child exists now, so its start time can be read at once; if it already ended, an
+  # empty start time makes pid_of look only for a group, which cannot exist then.
+  printf '%s %s\n' "$pid" "$(start_time "$pid" || true)" >"$run_dir/$name.pid"
+  rm -f "$run_dir/$name.cmd"
 }
 
 stop_service() {
@@ -74,14 +124,20 @@ stop_service() {
     rm -f "$run_dir/$name.pid" "$run_dir/$name.cmd"
     return 0
   fi
+  # The whole group; just the leader if it has not made its own group yet.
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-  while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 100 ]; do
+  while pid_of "$name" >/dev/null && [ "$waited" -lt 100 ]; do
     sleep 0.1 # polling for exit, up to 10 s
     waited=$((waited + 1))
   done
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid_of "$name" >/dev/null; then
     say "$name (pid $pid) did not stop within 10 s: killing it"
-    kill -KILL -- "-$pid" 2>/dev/null || true
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    waited=0
+    while pid_of "$name" >/dev/null && [ "$waited" -lt 50 ]; do
+      sleep 0.1 # SIGKILL takes effect at once; polling for the processes to be gone, up to 5 s
+      waited=$((waited + 1))
+    done
   fi
   rm -f "$run_dir/$name.pid" "$run_dir/$name.cmd"
   say "stopped $name (pid $pid)"
@@ -94,7 +150,9 @@ stop_all() {
   done
 }
 
-wait_ready() { # wait_ready NAME DESCRIPTION CHECK...: polls CHECK until it succeeds or the deadline.
+# wait_ready NAME DESCRIPTION CHECK...: polls CHECK until it succeeds, the service has exited (no
+# process of its group runs any more) or the deadline passed. Only the CHECK decides readiness.
+wait_ready() {
   local name=$1 description=$2
   shift 2
   local deadline=$((SECONDS + deadline_seconds))
@@ -203,9 +261,9 @@ start_agent() {
     --varnish-admin "127.0.0.1:$varnish_admin_port" --varnish-secret-file "$secret_file" \
     --server-address 127.0.0.1 --server-admin-port "$varnish_admin_port" \
     --state-dir "$state/agent-state"
-  # The agent has no listener of its own: it is ready when it runs (it keeps retrying to reach
-  # the scheduler). A bad flag makes it exit at once, which start_api's checks would not see.
-  pid_of agent >/dev/null || { tail -n 30 "$log_dir/agent.log" >&2; die "vaas-agent exited at start"; }
+  # The agent has no listener of its own to check, and it keeps retrying to reach the scheduler.
+  # Checking it right here could only race with its start-up; start_api checks that it still
+  # runs once the API is ready, by when a bad flag or setting would have ended it.
   say "started agent (for varnishd 127.0.0.1:$varnish_admin_port)"
 }
 
@@ -214,7 +272,12 @@ start_api() {
   launch api "$bin_dir/vaas-api" \
     --listen "127.0.0.1:$api_port" --database-url "$database_url" --nats-url "$nats_url"
   wait_ready api "gRPC health SERVING on 127.0.0.1:$api_port" grpc_serving "$api_port"
-  pid_of agent >/dev/null || { tail -n 30 "$log_dir/agent.log" >&2; die "vaas-agent exited"; }
+  if ! pid_of agent >/dev/null; then
+    say "error: agent exited. Last lines of $log_dir/agent.log:" >&2
+    tail -n 30 "$log_dir/agent.log" >&2
+    exit 1
+  fi
+  say "ready   agent (still running after the API started)"
 }
 
 status() {
@@ -256,6 +319,7 @@ case $command in
     ;;
   infra)
     "$root/deploy/install.sh"
+    vaas_path_setup
     stop_all
     mkdir -p "$state" "$log_dir" "$run_dir"
     start_nats
@@ -266,6 +330,7 @@ case $command in
     ;;
   start)
     "$root/deploy/install.sh"
+    vaas_path_setup
     build
     stop_all
     mkdir -p "$state" "$log_dir" "$run_dir"
