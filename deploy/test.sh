@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# THE test command: installs what is missing, then runs every check CI runs — buf lint, rustfmt,
-# clippy (warnings are errors) and the whole test suite with cargo-nextest (unit, in-process
-# integration and end-to-end tests against real nats-server, PostgreSQL and varnishd processes).
+# THE test command: installs what is missing, then runs every check CI runs — the installer's own
+# regression test (deploy/tests/install_test.sh), buf lint, rustfmt, clippy (warnings are errors)
+# and the whole test suite with cargo-nextest (unit, in-process integration and end-to-end tests
+# against real nats-server, PostgreSQL and varnishd processes).
 # Every check runs even when an earlier one fails; the exit status is non-zero if any failed.
 # Extra arguments go to `cargo nextest run` (for example a test name filter).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 deploy/install.sh
-export PATH="$HOME/.cargo/bin:/usr/local/bin:/usr/sbin:/sbin:$PATH"
+# What install.sh installed, found where it put it (it cannot change this script's PATH).
+# shellcheck source=deploy/lib/path.sh
+source deploy/lib/path.sh
+vaas_path_setup
 
 failed=()
 check() {
@@ -23,6 +27,8 @@ check() {
   fi
 }
 
+# First: it is quick, and a broken installer is what a CI machine that has everything hides.
+check "installer" deploy/tests/install_test.sh
 check "buf lint" buf lint
 check "rustfmt" cargo fmt --all --check
 check "clippy" cargo clippy --workspace --all-targets -- -D warnings
