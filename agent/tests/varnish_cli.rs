@@ -200,3 +200,99 @@ async fn ipv6_backends_are_reached_when_the_machine_has_ipv6() {
         (200, "hello over ipv6")
     );
 }
+
+/// Returns the health ("healthy" or "sick") varnishd reports for every backend of the active
+/// VCL whose name ends with `suffix`, from `backend.list -j`.
+async fn backend_health(cli: &mut VarnishCli, suffix: &str) -> Vec<String> {
+    let response = cli
+        .command(&["backend.list", "-j"])
+        .await
+        .expect("backend.list");
+    // [version, command, timestamp, {"<vcl>.<backend>": {"probe_message": [good, window,
+    // "healthy" | "sick"], ..}, ..}]
+    let list: serde_json::Value = serde_json::from_str(&response.body).expect("json");
+    let backends = list
+        .get(3)
+        .and_then(serde_json::Value::as_object)
+        .unwrap_or_else(|| panic!("unexpected backend.list: {}", response.body));
+    backends
+        .iter()
+        .filter(|(name, _)| name.ends_with(suffix))
+        .map(|(_, backend)| {
+            let healthy = backend["probe_message"][2] == "healthy";
+            (if healthy { "healthy" } else { "sick" }).to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_probed_director_sends_every_request_to_its_live_backend() {
+    let varnishd = Varnishd::start().await;
+    let live = support::start_origin(IpAddr::V4(Ipv4Addr::LOCALHOST), "hello from live")
+        .await
+        .expect("origin");
+    // Nothing listens there: connections are refused, so its probes fail.
+    let dead = support::free_port();
+    let mut snapshot = fixtures::empty_cluster();
+    let mut starts_healthy = fixtures::probe(50, "starts_healthy", "/health");
+    starts_healthy.start_as_healthy = true;
+    let mut starts_sick = fixtures::probe(51, "starts_sick", "/health");
+    for probe in [&mut starts_healthy, &mut starts_sick] {
+        probe.interval = Some(fixtures::millis(100));
+        probe.timeout = Some(fixtures::millis(100));
+    }
+    snapshot.probes = vec![starts_healthy, starts_sick];
+    let mut first = fixtures::director(20, "first", "^/first/");
+    first.probe_id = 50;
+    let mut second = fixtures::director(21, "second", "^/second/");
+    second.probe_id = 51;
+    snapshot.directors = vec![first, second];
+    let origin = |id, director_id, port: u16| {
+        let mut backend = fixtures::backend(id, director_id, 1, "127.0.0.1");
+        backend.port = Some(u32::from(port));
+        backend
+    };
+    snapshot.backends = vec![
+        origin(30, 20, live.port()),
+        origin(31, 20, dead.port()),
+        origin(32, 21, live.port()),
+        origin(33, 21, dead.port()),
+    ];
+    let mut cli = varnishd.cli().await;
+    load_and_use(&mut cli, "probed", &snapshot).await;
+    start_child(&mut cli).await;
+
+    // Wait on health as varnishd reports it: the live backends pass, the dead ones fail.
+    // Backend names end with the address and the port.
+    let live_suffix = format!("_127_0_0_1_{}", live.port());
+    let dead_suffix = format!("_127_0_0_1_{}", dead.port());
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let live_health = backend_health(&mut cli, &live_suffix).await;
+        let dead_health = backend_health(&mut cli, &dead_suffix).await;
+        if live_health == ["healthy", "healthy"] && dead_health == ["sick", "sick"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "live {live_health:?}, dead {dead_health:?}: {}",
+            cli.command(&["backend.list", "-p"])
+                .await
+                .expect("backend.list")
+                .body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    for path in ["/first/a", "/second/b"] {
+        for attempt in 0..10 {
+            let response =
+                http_get(varnishd.http, "example.com", &format!("{path}{attempt}")).await;
+            assert_eq!(
+                (response.status, response.body.as_str()),
+                (200, "hello from live"),
+                "{path}{attempt}: {response:?}"
+            );
+        }
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use vaas_proto::v1::{DirectorMode, DirectorRouter};
+use vaas_proto::v1::{DirectorHashingPolicy, DirectorMode, DirectorRouter};
 
 use crate::model::{DirectorPlan, Plan};
 
@@ -70,24 +70,49 @@ fn headers(plan: &Plan) -> String {
 }
 
 fn backends(plan: &Plan) -> String {
-    let mut out = format!(
+    let mut out = String::new();
+    // Probes first: a backend can only name a probe declared before it.
+    for probe in &plan.probes {
+        // The URL was checked: printable ASCII without `"`.
+        let _ = write!(
+            out,
+            "probe {} {{\n    .url = \"{}\";\n    .expected_response = {};\n    \
+             .interval = {};\n    .timeout = {};\n    .window = {};\n    \
+             .threshold = {};\n    .initial = {};\n}}\n\n",
+            probe.vcl_name,
+            probe.url,
+            probe.expected_response,
+            probe.interval,
+            probe.timeout,
+            probe.window,
+            probe.threshold,
+            probe.initial,
+        );
+    }
+    let _ = write!(
+        out,
         "# The default backend, never reachable: it keeps the VCL valid without backends.\n\
          backend {PLACEHOLDER_BACKEND} {{\n    .host = \"127.0.0.1\";\n    .port = \"9\";\n}}"
     );
     for backend in &plan.backends {
+        let limits = &backend.limits;
         let _ = write!(
             out,
             "\n\nbackend {} {{\n    .host = \"{}\";\n    .port = \"{}\";\n    \
              .max_connections = {};\n    .connect_timeout = {};\n    \
-             .first_byte_timeout = {};\n    .between_bytes_timeout = {};\n}}",
+             .first_byte_timeout = {};\n    .between_bytes_timeout = {};",
             backend.vcl_name,
             backend.host,
             backend.port,
-            backend.max_connections,
-            backend.connect_timeout,
-            backend.first_byte_timeout,
-            backend.between_bytes_timeout,
+            limits.max_connections,
+            limits.connect_timeout,
+            limits.first_byte_timeout,
+            limits.between_bytes_timeout,
         );
+        if let Some(probe) = &backend.probe {
+            let _ = write!(out, "\n    .probe = {probe};");
+        }
+        out.push_str("\n}");
     }
     out
 }
@@ -133,21 +158,24 @@ fn vaas_status() -> String {
         .to_owned()
 }
 
-/// The director's `.backend()` call: hash directors hash the URL.
+/// The director's `.backend()` call: hash directors hash the URL, or the cookie header when
+/// their hashing policy says so.
 fn backend_call(director: &DirectorPlan, object_name: &str) -> String {
-    match director.mode {
-        DirectorMode::Hash => format!("{object_name}.backend(req.url)"),
+    match (director.mode, director.hashing_policy) {
+        (DirectorMode::Hash, DirectorHashingPolicy::Cookie) => {
+            format!("{object_name}.backend(req.http.cookie)")
+        }
+        (DirectorMode::Hash, _) => format!("{object_name}.backend(req.url)"),
         _ => format!("{object_name}.backend()"),
     }
 }
 
 fn router(plan: &Plan) -> String {
     let mut out = String::new();
-    for director in &plan.directors {
-        let subject = match director.router {
-            DirectorRouter::Domain => "req.http.host",
-            DirectorRouter::Path | DirectorRouter::Unspecified => "req.url",
-        };
+    // Virtual directors are only declared, for custom templates to use.
+    for director in plan.directors.iter().filter(|director| director.routed) {
+        let by_path = director.router != DirectorRouter::Domain;
+        let subject = if by_path { "req.url" } else { "req.http.host" };
         let keyword = if out.is_empty() { "if" } else { " elsif" };
         // The expression was checked: it holds no `"}` and no control character.
         let _ = write!(
@@ -175,6 +203,14 @@ fn router(plan: &Plan) -> String {
                         "\n    if (!std.healthy(req.backend_hint)) {{\n        \
                          set req.backend_hint = {};\n    }}",
                         backend_call(director, &other.object_name)
+                    );
+                }
+                // After the choice, so a hash director hashes the URL the client asked for.
+                if director.remove_path && by_path {
+                    let _ = write!(
+                        out,
+                        "\n    set req.url = regsub(req.url, {{\"{}\"}}, \"/\");",
+                        director.route_expression
                     );
                 }
             }

@@ -14,11 +14,11 @@
 //! |---|---|
 //! | `VCL` | `<HEADERS/>`, `<BACKENDS/>`, `<DIRECTORS/>`, `<RECV/>`, `<OTHER_FUNCTIONS/>`, `<EMPTY_DIRECTOR_SYNTH/>` |
 //! | `HEADERS` | `vcl 4.0;` or `vcl 4.1;`, `import std;`, `import directors;` |
-//! | `BACKENDS` | a placeholder backend (first, so it is the default and always referenced), then one `backend` per usable backend |
-//! | `DIRECTORS` | `sub vcl_init` creating one directors-vmod director per director and datacenter |
+//! | `BACKENDS` | one `probe` per probe that a backend below uses, a placeholder backend (the first backend, so it is the default and always referenced), then one `backend` per usable backend |
+//! | `DIRECTORS` | `sub vcl_init` creating one directors-vmod director per director (virtual ones included) and datacenter |
 //! | `RECV` | `sub vcl_recv { <VAAS_STATUS/> <ROUTER/> }` |
 //! | `VAAS_STATUS` | answers `/vaas_status` and `/vaas_version` |
-//! | `ROUTER` | picks a director by host, then by path; falls back to other datacenters; synthetic 404 otherwise |
+//! | `ROUTER` | picks a non-virtual director by host, then by path; falls back to other datacenters; strips the matched path when asked; synthetic 404 otherwise |
 //! | `OTHER_FUNCTIONS` | `sub vcl_deliver` adding the `X-VaaS-VCL-Version` header to proxied responses |
 //! | `EMPTY_DIRECTOR_SYNTH` | `sub vcl_synth`: the version header and plain-text bodies of every synthetic response |
 //!
@@ -27,6 +27,37 @@
 //! the text inside a `/* ... */` comment. Then `#{key}` variables are substituted in the template
 //! text: `MESH_IP`, `MESH_PORT` and `MESH_TIMEOUT_CONTROL_HEADER` have built-in defaults; an unknown
 //! variable is left as written.
+//!
+//! # Directors and backends
+//!
+//! - **Probes.** A director's probe is declared once, as `probe probe_<name>` (the name
+//!   lower-cased: VCL symbols are case-insensitive, and the prefix keeps it apart from backends and
+//!   directors), and every backend of the director gets `.probe = probe_<name>;`. A probe that no
+//!   rendered backend uses is not declared, because varnishd refuses an unused probe. Unset fields
+//!   take the documented defaults (200, 3 s, 1 s, window 5, threshold 3). `.initial` is always
+//!   written: `threshold` when the probe starts healthy, otherwise `threshold - 1`, Varnish's own
+//!   default and what the original VaaS left in place: a backend starts sick and turns healthy on
+//!   its first good probe, which varnishd sends as soon as the VCL is loaded. We do not write
+//!   `0`: each VCL probes its own backends afresh, so every reload would keep every probed
+//!   backend sick for `threshold × interval` (9 s by default) and a director would answer 503 for
+//!   that long.
+//! - **Time profiles.** A backend with `inherit_time_profile` whose director has a time profile
+//!   takes `max_connections` and the three timeouts from the profile (the profile's unset fields
+//!   take the same defaults as a backend's); otherwise it keeps its own. The profile's
+//!   `service_mesh_timeout` is not rendered.
+//! - **Hash directors** hash `req.url`, or `req.http.cookie` with the cookie hashing policy.
+//! - **remove_path** (path routers only): once the backend is chosen, the first match of the
+//!   route expression in the URL is replaced by "/", so `^/api/` turns `/api/x` into `/x` (and
+//!   `^/api` would turn it into `//x`). An expression without `^` still replaces its first match,
+//!   wherever it is. The rewrite happens in `vcl_recv`, so the rewritten URL is the cache key, as
+//!   in the original VaaS: two such directors on one host whose URLs strip to the same path share
+//!   cache entries. Domain routers ignore the flag.
+//! - **Virtual directors** are declared (backends, probes and `vcl_init` objects) so custom
+//!   templates can use them, but the router never chooses them.
+//! - A director's probe or time profile missing from the snapshot, or one with an invalid value,
+//!   is an error rather than a silently different VCL.
+//! - Not rendered yet: a director's `protocol`, `service_mesh_label`, `service_tag` and
+//!   `reachable_via_service_mesh` (protocol redirects and service-mesh routing come later).
 //!
 //! # Version
 //!
@@ -125,7 +156,58 @@ pub enum RenderError {
         /// Which timeout, for example "connect_timeout".
         field: &'static str,
     },
-    /// Two generated VCL symbols (backends, directors) have the same name.
+    /// A director refers to a probe that is not among the snapshot's probes.
+    #[error("probe {probe_id} of director {director} is not in the snapshot")]
+    ProbeNotFound {
+        /// The director's name.
+        director: String,
+        /// The missing probe.
+        probe_id: i64,
+    },
+    /// A probe name does not match `[A-Za-z][A-Za-z0-9_]{0,49}`.
+    #[error("probe {probe_id} has an invalid name {name:?}")]
+    InvalidProbeName {
+        /// The probe.
+        probe_id: i64,
+        /// The name as stored.
+        name: String,
+    },
+    /// A probe URL does not start with "/", is longer than 256 characters or holds a character
+    /// other than printable ASCII (a space or `"` included).
+    #[error("probe {probe_id} has an invalid url {url:?}")]
+    InvalidProbeUrl {
+        /// The probe.
+        probe_id: i64,
+        /// The URL as stored.
+        url: String,
+    },
+    /// A probe setting is out of range: expected_response outside 100..=599, a zero, negative or
+    /// unnormalised interval or timeout, window outside 1..=64, threshold outside 1..=window.
+    #[error("probe {probe_id} has an invalid {field}")]
+    InvalidProbeSetting {
+        /// The probe.
+        probe_id: i64,
+        /// Which setting, for example "threshold".
+        field: &'static str,
+    },
+    /// A director refers to a time profile that is not among the snapshot's time profiles.
+    #[error("time profile {time_profile_id} of director {director} is not in the snapshot")]
+    TimeProfileNotFound {
+        /// The director's name.
+        director: String,
+        /// The missing time profile.
+        time_profile_id: i64,
+    },
+    /// A time profile timeout is negative or out of range.
+    #[error("time profile {time_profile_id} has an invalid {field}")]
+    InvalidTimeProfile {
+        /// The time profile.
+        time_profile_id: i64,
+        /// Which timeout, for example "connect_timeout".
+        field: &'static str,
+    },
+    /// Two generated VCL symbols (probes, backends, directors) have the same name, compared
+    /// regardless of case as varnishd does.
     #[error("two vcl objects would be named {name}")]
     NameCollision {
         /// The duplicated name.

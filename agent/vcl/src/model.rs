@@ -5,7 +5,8 @@ use std::net::IpAddr;
 
 use prost_types::Duration;
 use vaas_proto::v1::{
-    Backend, ClusterSnapshot, DirectorMode, DirectorRouter, ServerStatus, VclSyntax,
+    Backend, ClusterSnapshot, Director, DirectorHashingPolicy, DirectorMode, DirectorRouter, Probe,
+    ServerStatus, TimeProfile, VclSyntax,
 };
 
 use crate::RenderError;
@@ -34,6 +35,28 @@ const DEFAULT_BETWEEN_BYTES_TIMEOUT: Duration = Duration {
 };
 /// The backend tag that marks canary backends.
 const CANARY_TAG: &str = "canary";
+/// Default status a healthy backend answers a probe with.
+const DEFAULT_EXPECTED_RESPONSE: u32 = 200;
+/// Default time between two probes, 3 s.
+const DEFAULT_PROBE_INTERVAL: Duration = Duration {
+    seconds: 3,
+    nanos: 0,
+};
+/// Default time a probe may take, 1 s.
+const DEFAULT_PROBE_TIMEOUT: Duration = Duration {
+    seconds: 1,
+    nanos: 0,
+};
+/// Default number of probes considered.
+const DEFAULT_PROBE_WINDOW: u32 = 5;
+/// Default number of good probes (in the window) that make a backend healthy.
+const DEFAULT_PROBE_THRESHOLD: u32 = 3;
+/// Varnish keeps the results of at most 64 probes (a bit field): larger windows do not compile.
+const MAX_PROBE_WINDOW: u32 = 64;
+/// Longest probe URL, as the API accepts.
+const MAX_PROBE_URL: usize = 256;
+/// Prefix of probe VCL names, so a probe never shares a name with a backend or a director.
+const PROBE_PREFIX: &str = "probe_";
 
 /// Everything the emitters need, validated.
 #[derive(Debug)]
@@ -44,10 +67,25 @@ pub(crate) struct Plan {
     pub(crate) syntax: &'static str,
     /// Whether `/vaas_status` answers 200 (active) or 503.
     pub(crate) active: bool,
+    /// The probes used by at least one backend, by probe id.
+    pub(crate) probes: Vec<ProbeDef>,
     /// Backends in emission order (director id, dc id, backend id).
     pub(crate) backends: Vec<BackendDef>,
     /// Directors in routing order: by host first, then by path; by id within each.
     pub(crate) directors: Vec<DirectorPlan>,
+}
+
+/// One `probe` declaration, validated.
+#[derive(Debug, Clone)]
+pub(crate) struct ProbeDef {
+    pub(crate) vcl_name: String,
+    pub(crate) url: String,
+    pub(crate) expected_response: u32,
+    pub(crate) interval: String,
+    pub(crate) timeout: String,
+    pub(crate) window: u32,
+    pub(crate) threshold: u32,
+    pub(crate) initial: u32,
 }
 
 /// One `backend` declaration.
@@ -56,6 +94,15 @@ pub(crate) struct BackendDef {
     pub(crate) vcl_name: String,
     pub(crate) host: String,
     pub(crate) port: u32,
+    pub(crate) limits: Limits,
+    /// The VCL name of the probe that checks this backend.
+    pub(crate) probe: Option<String>,
+}
+
+/// A backend's connection limit and timeouts (VCL duration literals), from the backend itself or
+/// from its director's time profile.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
     pub(crate) max_connections: u32,
     pub(crate) connect_timeout: String,
     pub(crate) first_byte_timeout: String,
@@ -69,6 +116,12 @@ pub(crate) struct DirectorPlan {
     pub(crate) router: DirectorRouter,
     pub(crate) route_expression: String,
     pub(crate) mode: DirectorMode,
+    /// What a hash director hashes.
+    pub(crate) hashing_policy: DirectorHashingPolicy,
+    /// Whether the router replaces the matched part of the URL by "/".
+    pub(crate) remove_path: bool,
+    /// False for virtual directors: declared, never chosen by the router.
+    pub(crate) routed: bool,
     /// The server's own datacenter first (when it has backends), then the others by dc id.
     pub(crate) groups: Vec<DcGroup>,
 }
@@ -115,10 +168,11 @@ impl Plan {
             (by_path, director.id)
         });
 
+        // VCL symbols are case-insensitive: "Api_fra" and "api_fra" are one name to varnishd.
         let mut seen_names = HashSet::new();
-        seen_names.insert(crate::emit::PLACEHOLDER_BACKEND.to_owned());
+        seen_names.insert(crate::emit::PLACEHOLDER_BACKEND.to_ascii_lowercase());
         let mut claim = |name: &str| {
-            if seen_names.insert(name.to_owned()) {
+            if seen_names.insert(name.to_ascii_lowercase()) {
                 Ok(())
             } else {
                 Err(RenderError::NameCollision {
@@ -127,11 +181,18 @@ impl Plan {
             }
         };
 
+        // Only probes that an emitted backend refers to are declared: varnishd refuses a VCL
+        // with an unused probe.
+        let mut probes_out: BTreeMap<i64, ProbeDef> = BTreeMap::new();
         let mut backends_out = Vec::new();
         let mut directors_out = Vec::new();
         for director in directors {
             names::check_director_name(director.id, &director.name)?;
             check_route_expression(&director.name, &director.route_expression)?;
+            let probe = director_probe(snapshot, director)?;
+            let profile_limits = director_time_profile(snapshot, director)?
+                .map(time_profile_limits)
+                .transpose()?;
             let mut backends: Vec<&Backend> = snapshot
                 .backends
                 .iter()
@@ -156,7 +217,18 @@ impl Plan {
                 if backend.dc_id != server.dc_id && !active_active {
                     continue;
                 }
-                let def = backend_def(backend, &director.name, symbol)?;
+                if let Some(probe) = &probe
+                    && !probes_out.contains_key(&director.probe_id)
+                {
+                    claim(&probe.vcl_name)?;
+                    probes_out.insert(director.probe_id, probe.clone());
+                }
+                let limits = match &profile_limits {
+                    Some(limits) if backend.inherit_time_profile => limits.clone(),
+                    _ => backend_limits(backend)?,
+                };
+                let probe_name = probe.as_ref().map(|probe| probe.vcl_name.clone());
+                let def = backend_def(backend, &director.name, symbol, limits, probe_name)?;
                 claim(&def.vcl_name)?;
                 let mut weight = backend.weight.unwrap_or(DEFAULT_WEIGHT);
                 if canary_only && weight == 0 {
@@ -184,6 +256,9 @@ impl Plan {
                 router: director.router(),
                 route_expression: director.route_expression.clone(),
                 mode: director.mode(),
+                hashing_policy: director.hashing_policy(),
+                remove_path: director.remove_path,
+                routed: !director.r#virtual,
                 groups,
             });
         }
@@ -192,6 +267,7 @@ impl Plan {
             template_id: server.template_id,
             syntax,
             active: server.status() == ServerStatus::Active,
+            probes: probes_out.into_values().collect(),
             backends: backends_out,
             directors: directors_out,
         })
@@ -237,6 +313,8 @@ fn backend_def(
     backend: &Backend,
     director_name: &str,
     dc_symbol: &str,
+    limits: Limits,
+    probe: Option<String>,
 ) -> Result<BackendDef, RenderError> {
     let address: IpAddr = backend
         .address
@@ -253,33 +331,180 @@ fn backend_def(
         });
     }
     let host = address.to_string();
-    let timeout = |value: &Option<Duration>, default: Duration, field: &'static str| {
-        vcl_duration(value.unwrap_or(default)).ok_or(RenderError::InvalidTimeout {
-            backend_id: backend.id,
-            field,
-        })
-    };
     Ok(BackendDef {
         vcl_name: names::backend_name(director_name, backend.id, dc_symbol, &host, port),
-        connect_timeout: timeout(
+        host,
+        port,
+        limits,
+        probe,
+    })
+}
+
+/// Computes a backend's own limits, with the defaults for unset fields.
+fn backend_limits(backend: &Backend) -> Result<Limits, RenderError> {
+    limits(
+        backend.max_connections,
+        [
             &backend.connect_timeout,
-            DEFAULT_CONNECT_TIMEOUT,
-            "connect_timeout",
-        )?,
-        first_byte_timeout: timeout(
             &backend.first_byte_timeout,
-            DEFAULT_FIRST_BYTE_TIMEOUT,
-            "first_byte_timeout",
-        )?,
-        between_bytes_timeout: timeout(
             &backend.between_bytes_timeout,
+        ],
+        |field| RenderError::InvalidTimeout {
+            backend_id: backend.id,
+            field,
+        },
+    )
+}
+
+/// Computes the limits a time profile gives the backends that inherit it, with the defaults for
+/// unset fields (the same defaults as a backend's).
+fn time_profile_limits(profile: &TimeProfile) -> Result<Limits, RenderError> {
+    limits(
+        profile.max_connections,
+        [
+            &profile.connect_timeout,
+            &profile.first_byte_timeout,
+            &profile.between_bytes_timeout,
+        ],
+        |field| RenderError::InvalidTimeProfile {
+            time_profile_id: profile.id,
+            field,
+        },
+    )
+}
+
+/// Fills in the defaults and formats the timeouts (connect, first byte, between bytes);
+/// `invalid` names the culprit of an invalid timeout.
+fn limits(
+    max_connections: Option<u32>,
+    [connect, first_byte, between_bytes]: [&Option<Duration>; 3],
+    invalid: impl Fn(&'static str) -> RenderError,
+) -> Result<Limits, RenderError> {
+    let timeout = |value: &Option<Duration>, default: Duration, field: &'static str| {
+        vcl_duration(value.unwrap_or(default)).ok_or_else(|| invalid(field))
+    };
+    Ok(Limits {
+        max_connections: max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        connect_timeout: timeout(connect, DEFAULT_CONNECT_TIMEOUT, "connect_timeout")?,
+        first_byte_timeout: timeout(first_byte, DEFAULT_FIRST_BYTE_TIMEOUT, "first_byte_timeout")?,
+        between_bytes_timeout: timeout(
+            between_bytes,
             DEFAULT_BETWEEN_BYTES_TIMEOUT,
             "between_bytes_timeout",
         )?,
-        host,
-        port,
-        max_connections: backend.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
     })
+}
+
+/// Returns the validated probe of `director`, `None` when it has none.
+fn director_probe(
+    snapshot: &ClusterSnapshot,
+    director: &Director,
+) -> Result<Option<ProbeDef>, RenderError> {
+    if director.probe_id == 0 {
+        return Ok(None);
+    }
+    let probe = snapshot
+        .probes
+        .iter()
+        .find(|probe| probe.id == director.probe_id)
+        .ok_or_else(|| RenderError::ProbeNotFound {
+            director: director.name.clone(),
+            probe_id: director.probe_id,
+        })?;
+    probe_def(probe).map(Some)
+}
+
+/// Returns the time profile of `director`, `None` when it has none.
+fn director_time_profile<'a>(
+    snapshot: &'a ClusterSnapshot,
+    director: &Director,
+) -> Result<Option<&'a TimeProfile>, RenderError> {
+    if director.time_profile_id == 0 {
+        return Ok(None);
+    }
+    snapshot
+        .time_profiles
+        .iter()
+        .find(|profile| profile.id == director.time_profile_id)
+        .map(Some)
+        .ok_or_else(|| RenderError::TimeProfileNotFound {
+            director: director.name.clone(),
+            time_profile_id: director.time_profile_id,
+        })
+}
+
+/// Validates a probe and computes its declaration.
+fn probe_def(probe: &Probe) -> Result<ProbeDef, RenderError> {
+    if !names::is_identifier(&probe.name) {
+        return Err(RenderError::InvalidProbeName {
+            probe_id: probe.id,
+            name: probe.name.clone(),
+        });
+    }
+    check_probe_url(probe)?;
+    let invalid = |field| RenderError::InvalidProbeSetting {
+        probe_id: probe.id,
+        field,
+    };
+    let expected_response = probe.expected_response.unwrap_or(DEFAULT_EXPECTED_RESPONSE);
+    if !(100..=599).contains(&expected_response) {
+        return Err(invalid("expected_response"));
+    }
+    // Zero is not a duration to Varnish here: it silently replaces it by its own default
+    // (5 s interval, 2 s timeout), which is not what the user asked for.
+    let positive = |value: Option<Duration>, default: Duration, field| {
+        let value = value.unwrap_or(default);
+        if value.seconds == 0 && value.nanos == 0 {
+            return Err(invalid(field));
+        }
+        vcl_duration(value).ok_or_else(|| invalid(field))
+    };
+    let interval = positive(probe.interval, DEFAULT_PROBE_INTERVAL, "interval")?;
+    let timeout = positive(probe.timeout, DEFAULT_PROBE_TIMEOUT, "timeout")?;
+    let window = probe.window.unwrap_or(DEFAULT_PROBE_WINDOW);
+    if !(1..=MAX_PROBE_WINDOW).contains(&window) {
+        return Err(invalid("window"));
+    }
+    let threshold = probe.threshold.unwrap_or(DEFAULT_PROBE_THRESHOLD);
+    if !(1..=window).contains(&threshold) {
+        return Err(invalid("threshold"));
+    }
+    // Varnish's own default is threshold - 1: a backend starts sick and turns healthy on its
+    // first good probe, which runs as soon as the VCL is loaded. Written out so the text says
+    // what happens. Not 0: every VCL probes its backends afresh, so 0 would make every probed
+    // backend sick for threshold × interval after every reload.
+    let initial = if probe.start_as_healthy {
+        threshold
+    } else {
+        threshold - 1
+    };
+    Ok(ProbeDef {
+        vcl_name: format!("{PROBE_PREFIX}{}", probe.name.to_ascii_lowercase()),
+        url: probe.url.clone(),
+        expected_response,
+        interval,
+        timeout,
+        window,
+        threshold,
+        initial,
+    })
+}
+
+/// Checks that a probe URL is a path that can be written inside a VCL string `"..."` and sent in
+/// a request line: starts with "/", printable ASCII without spaces or `"`, at most 256 characters.
+fn check_probe_url(probe: &Probe) -> Result<(), RenderError> {
+    let url = &probe.url;
+    let valid = url.starts_with('/')
+        && url.len() <= MAX_PROBE_URL
+        && url.chars().all(|c| c.is_ascii_graphic() && c != '"');
+    if valid {
+        Ok(())
+    } else {
+        Err(RenderError::InvalidProbeUrl {
+            probe_id: probe.id,
+            url: url.clone(),
+        })
+    }
 }
 
 /// Formats a duration as a VCL duration literal in seconds ("0.3s", "5s"); `None` when negative

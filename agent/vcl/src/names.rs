@@ -4,16 +4,21 @@ use crate::RenderError;
 
 /// Longest backend name, as in the original VaaS.
 const MAX_BACKEND_NAME: usize = 64;
-/// Longest director name accepted by the API.
-const MAX_DIRECTOR_NAME: usize = 50;
+/// Longest director or probe name accepted by the API.
+const MAX_IDENTIFIER: usize = 50;
+
+/// Tells whether `name` matches `[A-Za-z][A-Za-z0-9_]{0,49}`, the form the API accepts for the
+/// names of directors and probes.
+pub(crate) fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= MAX_IDENTIFIER
+}
 
 /// Checks a director name against `[A-Za-z][A-Za-z0-9_]{0,49}`.
 pub(crate) fn check_director_name(director_id: i64, name: &str) -> Result<(), RenderError> {
-    let mut chars = name.chars();
-    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && name.len() <= MAX_DIRECTOR_NAME;
-    if valid {
+    if is_identifier(name) {
         Ok(())
     } else {
         Err(RenderError::InvalidDirectorName {

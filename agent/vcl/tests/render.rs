@@ -258,3 +258,411 @@ fn disabled_directors_and_backends_are_left_out() {
     assert!(!text.contains("api_30"));
     assert!(!text.contains("10.1.0.9"));
 }
+
+/// Returns the body of the block that starts with `header` (up to its closing `}` line).
+fn block<'a>(text: &'a str, header: &str) -> &'a str {
+    let start = text
+        .find(header)
+        .unwrap_or_else(|| panic!("no {header:?} in:\n{text}"));
+    let rest = &text[start..];
+    let end = rest.find("\n}").expect("block end");
+    &rest[..end + 2]
+}
+
+#[test]
+fn probes() {
+    insta::assert_snapshot!(rendered(&fixtures::probed()));
+}
+
+#[test]
+fn probes_are_declared_once_and_named_on_every_backend_of_their_directors() {
+    let text = rendered(&fixtures::probed());
+    // Shared by two directors, declared once, lower-cased and prefixed.
+    assert_eq!(text.matches("probe probe_health {").count(), 1, "{text}");
+    let health = block(&text, "probe probe_health {");
+    for line in [
+        ".url = \"/health\";",
+        ".expected_response = 200;",
+        ".interval = 3s;",
+        ".timeout = 1s;",
+        ".window = 5;",
+        ".threshold = 3;",
+        // start_as_healthy: starts with enough good probes to be healthy.
+        ".initial = 3;",
+    ] {
+        assert!(health.contains(line), "{line} missing in:\n{health}");
+    }
+    let deep = block(&text, "probe probe_deep_check {");
+    for line in [
+        ".url = \"/status/deep?full=1&x=%20\";",
+        ".expected_response = 204;",
+        ".interval = 1.5s;",
+        ".timeout = 0.25s;",
+        ".window = 8;",
+        ".threshold = 6;",
+        // Not start_as_healthy: one good probe short of healthy, Varnish's own default.
+        ".initial = 5;",
+    ] {
+        assert!(deep.contains(line), "{line} missing in:\n{deep}");
+    }
+    for backend in [
+        "backend api_30_fra_1_10_1_0_1_80 {",
+        "backend api_31_waw_10_2_0_1_80 {",
+        "backend search_32_fra_1_10_1_0_2_80 {",
+    ] {
+        let body = block(&text, backend);
+        assert!(body.contains(".probe = probe_health;"), "{body}");
+    }
+    let body = block(&text, "backend deep_33_fra_1_10_1_0_3_80 {");
+    assert!(body.contains(".probe = probe_deep_check;"), "{body}");
+    // Probes come before the backends that name them; the placeholder stays the first backend.
+    let first_backend = text.find("\nbackend ").expect("a backend");
+    assert!(text.find("probe probe_deep_check {").expect("probe") < first_backend);
+    assert!(text[first_backend..].starts_with("\nbackend vaas_no_backend {"));
+    // The probe of a director without backends would be unused: varnishd refuses that.
+    assert!(!text.contains("probe_unused"), "{text}");
+}
+
+#[test]
+fn probes_at_the_limits() {
+    let text = rendered(&fixtures::probe_limits());
+    let widest = block(&text, "probe probe_widest {");
+    for line in [
+        ".url = \"/!#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~\";",
+        ".expected_response = 599;",
+        ".interval = 300s;",
+        ".timeout = 5s;",
+        ".window = 64;",
+        ".threshold = 64;",
+        ".initial = 64;",
+    ] {
+        assert!(widest.contains(line), "{line} missing in:\n{widest}");
+    }
+    let narrowest = block(&text, "probe probe_n {");
+    for line in [
+        ".url = \"/\";",
+        ".expected_response = 100;",
+        ".interval = 0.001s;",
+        ".timeout = 0.001s;",
+        ".window = 1;",
+        ".threshold = 1;",
+        ".initial = 0;",
+    ] {
+        assert!(narrowest.contains(line), "{line} missing in:\n{narrowest}");
+    }
+}
+
+#[test]
+fn backends_without_a_probe_have_no_probe_line() {
+    let text = rendered(&fixtures::multi_dc());
+    assert!(!text.contains(".probe"), "{text}");
+    assert!(!text.contains("\nprobe "), "{text}");
+}
+
+#[test]
+fn time_profiles() {
+    insta::assert_snapshot!(rendered(&fixtures::time_profiles()));
+}
+
+#[test]
+fn inheriting_backends_take_the_time_profile_and_others_keep_their_own() {
+    let text = rendered(&fixtures::time_profiles());
+    let from_profile = [
+        ".max_connections = 40;",
+        ".connect_timeout = 2s;",
+        ".first_byte_timeout = 60s;",
+        ".between_bytes_timeout = 10.5s;",
+    ];
+    let own = [
+        ".max_connections = 7;",
+        ".connect_timeout = 0.1s;",
+        ".first_byte_timeout = 3s;",
+        ".between_bytes_timeout = 2s;",
+    ];
+    let defaults = [
+        ".max_connections = 5;",
+        ".connect_timeout = 0.3s;",
+        ".first_byte_timeout = 5s;",
+        ".between_bytes_timeout = 1s;",
+    ];
+    for (backend, expected) in [
+        ("backend api_30_fra_1_10_1_0_1_80 {", from_profile),
+        ("backend api_31_fra_1_10_1_0_2_80 {", own),
+        ("backend bare_32_fra_1_10_1_0_3_80 {", defaults),
+        ("backend none_33_fra_1_10_1_0_4_80 {", own),
+    ] {
+        let body = block(&text, backend);
+        for line in expected {
+            assert!(body.contains(line), "{line} missing in:\n{body}");
+        }
+    }
+}
+
+#[test]
+fn hashing_policies() {
+    insta::assert_snapshot!(rendered(&fixtures::hashing()));
+}
+
+#[test]
+fn hash_directors_hash_the_cookie_or_the_url() {
+    let text = rendered(&fixtures::hashing());
+    let router = block(&text, "if (req.url ~ {\"^/cart/\"}) {");
+    assert!(
+        router.contains("set req.backend_hint = sticky_fra_1.backend(req.http.cookie);"),
+        "{router}"
+    );
+    // The fallback to the other DC hashes the same way.
+    assert!(
+        router.contains("set req.backend_hint = sticky_waw.backend(req.http.cookie);"),
+        "{router}"
+    );
+    assert!(text.contains("set req.backend_hint = by_url_fra_1.backend(req.url);"));
+    // The policy only matters to hash directors.
+    assert!(text.contains("set req.backend_hint = rr_fra_1.backend();"));
+}
+
+#[test]
+fn remove_path() {
+    insta::assert_snapshot!(rendered(&fixtures::remove_path()));
+}
+
+#[test]
+fn remove_path_rewrites_the_url_after_choosing_the_backend_of_path_routers_only() {
+    let text = rendered(&fixtures::remove_path());
+    let rewrite = "set req.url = regsub(req.url, {\"^/api/\"}, \"/\");";
+    assert_eq!(text.matches(rewrite).count(), 1, "{text}");
+    let router = block(&text, "elsif (req.url ~ {\"^/api/\"}) {");
+    let fallback = router.find("api_waw.backend()").expect("fallback");
+    assert!(
+        router.find(rewrite).expect("rewrite") > fallback,
+        "{router}"
+    );
+    // A host router has no path to remove; a director without backends answers 404 anyway.
+    assert_eq!(text.matches("regsub").count(), 1, "{text}");
+}
+
+#[test]
+fn virtual_directors() {
+    insta::assert_snapshot!(rendered(&fixtures::virtual_director()));
+}
+
+#[test]
+fn virtual_directors_are_declared_but_never_routed() {
+    let text = rendered(&fixtures::virtual_director());
+    let init = block(&text, "sub vcl_init {");
+    assert!(
+        init.contains("new shadow_fra_1 = directors.round_robin();"),
+        "{init}"
+    );
+    assert!(
+        init.contains("new shadow_waw = directors.round_robin();"),
+        "{init}"
+    );
+    assert!(text.contains("backend shadow_31_fra_1_10_1_0_2_80 {"));
+    assert!(text.contains("probe probe_shadow_health {"));
+    let recv = block(&text, "sub vcl_recv {");
+    assert!(!recv.contains("shadow"), "{recv}");
+    assert!(!recv.contains("hollow"), "{recv}");
+    assert!(recv.contains("api_fra_1.backend()"), "{recv}");
+}
+
+#[test]
+fn only_virtual_directors_leave_nothing_to_route() {
+    let text = rendered(&fixtures::only_virtual());
+    let recv = block(&text, "sub vcl_recv {");
+    assert!(
+        recv.contains("return (synth(404, \"no director matches the request\"));"),
+        "{recv}"
+    );
+    assert!(!recv.contains("backend_hint"), "{recv}");
+}
+
+#[test]
+fn missing_probe_is_an_error() {
+    let mut snapshot = fixtures::probed();
+    snapshot.probes.retain(|probe| probe.id != 51);
+    assert_eq!(
+        render(&snapshot, SERVER_ID),
+        Err(RenderError::ProbeNotFound {
+            director: "deep".into(),
+            probe_id: 51
+        })
+    );
+    // Even for a director without backends: the reference is wrong all the same.
+    let mut snapshot = fixtures::probed();
+    snapshot.probes.retain(|probe| probe.id != 52);
+    let error = render(&snapshot, SERVER_ID).expect_err("missing probe");
+    assert_eq!(
+        error.to_string(),
+        "probe 52 of director empty is not in the snapshot"
+    );
+}
+
+#[test]
+fn missing_time_profile_is_an_error() {
+    let mut snapshot = fixtures::time_profiles();
+    snapshot.time_profiles.clear();
+    let error = render(&snapshot, SERVER_ID).expect_err("missing time profile");
+    assert_eq!(
+        error,
+        RenderError::TimeProfileNotFound {
+            director: "api".into(),
+            time_profile_id: 60
+        }
+    );
+    assert_eq!(
+        error.to_string(),
+        "time profile 60 of director api is not in the snapshot"
+    );
+}
+
+#[test]
+fn invalid_time_profile_timeouts_are_rejected() {
+    let mut snapshot = fixtures::time_profiles();
+    snapshot.time_profiles[0].between_bytes_timeout = Some(prost_types::Duration {
+        seconds: 1,
+        nanos: -5,
+    });
+    assert_eq!(
+        render(&snapshot, SERVER_ID),
+        Err(RenderError::InvalidTimeProfile {
+            time_profile_id: 60,
+            field: "between_bytes_timeout"
+        })
+    );
+}
+
+#[test]
+fn probe_urls_cannot_break_out_of_the_string() {
+    for url in [
+        "/health\"; } backend evil {",
+        "/a b",
+        "health",
+        "",
+        "/caf\u{e9}",
+        "/a\n",
+        "/a\t",
+        &format!("/{}", "a".repeat(256)),
+    ] {
+        let mut snapshot = fixtures::probed();
+        snapshot.probes[0].url = url.into();
+        assert_eq!(
+            render(&snapshot, SERVER_ID),
+            Err(RenderError::InvalidProbeUrl {
+                probe_id: 50,
+                url: url.into()
+            }),
+            "{url:?}"
+        );
+    }
+    let mut snapshot = fixtures::probed();
+    snapshot.probes[0].url = format!("/{}", "a".repeat(255));
+    assert!(render(&snapshot, SERVER_ID).is_ok());
+}
+
+#[test]
+fn probe_names_are_revalidated() {
+    for name in ["", "1health", "health-check", "health\"", &"h".repeat(51)] {
+        let mut snapshot = fixtures::probed();
+        snapshot.probes[0].name = name.into();
+        assert_eq!(
+            render(&snapshot, SERVER_ID),
+            Err(RenderError::InvalidProbeName {
+                probe_id: 50,
+                name: name.into()
+            }),
+            "{name:?}"
+        );
+    }
+}
+
+#[test]
+fn probe_settings_out_of_range_are_rejected() {
+    use prost_types::Duration;
+    type Change = fn(&mut vaas_proto::v1::Probe);
+    let cases: [(&str, Change); 10] = [
+        ("expected_response", |p| p.expected_response = Some(99)),
+        ("expected_response", |p| p.expected_response = Some(600)),
+        ("interval", |p| p.interval = Some(Duration::default())),
+        ("interval", |p| {
+            p.interval = Some(Duration {
+                seconds: -1,
+                nanos: 0,
+            })
+        }),
+        ("timeout", |p| p.timeout = Some(Duration::default())),
+        ("window", |p| p.window = Some(0)),
+        ("window", |p| {
+            p.window = Some(65);
+            p.threshold = Some(1);
+        }),
+        ("threshold", |p| p.threshold = Some(0)),
+        // The default window is 5.
+        ("threshold", |p| p.threshold = Some(6)),
+        ("threshold", |p| {
+            p.window = Some(2);
+            p.threshold = Some(3);
+        }),
+    ];
+    for (field, change) in cases {
+        let mut snapshot = fixtures::probed();
+        change(&mut snapshot.probes[0]);
+        assert_eq!(
+            render(&snapshot, SERVER_ID),
+            Err(RenderError::InvalidProbeSetting {
+                probe_id: 50,
+                field
+            }),
+            "{:?}",
+            snapshot.probes[0]
+        );
+    }
+    // The limits themselves are accepted.
+    let mut snapshot = fixtures::probed();
+    snapshot.probes[0].window = Some(64);
+    snapshot.probes[0].threshold = Some(64);
+    snapshot.probes[0].expected_response = Some(599);
+    assert!(render(&snapshot, SERVER_ID).is_ok());
+}
+
+#[test]
+fn a_probe_name_cannot_collide_with_another_symbol() {
+    // Director "probe_health" in dc "x" has the object "probe_health_x"; probe "health_x" would
+    // be "probe_health_x" too.
+    let mut snapshot = fixtures::empty_cluster();
+    snapshot.dcs = vec![fixtures::dc(1, "x")];
+    snapshot.probes = vec![fixtures::probe(50, "Health_X", "/health")];
+    let mut probed = fixtures::director(20, "api", "^/api/");
+    probed.probe_id = 50;
+    snapshot.directors = vec![probed, fixtures::director(21, "probe_health", "^/b/")];
+    snapshot.backends = vec![
+        fixtures::backend(30, 20, 1, "10.0.0.1"),
+        fixtures::backend(31, 21, 1, "10.0.0.2"),
+    ];
+    assert_eq!(
+        render(&snapshot, SERVER_ID),
+        Err(RenderError::NameCollision {
+            name: "probe_health_x".into()
+        })
+    );
+}
+
+#[test]
+fn names_differing_only_in_case_collide() {
+    // varnishd compares symbols regardless of case: "Api_fra_1" and "api_fra_1" are one name.
+    let mut snapshot = fixtures::empty_cluster();
+    snapshot.directors = vec![
+        fixtures::director(20, "api", "^/a"),
+        fixtures::director(21, "Api", "^/b"),
+    ];
+    snapshot.backends = vec![
+        fixtures::backend(30, 20, 1, "10.0.0.1"),
+        fixtures::backend(31, 21, 1, "10.0.0.2"),
+    ];
+    assert_eq!(
+        render(&snapshot, SERVER_ID),
+        Err(RenderError::NameCollision {
+            name: "Api_fra_1".into()
+        })
+    );
+}
