@@ -157,6 +157,50 @@ async fn requests_reach_the_origin_through_a_path_routed_director() {
 }
 
 #[tokio::test]
+async fn template_blocks_and_cluster_variables_change_what_clients_see() {
+    let varnishd = Varnishd::start().await;
+    let origin = support::start_origin(IpAddr::V4(Ipv4Addr::LOCALHOST), "hello from origin")
+        .await
+        .expect("origin");
+    // OTHER_FUNCTIONS wraps the built-in one and adds X-Team = #{TEAM}, TEAM being "edge".
+    let mut snapshot = fixtures::blocks_and_variables();
+    snapshot.backends[0].address = "127.0.0.1".into();
+    snapshot.backends[0].port = Some(u32::from(origin.port()));
+    let mut cli = varnishd.cli().await;
+    let version = load_and_use(&mut cli, "blocks", &snapshot).await;
+    start_child(&mut cli).await;
+
+    // The RECV block still routes, and both vcl_deliver bodies run.
+    let proxied = http_get(varnishd.http, "example.com", "/api/hello").await;
+    assert_eq!(proxied.status, 200, "{proxied:?}");
+    assert_eq!(proxied.body, "hello from origin");
+    assert_eq!(
+        proxied.headers.get("x-team").map(String::as_str),
+        Some("edge"),
+        "{proxied:?}"
+    );
+    assert_eq!(proxied.vcl_version(), Some(version.as_str()));
+    let status = http_get(varnishd.http, "example.com", "/vaas_status").await;
+    assert_eq!((status.status, status.body.as_str()), (200, "OK"));
+
+    // Another value for the variable is another VCL, and another header.
+    let team = snapshot
+        .variables
+        .iter_mut()
+        .find(|variable| variable.key == "TEAM")
+        .expect("TEAM");
+    team.value = "core".into();
+    let changed = load_and_use(&mut cli, "blocks-core", &snapshot).await;
+    assert_ne!(changed, version);
+    let proxied = http_get(varnishd.http, "example.com", "/api/again").await;
+    assert_eq!(
+        proxied.headers.get("x-team").map(String::as_str),
+        Some("core"),
+        "{proxied:?}"
+    );
+}
+
+#[tokio::test]
 async fn empty_directors_and_maintenance_answer_synthetic_responses() {
     let varnishd = Varnishd::start().await;
     let mut snapshot = fixtures::multi_dc();

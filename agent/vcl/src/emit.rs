@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use vaas_proto::v1::{DirectorHashingPolicy, DirectorMode, DirectorRouter};
 
 use crate::model::{DirectorPlan, Plan};
+use crate::template::Blocks;
 
 /// Name of the placeholder backend. Declared first, it is Varnish's default backend, so it counts
 /// as referenced and keeps the VCL valid when the cluster has no backend at all. Port 9 (discard)
@@ -19,8 +20,23 @@ pub(crate) enum Expansion<'a> {
     Composite(&'static str),
 }
 
+/// The built-in body of `VCL`.
+const VCL_BODY: &str = "<HEADERS/>\n\n<BACKENDS/>\n\n<DIRECTORS/>\n\n<RECV/>\n\n<OTHER_FUNCTIONS/>\n\n\
+                        <EMPTY_DIRECTOR_SYNTH/>\n";
+/// The built-in body of `VCL` when the template has an `ACL` block.
+const VCL_BODY_WITH_ACL: &str = "<HEADERS/>\n\n<ACL/>\n\n<BACKENDS/>\n\n<DIRECTORS/>\n\n<RECV/>\n\n\
+                                 <OTHER_FUNCTIONS/>\n\n<EMPTY_DIRECTOR_SYNTH/>\n";
+/// The built-in body of `RECV`.
+const RECV_BODY: &str = "sub vcl_recv {\n    <VAAS_STATUS/>\n    <ROUTER/>\n}";
+/// The built-in body of `RECV` when the template has a `PROPER_PROTOCOL_REDIRECT` block: the
+/// block's own subroutines come first (Varnish runs concatenated `vcl_recv` bodies in order).
+const RECV_BODY_WITH_PROTOCOL_REDIRECT: &str =
+    "<PROPER_PROTOCOL_REDIRECT/>\n\nsub vcl_recv {\n    <VAAS_STATUS/>\n    <ROUTER/>\n}";
+
 /// The bodies of every built-in tag for one server.
 pub(crate) struct Leaves {
+    vcl: &'static str,
+    recv: &'static str,
     headers: String,
     backends: String,
     directors: String,
@@ -32,8 +48,21 @@ pub(crate) struct Leaves {
 
 impl Leaves {
     /// Generates every leaf tag of `plan`; `version` is written where the VCL version appears.
-    pub(crate) fn new(plan: &Plan, version: &str) -> Leaves {
+    /// `ACL` and `PROPER_PROTOCOL_REDIRECT` have no built-in body: `VCL` and `RECV` name them
+    /// only when the template has a block for them, so that such a block takes effect in a
+    /// template that is just `<VCL/>` and every other VCL stays as it was.
+    pub(crate) fn new(plan: &Plan, version: &str, blocks: &Blocks) -> Leaves {
         Leaves {
+            vcl: if blocks.contains("ACL") {
+                VCL_BODY_WITH_ACL
+            } else {
+                VCL_BODY
+            },
+            recv: if blocks.contains("PROPER_PROTOCOL_REDIRECT") {
+                RECV_BODY_WITH_PROTOCOL_REDIRECT
+            } else {
+                RECV_BODY
+            },
             headers: headers(plan),
             backends: backends(plan),
             directors: directors(plan),
@@ -47,11 +76,8 @@ impl Leaves {
     /// Returns the expansion of `tag`, `None` when the tag is unknown.
     pub(crate) fn get(&self, tag: &str) -> Option<Expansion<'_>> {
         let expansion = match tag {
-            "VCL" => Expansion::Composite(
-                "<HEADERS/>\n\n<BACKENDS/>\n\n<DIRECTORS/>\n\n<RECV/>\n\n<OTHER_FUNCTIONS/>\n\n\
-                 <EMPTY_DIRECTOR_SYNTH/>\n",
-            ),
-            "RECV" => Expansion::Composite("sub vcl_recv {\n    <VAAS_STATUS/>\n    <ROUTER/>\n}"),
+            "VCL" => Expansion::Composite(self.vcl),
+            "RECV" => Expansion::Composite(self.recv),
             "HEADERS" => Expansion::Leaf(&self.headers),
             "BACKENDS" => Expansion::Leaf(&self.backends),
             "DIRECTORS" => Expansion::Leaf(&self.directors),

@@ -12,21 +12,58 @@
 //!
 //! | tag | expands to |
 //! |---|---|
-//! | `VCL` | `<HEADERS/>`, `<BACKENDS/>`, `<DIRECTORS/>`, `<RECV/>`, `<OTHER_FUNCTIONS/>`, `<EMPTY_DIRECTOR_SYNTH/>` |
+//! | `VCL` | `<HEADERS/>`, `<ACL/>` (only when the template has an `ACL` block), `<BACKENDS/>`, `<DIRECTORS/>`, `<RECV/>`, `<OTHER_FUNCTIONS/>`, `<EMPTY_DIRECTOR_SYNTH/>` |
 //! | `HEADERS` | `vcl 4.0;` or `vcl 4.1;`, `import std;`, `import directors;` |
+//! | `ACL` | nothing built in: only a block gives it content |
 //! | `BACKENDS` | one `probe` per probe that a backend below uses, a placeholder backend (the first backend, so it is the default and always referenced), then one `backend` per usable backend |
 //! | `DIRECTORS` | `sub vcl_init` creating one directors-vmod director per director (virtual ones included) and datacenter |
-//! | `RECV` | `sub vcl_recv { <VAAS_STATUS/> <ROUTER/> }` |
+//! | `RECV` | `<PROPER_PROTOCOL_REDIRECT/>` (only when the template has a block for it), then `sub vcl_recv { <VAAS_STATUS/> <ROUTER/> }` |
+//! | `PROPER_PROTOCOL_REDIRECT` | nothing built in: only a block gives it content |
 //! | `VAAS_STATUS` | answers `/vaas_status` and `/vaas_version` |
 //! | `ROUTER` | picks a non-virtual director by host, then by path; falls back to other datacenters; strips the matched path when asked; synthetic 404 otherwise |
 //! | `OTHER_FUNCTIONS` | `sub vcl_deliver` adding the `X-VaaS-VCL-Version` header to proxied responses |
 //! | `EMPTY_DIRECTOR_SYNTH` | `sub vcl_synth`: the version header and plain-text bodies of every synthetic response |
 //!
 //! Most templates are just `<VCL/>`; a custom one mixes the sub-tags into its own VCL (Varnish
-//! concatenates several definitions of the same `sub`). A tag this crate does not know is left in
-//! the text inside a `/* ... */` comment. Then `#{key}` variables are substituted in the template
-//! text: `MESH_IP`, `MESH_PORT` and `MESH_TIMEOUT_CONTROL_HEADER` have built-in defaults; an unknown
-//! variable is left as written.
+//! concatenates several definitions of the same `sub`). A tag with neither a built-in body nor a
+//! block (an unknown tag, or `ACL` and `PROPER_PROTOCOL_REDIRECT` without a block) is left in the
+//! text inside a `/* ... */` comment. Generated text is indented like its tag when the tag starts
+//! its line.
+//!
+//! # Template blocks
+//!
+//! A block (from the snapshot's `template_blocks`) replaces the built-in body of one tag for one
+//! template: `VCL`, `HEADERS`, `ACL`, `BACKENDS`, `DIRECTORS`, `RECV`, `ROUTER`,
+//! `PROPER_PROTOCOL_REDIRECT`, `OTHER_FUNCTIONS` or `EMPTY_DIRECTOR_SYNTH`, wherever the tag
+//! appears: in the template or inside another tag's body (`<RECV/>` inside the built-in `VCL`).
+//! Blocks of other templates, and blocks for any other tag (the API refuses them), are ignored.
+//! A block's content is expanded like template text: it may hold further tags and variables.
+//!
+//! **Recursion.** A tag that is already being expanded on the current path expands to its
+//! built-in body instead of its block. A block that names its own tag therefore wraps the
+//! built-in body (an `OTHER_FUNCTIONS` block of `<OTHER_FUNCTIONS/>` plus a `sub vcl_deliver`
+//! keeps the version header and adds its own), and blocks that name each other (a `RECV` block
+//! with `<VCL/>`) end at the built-in bodies instead of recursing forever. This is not an error.
+//!
+//! # Variables
+//!
+//! `#{key}` (key: ASCII letters, digits and `_`) becomes the value of the cluster's variable of
+//! that key (the snapshot's `variables`), else the built-in default (`MESH_IP` 127.0.0.1,
+//! `MESH_PORT` 31001, `MESH_TIMEOUT_CONTROL_HEADER` x-service-mesh-timeout), else it is left as
+//! written. Variables are substituted in template and block text only, as that text is expanded:
+//! text this crate generates (backends, directors, router...) is never altered by a variable, and
+//! a value is written as is, never read again for tags or variables. Every value of the cluster
+//! is checked, used or not: one holding a control character, `"`, `{`, `}`, `\` or `;` is an
+//! error ([`RenderError::InvalidVariableValue`]), so a variable cannot end a string, a block or a
+//! statement of the VCL around it.
+//!
+//! # Size and work
+//!
+//! Expansion is one front-to-back pass over each text, linear in what it reads and writes (a
+//! megabyte of `<` is read once). Both are capped at [`MAX_EXPANSION_BYTES`] (32 MiB): a template
+//! that repeats `<VCL/>` enough to write more, or blocks that expand more text than that (a block
+//! counts each time its tag expands, even when it writes nothing), fail fast with
+//! [`RenderError::TooLarge`] instead of taking the agent's memory and time.
 //!
 //! # Directors and backends
 //!
@@ -68,12 +105,18 @@ mod emit;
 mod model;
 mod names;
 mod template;
+mod variables;
 
 use sha2::{Digest, Sha256};
 use vaas_proto::v1::ClusterSnapshot;
 
 /// The placeholder written where the version appears, replaced once the hash is known.
 const VERSION_PLACEHOLDER: &str = "@VAAS_VCL_VERSION@";
+
+/// Expanding a template writes at most this many bytes of VCL (32 MiB), and reads at most this
+/// many bytes of template and block text (a block counting each time its tag expands); beyond
+/// either, [`render`] fails with [`RenderError::TooLarge`].
+pub const MAX_EXPANSION_BYTES: usize = 32 << 20;
 
 /// A rendered VCL and its version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,6 +256,21 @@ pub enum RenderError {
         /// The duplicated name.
         name: String,
     },
+    /// A variable's value holds a control character, `"`, `{`, `}`, `\` or `;`, any of which
+    /// could change the structure of the VCL around `#{key}`.
+    #[error("variable {key} has an invalid value {value:?}")]
+    InvalidVariableValue {
+        /// The variable's key.
+        key: String,
+        /// The value as stored.
+        value: String,
+    },
+    /// Expanding the template would write, or read, more than [`MAX_EXPANSION_BYTES`].
+    #[error("the expanded template exceeds {limit} bytes")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
 }
 
 /// Renders the VCL of server `server_id` from `snapshot`.
@@ -228,9 +286,10 @@ pub fn render(snapshot: &ClusterSnapshot, server_id: i64) -> Result<RenderedVcl,
             server_id,
             template_id: plan.template_id,
         })?;
-    let leaves = emit::Leaves::new(&plan, VERSION_PLACEHOLDER);
-    let content = template::substitute_variables(&template.content);
-    let with_placeholder = template::expand(&content, &leaves);
+    let variables = variables::Variables::new(&snapshot.variables)?;
+    let blocks = template::Blocks::of_template(&snapshot.template_blocks, template.id);
+    let leaves = emit::Leaves::new(&plan, VERSION_PLACEHOLDER, &blocks);
+    let with_placeholder = template::expand(&template.content, &leaves, &blocks, &variables)?;
     let version = version_of(&with_placeholder);
     Ok(RenderedVcl {
         text: with_placeholder.replace(VERSION_PLACEHOLDER, &version),

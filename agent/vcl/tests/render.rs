@@ -666,3 +666,240 @@ fn names_differing_only_in_case_collide() {
         })
     );
 }
+
+#[test]
+fn blocks_and_variables() {
+    insta::assert_snapshot!(rendered(&fixtures::blocks_and_variables()));
+}
+
+#[test]
+fn a_recv_block_replaces_the_built_in_recv_and_still_routes() {
+    let text = rendered(&fixtures::blocks_and_variables());
+    // The block's vcl_recv, not the built-in one, with the sub-tags it names expanded.
+    let recv = block(&text, "sub vcl_recv {\n    if (req.method == \"PURGE\") {");
+    assert!(
+        recv.contains("set req.http.X-Backend = \"127.0.0.1:8080\";"),
+        "{recv}"
+    );
+    assert!(
+        recv.contains("    if (req.url == \"/vaas_status\""),
+        "VAAS_STATUS indented like its tag:\n{recv}"
+    );
+    assert!(
+        recv.contains(
+            "    if (req.url ~ {\"^/api/\"}) {\n        set req.backend_hint = api_fra_1.backend();"
+        ),
+        "{recv}"
+    );
+    // The protocol-redirect block it names comes before it; the built-in vcl_recv is gone.
+    assert_eq!(text.matches("sub vcl_recv {").count(), 2, "{text}");
+    assert!(
+        text.find("X-Forwarded-Proto").expect("prelude") < text.find("PURGE").expect("block"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_protocol_redirect_block_comes_before_the_built_in_vcl_recv() {
+    let text = rendered(&fixtures::protocol_redirect_block());
+    let recv = text.find("sub vcl_recv {").expect("a vcl_recv");
+    assert!(
+        text[recv..].starts_with("sub vcl_recv {\n    if (!req.http.X-Forwarded-Proto) {"),
+        "{text}"
+    );
+    let built_in = text.rfind("sub vcl_recv {").expect("a vcl_recv");
+    assert!(
+        text[built_in..].starts_with("sub vcl_recv {\n    if (req.url == \"/vaas_status\""),
+        "{text}"
+    );
+    assert_eq!(text.matches("sub vcl_recv {").count(), 2, "{text}");
+}
+
+#[test]
+fn an_acl_block_is_written_after_the_headers_of_a_vcl_template() {
+    let text = rendered(&fixtures::blocks_and_variables());
+    let acl = block(&text, "acl purgers {");
+    assert_eq!(
+        acl,
+        "acl purgers {\n    \"127.0.0.1\";\n    \"10.0.0.1\";\n}"
+    );
+    assert!(text.find("import directors;").expect("headers") < text.find("acl").expect("acl"));
+    assert!(text.find("acl").expect("acl") < text.find("backend ").expect("backends"));
+}
+
+#[test]
+fn acl_and_protocol_redirect_without_a_block_stay_commented_out() {
+    // The built-in VCL does not name them at all.
+    let text = rendered(&fixtures::one_director("10.1.0.1", 80));
+    assert!(!text.contains("ACL"), "{text}");
+    assert!(!text.contains("PROPER_PROTOCOL_REDIRECT"), "{text}");
+    // A template that names them gets them commented out, like any tag without a body.
+    let mut snapshot = fixtures::one_director("10.1.0.1", 80);
+    snapshot.templates[0].content = "<HEADERS/>\n<ACL/>\n<PROPER_PROTOCOL_REDIRECT/>\n".into();
+    let text = rendered(&snapshot);
+    assert!(
+        text.ends_with("import directors;\n/* <ACL/> */\n/* <PROPER_PROTOCOL_REDIRECT/> */\n"),
+        "{text}"
+    );
+    // With a block, a custom template gets its content where it says <ACL/>.
+    snapshot.template_blocks = vec![fixtures::template_block(
+        70,
+        10,
+        "ACL",
+        "acl a { \"::1\"; }",
+    )];
+    let text = rendered(&snapshot);
+    assert!(
+        text.ends_with(
+            "import directors;\nacl a { \"::1\"; }\n/* <PROPER_PROTOCOL_REDIRECT/> */\n"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn blocks_of_other_templates_and_of_other_tags_are_ignored() {
+    let text = rendered(&fixtures::blocks_and_variables());
+    assert!(!text.contains("not for this template"), "{text}");
+    assert!(!text.contains("not a tag that blocks replace"), "{text}");
+    assert!(
+        text.contains("return (synth(200, \"vaas_status\"));"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_block_naming_its_own_tag_includes_the_built_in_body() {
+    let text = rendered(&fixtures::blocks_and_variables());
+    // The OTHER_FUNCTIONS block wraps the built-in: the version header stays, the team is added.
+    let vcl = render(&fixtures::blocks_and_variables(), SERVER_ID).expect("render");
+    let built_in = format!(
+        "sub vcl_deliver {{\n    set resp.http.X-VaaS-VCL-Version = \"{}\";\n}}\n\n\
+         sub vcl_deliver {{\n    set resp.http.X-Team = \"edge\";\n}}",
+        vcl.version
+    );
+    assert!(text.contains(&built_in), "{text}");
+
+    // A RECV block saying <RECV/> gets the built-in RECV there, once.
+    let mut snapshot = fixtures::one_director("10.1.0.1", 80);
+    snapshot.template_blocks = vec![fixtures::template_block(
+        70,
+        10,
+        "RECV",
+        "sub vcl_recv {\n    set req.http.X-Seen = \"1\";\n}\n<RECV/>",
+    )];
+    let text = rendered(&snapshot);
+    assert_eq!(text.matches("sub vcl_recv {").count(), 2, "{text}");
+    assert_eq!(text.matches("X-Seen").count(), 1, "{text}");
+    assert_eq!(text.matches("api_fra_1.backend()").count(), 1, "{text}");
+}
+
+#[test]
+fn blocks_naming_each_other_end_at_the_built_in_bodies() {
+    // VCL's block names RECV, whose block names VCL again: the inner VCL is the built-in one,
+    // and the RECV inside it, already being expanded, is the built-in RECV.
+    let mut snapshot = fixtures::one_director("10.1.0.1", 80);
+    snapshot.template_blocks = vec![
+        fixtures::template_block(70, 10, "VCL", "<HEADERS/>\n<RECV/>\n"),
+        fixtures::template_block(71, 10, "RECV", "# custom recv\n<VCL/>"),
+    ];
+    let text = rendered(&snapshot);
+    assert_eq!(text.matches("# custom recv").count(), 1, "{text}");
+    assert_eq!(text.matches("vcl 4.1;").count(), 2, "{text}");
+    assert_eq!(text.matches("sub vcl_recv {").count(), 1, "{text}");
+    assert_eq!(text.matches("sub vcl_synth {").count(), 1, "{text}");
+}
+
+#[test]
+fn cluster_variables_override_the_defaults_in_templates_and_blocks() {
+    let mut snapshot = fixtures::custom_template();
+    snapshot.variables = vec![
+        fixtures::variable(80, "MESH_IP", "10.9.9.9"),
+        fixtures::variable(81, "NOT_A_VARIABLE", "now-one"),
+    ];
+    let text = rendered(&snapshot);
+    assert!(
+        text.contains("# Mesh at 10.9.9.9:31001, unknown now-one\n"),
+        "{text}"
+    );
+    assert!(text.contains("set beresp.http.x-service-mesh-timeout = \"1\";"));
+}
+
+#[test]
+fn variables_never_alter_generated_text() {
+    // A route expression may hold "#{...}": the router writes it as is.
+    let mut snapshot = fixtures::blocks_and_variables();
+    snapshot.directors[0].route_expression = "^/#{TEAM}/".into();
+    let text = rendered(&snapshot);
+    assert!(text.contains("if (req.url ~ {\"^/#{TEAM}/\"}) {"), "{text}");
+    assert!(text.contains("set resp.http.X-Team = \"edge\";"), "{text}");
+    // A value is written as is, never read again for tags.
+    let mut snapshot = fixtures::empty_cluster();
+    snapshot.templates[0].content = "<HEADERS/>\n# #{A}\n".into();
+    snapshot.variables = vec![fixtures::variable(80, "A", "<VCL/>")];
+    let text = rendered(&snapshot);
+    assert!(text.ends_with("\n# <VCL/>\n"), "{text}");
+}
+
+#[test]
+fn a_variable_value_that_could_change_the_structure_is_an_error() {
+    for value in [
+        "edge\"; }",
+        "a{b",
+        "a}",
+        "a\\b",
+        "a;",
+        "line\nbreak",
+        "\u{7}",
+    ] {
+        let mut snapshot = fixtures::blocks_and_variables();
+        snapshot.variables[3].value = value.into();
+        assert_eq!(
+            render(&snapshot, SERVER_ID),
+            Err(RenderError::InvalidVariableValue {
+                key: "TEAM".into(),
+                value: value.into()
+            }),
+            "{value:?}"
+        );
+    }
+    // Even when no template or block uses it.
+    let mut snapshot = fixtures::empty_cluster();
+    snapshot.variables = vec![fixtures::variable(80, "UNUSED", "x\"")];
+    let error = render(&snapshot, SERVER_ID).expect_err("invalid value");
+    assert_eq!(
+        error.to_string(),
+        "variable UNUSED has an invalid value \"x\\\"\""
+    );
+}
+
+#[test]
+fn a_megabyte_of_lone_angle_brackets_is_copied_once() {
+    // Tag scanning is linear by construction (see template.rs): this used to take minutes.
+    let mut snapshot = fixtures::empty_cluster();
+    let template = "<".repeat(1 << 20);
+    snapshot.templates[0].content = template.clone();
+    assert_eq!(rendered(&snapshot), template);
+    // Unclosed variables and tags that never end are no worse.
+    let template = format!("{}<{}", "#{".repeat(1 << 19), "A".repeat(1 << 20));
+    snapshot.templates[0].content = template.clone();
+    assert_eq!(rendered(&snapshot), template);
+}
+
+#[test]
+fn a_template_repeating_vcl_fails_as_too_large_instead_of_growing_without_bound() {
+    let mut snapshot = fixtures::multi_dc();
+    snapshot.templates[0].content = "<VCL/>".repeat(100_000);
+    let error = render(&snapshot, SERVER_ID).expect_err("too large");
+    assert_eq!(
+        error,
+        RenderError::TooLarge {
+            limit: vaas_vcl::MAX_EXPANSION_BYTES
+        }
+    );
+    assert_eq!(
+        error.to_string(),
+        "the expanded template exceeds 33554432 bytes"
+    );
+    // Blocks that write nothing are bounded too, by what they read: see template.rs.
+}
