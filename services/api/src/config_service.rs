@@ -142,19 +142,27 @@ pub trait ApiResource: Resource + prost::Message + Default {
     fn validate(self, intent: Intent) -> Result<Self, ApiError>;
     /// The message's fields, for partial updates; the output-only ones are read-only.
     fn fields() -> &'static MessageFields;
-    /// The resource's collection in names such as "backends/7".
-    const COLLECTION: &'static str;
+}
+
+/// Returns who makes a call, as the audit history records it. Until API authentication exists
+/// this is the caller's address.
+fn actor<T>(request: &Request<T>) -> String {
+    match request.remote_addr() {
+        Some(address) => format!("anonymous@{address}"),
+        None => "anonymous".to_owned(),
+    }
 }
 
 impl ConfigApi {
     /// Validates and creates an item, then settles the write.
     async fn create<R: ApiResource>(
         &self,
+        actor: &str,
         metadata: &MetadataMap,
         item: Option<R>,
     ) -> Result<(R, Vec<Task>, MetadataMap), ApiError> {
         let item = validate::required(item, R::FIELD)?.validate(Intent::Create)?;
-        let outcome = self.store.create(&item).await?;
+        let outcome = self.store.acting_as(actor).create(&item).await?;
         let resource = format!("{}/{}", R::COLLECTION, outcome.value.id());
         self.settle(metadata, resource, outcome).await
     }
@@ -163,6 +171,7 @@ impl ConfigApi {
     /// validates the result and stores it, in one transaction; then settles the write.
     async fn update<R: ApiResource>(
         &self,
+        actor: &str,
         metadata: &MetadataMap,
         patch: Option<R>,
         mask: Option<FieldMask>,
@@ -178,6 +187,7 @@ impl ConfigApi {
         let paths = mask.map(|mask| mask.paths).unwrap_or_default();
         let outcome = self
             .store
+            .acting_as(actor)
             .update_with(id, |current: &R| {
                 let merged = field_mask::merge(current, &patch, &paths, R::fields())?;
                 merged.validate(Intent::Update)
@@ -190,11 +200,114 @@ impl ConfigApi {
     /// Deletes an item, then settles the write.
     async fn delete<R: ApiResource>(
         &self,
+        actor: &str,
         metadata: &MetadataMap,
         id: i64,
     ) -> Result<((), Vec<Task>, MetadataMap), ApiError> {
-        let outcome = self.store.delete::<R>(id).await?;
+        let outcome = self.store.acting_as(actor).delete::<R>(id).await?;
         let resource = format!("{}/{id}", R::COLLECTION);
+        self.settle(metadata, resource, outcome).await
+    }
+}
+
+/// Most backends one bulk call changes.
+pub const MAX_BULK_ITEMS: usize = 10_000;
+
+impl ConfigApi {
+    /// Merges one masked change into every listed backend and stores them in one transaction.
+    async fn update_backends(
+        &self,
+        actor: &str,
+        metadata: &MetadataMap,
+        request: UpdateBackendsRequest,
+    ) -> Result<(Vec<Backend>, Vec<Task>, MetadataMap), ApiError> {
+        let patch = validate::required(request.backend, "backend")?;
+        let paths = request
+            .update_mask
+            .map(|mask| mask.paths)
+            .unwrap_or_default();
+        if paths.is_empty() || paths.iter().any(|path| path == "*") {
+            return Err(ApiError::invalid(
+                "update_mask",
+                "must name the fields to change, for example \"enabled\" or \"weight\"",
+            ));
+        }
+        if request.ids.is_empty() || request.ids.len() > MAX_BULK_ITEMS {
+            return Err(ApiError::invalid(
+                "ids",
+                format!("must hold 1 to {MAX_BULK_ITEMS} backend ids"),
+            ));
+        }
+        let outcome = self
+            .store
+            .acting_as(actor)
+            .update_many_with(&request.ids, |current: &Backend| {
+                let merged = field_mask::merge(current, &patch, &paths, Backend::fields())?;
+                merged.validate(Intent::Update)
+            })
+            .await?;
+        let resource = format!("backends ({} changed)", outcome.value.len());
+        self.settle(metadata, resource, outcome).await
+    }
+
+    /// Validates every wanted backend, then makes them the director's whole set.
+    async fn replace_director_backends(
+        &self,
+        actor: &str,
+        metadata: &MetadataMap,
+        request: ReplaceDirectorBackendsRequest,
+    ) -> Result<(Vec<Backend>, Vec<Task>, MetadataMap), ApiError> {
+        if request.director_id <= 0 {
+            return Err(ApiError::invalid("director_id", "must be a positive id"));
+        }
+        if request.backends.len() > MAX_BULK_ITEMS {
+            return Err(ApiError::invalid(
+                "backends",
+                format!("must hold at most {MAX_BULK_ITEMS} backends"),
+            ));
+        }
+        let mut wanted = Vec::with_capacity(request.backends.len());
+        let mut violations = Vec::new();
+        for (index, backend) in request.backends.into_iter().enumerate() {
+            let backend = Backend {
+                director_id: request.director_id,
+                ..backend
+            };
+            match backend.validate(Intent::Create) {
+                Ok(backend) => wanted.push(backend),
+                Err(ApiError::InvalidArgument(list)) => {
+                    violations.extend(list.into_iter().map(|mut violation| {
+                        violation.field =
+                            violation
+                                .field
+                                .replacen("backend.", &format!("backends[{index}]."), 1);
+                        violation
+                    }));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        if !violations.is_empty() {
+            return Err(ApiError::InvalidArgument(violations));
+        }
+        // The director must exist even when the new set is empty.
+        self.store.get::<Director>(request.director_id).await?;
+        let scope = ListBackendsRequest {
+            director_id: request.director_id,
+            ..Default::default()
+        };
+        let description = format!("replace backends of director {}", request.director_id);
+        let outcome = self
+            .store
+            .acting_as(actor)
+            .replace_all(
+                &scope,
+                &wanted,
+                |backend: &Backend| (backend.address.clone(), backend.port),
+                description,
+            )
+            .await?;
+        let resource = format!("directors/{}/backends", request.director_id);
         self.settle(metadata, resource, outcome).await
     }
 }
@@ -224,7 +337,6 @@ macro_rules! config_service {
                     })
                 }
 
-                const COLLECTION: &'static str = stringify!($plural);
             }
         )+
 
@@ -237,8 +349,9 @@ macro_rules! config_service {
                     &self,
                     request: Request<[<Create $resource Request>]>,
                 ) -> Result<Response<[<Create $resource Response>]>, Status> {
+                    let actor = actor(&request);
                     let (metadata, _, request) = request.into_parts();
-                    let (value, tasks, headers) = self.create(&metadata, request.$field).await?;
+                    let (value, tasks, headers) = self.create(&actor, &metadata, request.$field).await?;
                     Ok(respond([<Create $resource Response>] { $field: Some(value), tasks }, headers))
                 }
 
@@ -274,9 +387,10 @@ macro_rules! config_service {
                     &self,
                     request: Request<[<Update $resource Request>]>,
                 ) -> Result<Response<[<Update $resource Response>]>, Status> {
+                    let actor = actor(&request);
                     let (metadata, _, request) = request.into_parts();
                     let (value, tasks, headers) = self
-                        .update(&metadata, request.$field, request.update_mask)
+                        .update(&actor, &metadata, request.$field, request.update_mask)
                         .await?;
                     Ok(respond([<Update $resource Response>] { $field: Some(value), tasks }, headers))
                 }
@@ -286,11 +400,113 @@ macro_rules! config_service {
                     &self,
                     request: Request<[<Delete $resource Request>]>,
                 ) -> Result<Response<[<Delete $resource Response>]>, Status> {
+                    let actor = actor(&request);
                     let (metadata, _, request) = request.into_parts();
-                    let ((), tasks, headers) = self.delete::<$resource>(&metadata, request.id).await?;
+                    let ((), tasks, headers) = self.delete::<$resource>(&actor, &metadata, request.id).await?;
                     Ok(respond([<Delete $resource Response>] { tasks }, headers))
                 }
             )+
+
+            #[instrument(skip_all, fields(rpc = "ListAuditEntries"))]
+            async fn list_audit_entries(
+                &self,
+                request: Request<ListAuditEntriesRequest>,
+            ) -> Result<Response<ListAuditEntriesResponse>, Status> {
+                let request = request.into_inner();
+                let (audit_entries, next_page_token) = self
+                    .store
+                    .list_audit_entries(&request.resource, request.page_size, &request.page_token)
+                    .await
+                    .map_err(ApiError::from)?;
+                Ok(Response::new(ListAuditEntriesResponse { audit_entries, next_page_token }))
+            }
+
+            #[instrument(skip_all, fields(rpc = "UpdateBackends"))]
+            async fn update_backends(
+                &self,
+                request: Request<UpdateBackendsRequest>,
+            ) -> Result<Response<UpdateBackendsResponse>, Status> {
+                let actor = actor(&request);
+                let (metadata, _, request) = request.into_parts();
+                let (backends, tasks, headers) = self.update_backends(&actor, &metadata, request).await?;
+                Ok(respond(UpdateBackendsResponse { backends, tasks }, headers))
+            }
+
+            #[instrument(skip_all, fields(rpc = "ReplaceDirectorBackends"))]
+            async fn replace_director_backends(
+                &self,
+                request: Request<ReplaceDirectorBackendsRequest>,
+            ) -> Result<Response<ReplaceDirectorBackendsResponse>, Status> {
+                let actor = actor(&request);
+                let (metadata, _, request) = request.into_parts();
+                let (backends, tasks, headers) = self
+                    .replace_director_backends(&actor, &metadata, request)
+                    .await?;
+                Ok(respond(ReplaceDirectorBackendsResponse { backends, tasks }, headers))
+            }
+
+            #[instrument(skip_all, fields(rpc = "ListVclTemplateRevisions"))]
+            async fn list_vcl_template_revisions(
+                &self,
+                request: Request<ListVclTemplateRevisionsRequest>,
+            ) -> Result<Response<ListVclTemplateRevisionsResponse>, Status> {
+                let request = request.into_inner();
+                let (vcl_template_revisions, next_page_token) = self
+                    .store
+                    .list_template_revisions(request.template_id, request.page_size, &request.page_token)
+                    .await
+                    .map_err(ApiError::from)?;
+                Ok(Response::new(ListVclTemplateRevisionsResponse { vcl_template_revisions, next_page_token }))
+            }
+
+            #[instrument(skip_all, fields(rpc = "GetVclTemplateRevision"))]
+            async fn get_vcl_template_revision(
+                &self,
+                request: Request<GetVclTemplateRevisionRequest>,
+            ) -> Result<Response<GetVclTemplateRevisionResponse>, Status> {
+                let request = request.into_inner();
+                let revision = self
+                    .store
+                    .get_template_revision(request.template_id, request.revision)
+                    .await
+                    .map_err(ApiError::from)?;
+                Ok(Response::new(GetVclTemplateRevisionResponse { vcl_template_revision: Some(revision) }))
+            }
+
+            #[instrument(skip_all, fields(rpc = "DiffVclTemplateRevisions"))]
+            async fn diff_vcl_template_revisions(
+                &self,
+                request: Request<DiffVclTemplateRevisionsRequest>,
+            ) -> Result<Response<DiffVclTemplateRevisionsResponse>, Status> {
+                let request = request.into_inner();
+                let diff = crate::revisions::diff(&self.store, &request).await?;
+                Ok(Response::new(DiffVclTemplateRevisionsResponse { diff }))
+            }
+
+            #[instrument(skip_all, fields(rpc = "RevertVclTemplate"))]
+            async fn revert_vcl_template(
+                &self,
+                request: Request<RevertVclTemplateRequest>,
+            ) -> Result<Response<RevertVclTemplateResponse>, Status> {
+                let actor = actor(&request);
+                let (metadata, _, request) = request.into_parts();
+                let revision = self
+                    .store
+                    .get_template_revision(request.template_id, request.revision)
+                    .await
+                    .map_err(ApiError::from)?;
+                let reverted = VclTemplate {
+                    id: request.template_id,
+                    content: revision.content,
+                    comment: format!("revert to revision {}", revision.revision),
+                    ..Default::default()
+                };
+                let mask = FieldMask { paths: vec!["content".into(), "comment".into()] };
+                let (value, tasks, headers) = self
+                    .update(&actor, &metadata, Some(reverted), Some(mask))
+                    .await?;
+                Ok(respond(RevertVclTemplateResponse { vcl_template: Some(value), tasks }, headers))
+            }
         }
         }
     };
@@ -315,6 +531,25 @@ config_service! {
     },
     Director { field: director, plural: directors, validate: validate::director, read_only: [] },
     Backend { field: backend, plural: backends, validate: validate::backend, read_only: [] },
+    Probe { field: probe, plural: probes, validate: validate::probe, read_only: [] },
+    TimeProfile {
+        field: time_profile,
+        plural: time_profiles,
+        validate: validate::time_profile,
+        read_only: [],
+    },
+    VclVariable {
+        field: vcl_variable,
+        plural: vcl_variables,
+        validate: validate::vcl_variable,
+        read_only: [],
+    },
+    VclTemplateBlock {
+        field: vcl_template_block,
+        plural: vcl_template_blocks,
+        validate: validate::vcl_template_block,
+        read_only: [],
+    },
 }
 
 #[cfg(test)]

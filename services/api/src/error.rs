@@ -37,6 +37,14 @@ pub enum ApiError {
     /// The update mask of a partial update names no writable field, or the merge failed.
     #[error(transparent)]
     UpdateMask(#[from] crate::field_mask::MaskError),
+    /// A diff took longer than its limit.
+    #[error("the diff between revisions {from} and {to} is too expensive to compute")]
+    DiffTooLarge {
+        /// The older revision.
+        from: i64,
+        /// The newer revision.
+        to: i64,
+    },
     /// NATS failed while following a task.
     #[error("cannot follow task events")]
     Bus(#[from] vaas_bus::Error),
@@ -114,6 +122,18 @@ impl From<ApiError> for Status {
                 message,
                 ErrorDetails::with_resource_info(resource, id.to_string(), "", ""),
             ),
+            ApiError::Store(StoreError::RevisionNotFound { template_id, .. }) => {
+                Status::with_error_details(
+                    Code::NotFound,
+                    message,
+                    ErrorDetails::with_resource_info(
+                        "vcl template revision",
+                        template_id.to_string(),
+                        "",
+                        "",
+                    ),
+                )
+            }
             ApiError::Store(StoreError::MissingReference {
                 field,
                 resource,
@@ -133,6 +153,11 @@ impl From<ApiError> for Status {
                 Code::InvalidArgument,
                 message.clone(),
                 ErrorDetails::with_bad_request_violation("page_token", message),
+            ),
+            ApiError::Store(StoreError::InvalidResourceName { .. }) => Status::with_error_details(
+                Code::InvalidArgument,
+                message.clone(),
+                ErrorDetails::with_bad_request_violation("resource", message),
             ),
             ApiError::Store(StoreError::Database(ref source)) => {
                 tracing::error!(error = %source, "store failed");
@@ -162,6 +187,7 @@ impl From<ApiError> for Status {
                 tracing::error!(error = %source, "partial update failed");
                 Status::internal("the partial update could not be merged; nothing was saved")
             }
+            ApiError::DiffTooLarge { .. } => Status::resource_exhausted(message),
             ApiError::Bus(ref source) => {
                 tracing::error!(error = %source, "nats failed");
                 Status::unavailable(message)

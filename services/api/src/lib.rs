@@ -10,6 +10,7 @@ pub mod error;
 pub mod field_mask;
 pub mod follow;
 mod relay;
+pub mod revisions;
 pub mod task_service;
 pub mod validate;
 

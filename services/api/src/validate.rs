@@ -7,8 +7,9 @@ use std::net::IpAddr;
 use prost_types::Duration;
 use tonic_types::FieldViolation;
 use vaas_proto::v1::{
-    Backend, Cluster, Dc, Director, DirectorMode, DirectorRouter, ServerStatus, VarnishServer,
-    VclSyntax, VclTemplate,
+    Backend, Cluster, Dc, Director, DirectorHashingPolicy, DirectorMode, DirectorProtocol,
+    DirectorRouter, Probe, ServerStatus, TimeProfile, VarnishServer, VclSyntax, VclTemplate,
+    VclTemplateBlock, VclVariable,
 };
 
 use crate::error::ApiError;
@@ -21,6 +22,12 @@ pub enum Intent {
     /// An update: the id must be positive.
     Update,
 }
+
+/// Most items in a list of references (a director's clusters).
+pub const MAX_LIST_ITEMS: usize = 1000;
+
+/// Most labels of a cluster or tags of a backend.
+pub const MAX_TAGS: usize = 32;
 
 /// Largest accepted VCL template, in bytes.
 pub const MAX_TEMPLATE_BYTES: usize = 1024 * 1024;
@@ -88,11 +95,48 @@ impl Violations {
         }
     }
 
-    fn address(&mut self, field: &str, value: &str) {
-        if value.parse::<IpAddr>().is_err() {
-            self.add(
+    /// Checks an IP address and rewrites it in its one canonical spelling (an IPv4-mapped IPv6
+    /// address becomes IPv4, IPv6 is compressed), so that one host cannot be registered twice
+    /// under two spellings.
+    fn address(&mut self, field: &str, value: &mut String) {
+        match value.parse::<IpAddr>() {
+            Ok(address) => *value = address.to_canonical().to_string(),
+            Err(_) => self.add(
                 field,
                 "must be an IPv4 or IPv6 address, for example 10.0.0.1 or ::1",
+            ),
+        }
+    }
+
+    /// Checks a list's length before its items are looked at.
+    fn list_length(&mut self, field: &str, length: usize, max_items: usize) -> bool {
+        let ok = length <= max_items;
+        self.check(ok, field, &format!("must hold at most {max_items} items"));
+        ok
+    }
+
+    /// Checks a VCL identifier: a letter, then letters, digits or "_", and not a name Varnish
+    /// reserves for itself ("vcl", "vcl_…").
+    fn vcl_identifier(&mut self, field: &str, value: &str, max_chars: usize) {
+        let well_formed = value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+            && value.len() <= max_chars
+            && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let lower = value.to_ascii_lowercase();
+        if !well_formed {
+            self.add(
+                field,
+                format!(
+                    "must be a letter followed by at most {} ASCII letters, digits or \"_\"",
+                    max_chars - 1
+                ),
+            );
+        } else if lower == "vcl" || lower.starts_with("vcl_") {
+            self.add(
+                field,
+                "must not be \"vcl\" or start with \"vcl_\" (reserved by Varnish)",
             );
         }
     }
@@ -121,13 +165,21 @@ impl Violations {
             seconds: default_millis / 1000,
             nanos: ((default_millis % 1000) * 1_000_000) as i32,
         });
+        let normalised = (0..1_000_000_000).contains(&duration.nanos);
         let positive = duration.seconds > 0 || (duration.seconds == 0 && duration.nanos > 0);
-        let in_range = duration.nanos >= 0 && positive && duration.seconds < max_secs;
-        self.check(
-            in_range,
-            field,
-            &format!("must be more than 0 and less than {max_secs} seconds"),
-        );
+        if !normalised || duration.nanos % 1_000_000 != 0 {
+            // VCL durations are written in seconds with at most three decimals; varnishd refuses
+            // more digits ("Too many digits for real").
+            self.add(
+                field,
+                "must be whole milliseconds (nanos a multiple of 1000000 below 1e9)",
+            );
+        } else if !positive || duration.seconds >= max_secs {
+            self.add(
+                field,
+                format!("must be more than 0 and less than {max_secs} seconds"),
+            );
+        }
     }
 
     fn finish<T>(self, value: T) -> Result<T, ApiError> {
@@ -158,7 +210,8 @@ pub fn cluster(mut cluster: Cluster, intent: Intent) -> Result<Cluster, ApiError
     let mut violations = Violations::new("cluster");
     violations.id(intent, &mut cluster.id);
     violations.name("name", &cluster.name, &['_'], 64);
-    for (index, label) in cluster.labels.iter().enumerate() {
+    let labels_fit = violations.list_length("labels", cluster.labels.len(), MAX_TAGS);
+    for (index, label) in cluster.labels.iter().enumerate().filter(|_| labels_fit) {
         let well_formed = label
             .split_once(':')
             .is_some_and(|(key, value)| !key.is_empty() && !value.is_empty());
@@ -208,7 +261,7 @@ pub fn varnish_server(
 ) -> Result<VarnishServer, ApiError> {
     let mut violations = Violations::new("varnish_server");
     violations.id(intent, &mut server.id);
-    violations.address("address", &server.address);
+    violations.address("address", &mut server.address);
     violations.text("hostname", &server.hostname, false, 253);
     violations.port("http_port", &mut server.http_port, 80);
     violations.port("admin_port", &mut server.admin_port, 6082);
@@ -229,24 +282,12 @@ pub fn varnish_server(
 pub fn director(mut director: Director, intent: Intent) -> Result<Director, ApiError> {
     let mut violations = Violations::new("director");
     violations.id(intent, &mut director.id);
-    let name_ok = director
-        .name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic())
-        && director.name.len() <= 50
-        && director
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_');
-    violations.check(
-        name_ok,
-        "name",
-        "must be a letter followed by at most 49 ASCII letters, digits or \"_\"",
-    );
+    violations.vcl_identifier("name", &director.name, 50);
     violations.text("service", &director.service, false, 128);
-    for (index, &cluster_id) in director.cluster_ids.iter().enumerate() {
-        violations.reference(&format!("cluster_ids[{index}]"), cluster_id);
+    if violations.list_length("cluster_ids", director.cluster_ids.len(), MAX_LIST_ITEMS) {
+        for (index, &cluster_id) in director.cluster_ids.iter().enumerate() {
+            violations.reference(&format!("cluster_ids[{index}]"), cluster_id);
+        }
     }
     violations.enumeration("mode", DirectorMode::try_from(director.mode).is_ok());
     if director.mode == DirectorMode::Unspecified as i32 {
@@ -268,6 +309,38 @@ pub fn director(mut director: Director, intent: Intent) -> Result<Director, ApiE
     }
     director.active_active.get_or_insert(true);
     director.enabled.get_or_insert(true);
+    for (field, id) in [
+        ("probe_id", director.probe_id),
+        ("time_profile_id", director.time_profile_id),
+    ] {
+        violations.check(
+            id >= 0,
+            field,
+            "must be 0 (none) or the id of an existing resource",
+        );
+    }
+    violations.enumeration(
+        "protocol",
+        DirectorProtocol::try_from(director.protocol).is_ok(),
+    );
+    if director.protocol == DirectorProtocol::Unspecified as i32 {
+        director.protocol = DirectorProtocol::Http as i32;
+    }
+    violations.enumeration(
+        "hashing_policy",
+        DirectorHashingPolicy::try_from(director.hashing_policy).is_ok(),
+    );
+    if director.hashing_policy == DirectorHashingPolicy::Unspecified as i32 {
+        director.hashing_policy = DirectorHashingPolicy::Url as i32;
+    }
+    for (field, value) in [
+        ("service_mesh_label", &director.service_mesh_label),
+        ("service_tag", &director.service_tag),
+    ] {
+        if !value.is_empty() {
+            violations.name(field, value, &['_', '-', '.'], 128);
+        }
+    }
     violations.finish(director)
 }
 
@@ -277,7 +350,7 @@ pub fn backend(mut backend: Backend, intent: Intent) -> Result<Backend, ApiError
     violations.id(intent, &mut backend.id);
     violations.reference("director_id", backend.director_id);
     violations.reference("dc_id", backend.dc_id);
-    violations.address("address", &backend.address);
+    violations.address("address", &mut backend.address);
     violations.port("port", &mut backend.port, 80);
     let weight = *backend.weight.get_or_insert(1);
     violations.check(weight <= 100, "weight", "must be from 0 to 100");
@@ -301,10 +374,153 @@ pub fn backend(mut backend: Backend, intent: Intent) -> Result<Backend, ApiError
         3600,
     );
     backend.enabled.get_or_insert(true);
-    for (index, tag) in backend.tags.iter().enumerate() {
-        violations.name(&format!("tags[{index}]"), tag, &['_', '-', ':', '.'], 64);
+    if violations.list_length("tags", backend.tags.len(), MAX_TAGS) {
+        for (index, tag) in backend.tags.iter().enumerate() {
+            violations.name(&format!("tags[{index}]"), tag, &['_', '-', ':', '.'], 64);
+        }
     }
     violations.finish(backend)
+}
+
+/// Validates a probe. Its name becomes a VCL identifier and its URL a VCL string, so both are
+/// held to what VCL can carry; the numbers to what varnishd accepts (threshold ≤ window ≤ 64).
+pub fn probe(mut probe: Probe, intent: Intent) -> Result<Probe, ApiError> {
+    let mut violations = Violations::new("probe");
+    violations.id(intent, &mut probe.id);
+    violations.vcl_identifier("name", &probe.name, 50);
+    let url_ok = probe.url.starts_with('/')
+        && probe.url.len() <= 256
+        && probe
+            .url
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    violations.check(
+        url_ok,
+        "url",
+        "must be a path starting with \"/\": at most 256 printable ASCII characters without spaces, quotes or backslashes",
+    );
+    let expected = *probe.expected_response.get_or_insert(200);
+    violations.check(
+        (100..=599).contains(&expected),
+        "expected_response",
+        "must be an HTTP status from 100 to 599",
+    );
+    violations.duration("interval", &mut probe.interval, 3000, 301);
+    if probe.interval.is_some_and(|interval| {
+        interval.seconds < 1 || (interval.seconds == 300 && interval.nanos > 0)
+    }) {
+        violations.add("interval", "must be from 1 to 300 seconds");
+    }
+    violations.duration("timeout", &mut probe.timeout, 1000, 6);
+    if probe.timeout.is_some_and(|timeout| {
+        (timeout.seconds == 0 && timeout.nanos < 100_000_000)
+            || (timeout.seconds == 5 && timeout.nanos > 0)
+    }) {
+        violations.add("timeout", "must be from 0.1 to 5 seconds");
+    }
+    let window = *probe.window.get_or_insert(5);
+    violations.check((1..=64).contains(&window), "window", "must be from 1 to 64");
+    let threshold = *probe.threshold.get_or_insert(3);
+    violations.check(
+        threshold >= 1 && threshold <= window,
+        "threshold",
+        "must be from 1 to window",
+    );
+    violations.finish(probe)
+}
+
+/// Validates a time profile and fills in the documented defaults.
+pub fn time_profile(mut profile: TimeProfile, intent: Intent) -> Result<TimeProfile, ApiError> {
+    let mut violations = Violations::new("time_profile");
+    violations.id(intent, &mut profile.id);
+    violations.text("name", &profile.name, true, 128);
+    violations.text("description", &profile.description, false, 1000);
+    let max_connections = *profile.max_connections.get_or_insert(5);
+    violations.check(
+        (1..=100_000).contains(&max_connections),
+        "max_connections",
+        "must be from 1 to 100000",
+    );
+    violations.duration("connect_timeout", &mut profile.connect_timeout, 300, 300);
+    violations.duration(
+        "first_byte_timeout",
+        &mut profile.first_byte_timeout,
+        5000,
+        3600,
+    );
+    violations.duration(
+        "between_bytes_timeout",
+        &mut profile.between_bytes_timeout,
+        1000,
+        3600,
+    );
+    violations.duration(
+        "service_mesh_timeout",
+        &mut profile.service_mesh_timeout,
+        300_000,
+        3600,
+    );
+    violations.finish(profile)
+}
+
+/// The tags a template block can replace.
+pub const BLOCK_TAGS: &[&str] = &[
+    "VCL",
+    "HEADERS",
+    "ACL",
+    "BACKENDS",
+    "DIRECTORS",
+    "RECV",
+    "ROUTER",
+    "PROPER_PROTOCOL_REDIRECT",
+    "OTHER_FUNCTIONS",
+    "EMPTY_DIRECTOR_SYNTH",
+];
+
+/// Largest accepted template block, in bytes.
+pub const MAX_BLOCK_BYTES: usize = 256 * 1024;
+
+/// Validates a VCL variable. Its value is written into VCL as it is, so it may hold nothing that
+/// could change the VCL's structure: no quotes, braces, backslashes, semicolons or control
+/// characters.
+pub fn vcl_variable(mut variable: VclVariable, intent: Intent) -> Result<VclVariable, ApiError> {
+    let mut violations = Violations::new("vcl_variable");
+    violations.id(intent, &mut variable.id);
+    violations.reference("cluster_id", variable.cluster_id);
+    violations.name("key", &variable.key, &['_'], 64);
+    let value_ok = variable.value.chars().count() <= 254
+        && variable
+            .value
+            .chars()
+            .all(|c| !c.is_control() && !matches!(c, '"' | '{' | '}' | '\\' | ';'));
+    violations.check(
+        value_ok,
+        "value",
+        "must be at most 254 characters without control characters, quotes, braces, backslashes or semicolons",
+    );
+    violations.finish(variable)
+}
+
+/// Validates a template block: a known tag and content under the template content rules.
+pub fn vcl_template_block(
+    mut block: VclTemplateBlock,
+    intent: Intent,
+) -> Result<VclTemplateBlock, ApiError> {
+    let mut violations = Violations::new("vcl_template_block");
+    violations.id(intent, &mut block.id);
+    violations.reference("template_id", block.template_id);
+    if !BLOCK_TAGS.contains(&block.tag.as_str()) {
+        violations.add("tag", format!("must be one of {}", BLOCK_TAGS.join(", ")));
+    }
+    if block.content.len() > MAX_BLOCK_BYTES {
+        violations.add(
+            "content",
+            format!("must be at most {MAX_BLOCK_BYTES} bytes"),
+        );
+    } else if block.content.contains('\0') {
+        violations.add("content", "must not contain NUL characters");
+    }
+    violations.finish(block)
 }
 
 #[cfg(test)]
@@ -432,6 +648,104 @@ mod tests {
         assert!(
             server.running_vcl_version.is_empty(),
             "output-only fields are not writable"
+        );
+    }
+
+    #[test]
+    fn probes_get_defaults_and_keep_threshold_within_window() {
+        let probe = probe(
+            Probe {
+                name: "health".into(),
+                url: "/health".into(),
+                ..Default::default()
+            },
+            Intent::Create,
+        )
+        .unwrap();
+        assert_eq!(probe.expected_response, Some(200));
+        assert_eq!(probe.interval.map(|d| d.seconds), Some(3));
+        assert_eq!((probe.window, probe.threshold), (Some(5), Some(3)));
+
+        let bad = Probe {
+            name: "vcl_probe".into(),
+            url: "/x\"; include \"/etc/passwd".into(),
+            expected_response: Some(99),
+            interval: Some(Duration {
+                seconds: 301,
+                nanos: 0,
+            }),
+            timeout: Some(Duration {
+                seconds: 0,
+                nanos: 50_000_000,
+            }),
+            window: Some(2),
+            threshold: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(
+            violations(super::probe(bad, Intent::Create).unwrap_err()),
+            [
+                "probe.name",
+                "probe.url",
+                "probe.expected_response",
+                "probe.interval",
+                "probe.timeout",
+                "probe.threshold"
+            ]
+        );
+    }
+
+    #[test]
+    fn durations_must_be_whole_milliseconds() {
+        let profile = |nanos| TimeProfile {
+            name: "p".into(),
+            connect_timeout: Some(Duration { seconds: 0, nanos }),
+            ..Default::default()
+        };
+        assert!(time_profile(profile(300_000_000), Intent::Create).is_ok());
+        for nanos in [300_000_001, 1_000_000_000, -1] {
+            assert_eq!(
+                violations(time_profile(profile(nanos), Intent::Create).unwrap_err()),
+                ["time_profile.connect_timeout"],
+                "nanos {nanos}"
+            );
+        }
+    }
+
+    #[test]
+    fn addresses_are_stored_in_one_spelling() {
+        let backend = |address: &str| {
+            super::backend(
+                Backend {
+                    address: address.into(),
+                    director_id: 1,
+                    dc_id: 1,
+                    ..Default::default()
+                },
+                Intent::Create,
+            )
+            .unwrap()
+            .address
+        };
+        assert_eq!(backend("::ffff:127.0.0.1"), "127.0.0.1");
+        assert_eq!(
+            backend("2001:0db8:0000:0000:0000:0000:0000:0001"),
+            "2001:db8::1"
+        );
+    }
+
+    #[test]
+    fn lists_are_bounded() {
+        let director = Director {
+            name: "d".into(),
+            route_expression: "^/".into(),
+            cluster_ids: vec![1; MAX_LIST_ITEMS + 1],
+            ..Default::default()
+        };
+        assert_eq!(
+            violations(super::director(director, Intent::Create).unwrap_err()),
+            ["director.cluster_ids"],
+            "one violation for the list, not one per item"
         );
     }
 }

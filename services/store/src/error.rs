@@ -14,6 +14,14 @@ pub enum Error {
         /// The id that was asked for.
         id: i64,
     },
+    /// The template has no revision with this number.
+    #[error("vcl template {template_id} has no revision {revision}")]
+    RevisionNotFound {
+        /// The template.
+        template_id: i64,
+        /// The revision asked for.
+        revision: i64,
+    },
     /// A field refers to a resource that does not exist.
     #[error("{field} refers to {resource} {id}, which does not exist")]
     MissingReference {
@@ -41,6 +49,14 @@ pub enum Error {
         id: i64,
         /// What refers to it, for people, for example "3 varnish servers".
         users: String,
+    },
+    /// A resource name that is neither "collection" nor "collection/id".
+    #[error(
+        "resource must be a collection such as \"backends\" or a name such as \"backends/7\", not {name:?}"
+    )]
+    InvalidResourceName {
+        /// The name that was given.
+        name: String,
     },
     /// A page token that this store did not hand out.
     #[error("page_token is not valid")]

@@ -7,6 +7,7 @@
 //! references and uniqueness, but the format of fields is validated by the API before it gets here.
 //! It knows nothing of NATS or gRPC.
 
+mod audit;
 mod clock;
 mod error;
 mod migrations;
@@ -18,13 +19,14 @@ mod tasks;
 mod write;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use error::{Error, Result};
-pub use resource::{Condition, Page, Resource, Tx, Value};
+pub use resource::{Change, Condition, Page, Resource, Tx, Value};
 pub use tasks::{OutboxEntry, TaskOutcome, TaskPage};
 pub use write::WriteOutcome;
 
@@ -42,6 +44,8 @@ pub enum Dialect {
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
+    /// Who the writes of this handle are recorded as in the audit history.
+    actor: Arc<str>,
 }
 
 impl Store {
@@ -77,9 +81,21 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        let store = Store { pool, dialect };
+        let store = Store {
+            pool,
+            dialect,
+            actor: Arc::from("vaas-store"),
+        };
         migrations::apply(&store).await?;
         Ok(store)
+    }
+
+    /// Returns a handle whose writes the audit history records as made by `actor`.
+    pub fn acting_as(&self, actor: &str) -> Store {
+        Store {
+            actor: Arc::from(actor),
+            ..self.clone()
+        }
     }
 
     /// Returns the SQL dialect of this store.

@@ -21,12 +21,38 @@ struct Step {
 }
 
 /// The migrations in order.
-const STEPS: &[Step] = &[Step {
-    version: 1,
-    description: "initial",
-    postgres: include_str!("../migrations/postgres/0001_initial.sql"),
-    sqlite: include_str!("../migrations/sqlite/0001_initial.sql"),
-}];
+const STEPS: &[Step] = &[
+    Step {
+        version: 1,
+        description: "initial",
+        postgres: include_str!("../migrations/postgres/0001_initial.sql"),
+        sqlite: include_str!("../migrations/sqlite/0001_initial.sql"),
+    },
+    Step {
+        version: 2,
+        description: "probes time profiles director fields",
+        postgres: include_str!(
+            "../migrations/postgres/0002_probes_time_profiles_director_fields.sql"
+        ),
+        sqlite: include_str!("../migrations/sqlite/0002_probes_time_profiles_director_fields.sql"),
+    },
+    Step {
+        version: 3,
+        description: "audit entries",
+        postgres: include_str!("../migrations/postgres/0003_audit_entries.sql"),
+        sqlite: include_str!("../migrations/sqlite/0003_audit_entries.sql"),
+    },
+    Step {
+        version: 4,
+        description: "vcl variables template blocks revisions",
+        postgres: include_str!(
+            "../migrations/postgres/0004_vcl_variables_template_blocks_revisions.sql"
+        ),
+        sqlite: include_str!(
+            "../migrations/sqlite/0004_vcl_variables_template_blocks_revisions.sql"
+        ),
+    },
+];
 
 /// Returns sqlx's migrator for `dialect`. It is built here rather than with `sqlx::migrate!`,
 /// which would compile every database driver a second time into a proc-macro (minutes of build

@@ -14,8 +14,8 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::query::Query;
 use sqlx::{Any, Row, Transaction};
 
-use crate::write::WriteOutcome;
-use crate::{Error, Result, Store};
+use crate::write::{Write, WriteOutcome};
+use crate::{Error, Result, Store, audit};
 
 /// The open transaction a write runs in.
 pub type Tx<'c> = Transaction<'c, Any>;
@@ -76,30 +76,74 @@ impl From<Option<i64>> for Value {
     }
 }
 
+/// What a write knows about itself: when it happens and who makes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Change<'a> {
+    /// The store timestamp of the write.
+    pub timestamp: i64,
+    /// Who makes it, as the audit history records it.
+    pub actor: &'a str,
+}
+
 /// One condition of a listing: SQL with a single `?` for the bound value.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Condition {
-    sql: &'static str,
+    sql: String,
     value: Value,
 }
 
 impl Condition {
     /// Creates a condition; `sql` holds exactly one `?`, where `value` is bound.
-    pub fn new(sql: &'static str, value: impl Into<Value>) -> Condition {
+    pub fn new(sql: impl Into<String>, value: impl Into<Value>) -> Condition {
         Condition {
-            sql,
+            sql: sql.into(),
             value: value.into(),
         }
     }
+
+    /// Matches rows whose `column` starts with `prefix`, ignoring ASCII case (the same on both
+    /// stores: PostgreSQL's LIKE minds case, SQLite's does not).
+    pub fn starts_with(column: &str, prefix: &str) -> Condition {
+        let pattern = format!("{}%", escape_like(&prefix.to_ascii_lowercase()));
+        Condition::new(
+            format!("LOWER({column}) LIKE ? ESCAPE '\\'"),
+            Value::Text(pattern),
+        )
+    }
+
+    /// Matches rows whose list column (values joined by newlines) holds `item`.
+    pub fn list_contains(column: &str, item: &str) -> Condition {
+        let pattern = format!("%\n{}\n%", escape_like(item));
+        Condition::new(
+            format!("('\n' || {column} || '\n') LIKE ? ESCAPE '\\'"),
+            Value::Text(pattern),
+        )
+    }
+}
+
+/// Escapes LIKE's wildcards so that `text` matches only itself.
+fn escape_like(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 /// A configuration resource stored one row per item in its own table.
 ///
 /// Implement it once per resource (one file under `resources/`); the generic operations on
 /// [`Store`] do the rest.
-pub trait Resource: Clone + Send + Sync + Unpin + 'static {
+pub trait Resource: prost::Message + Default + Clone + Unpin + 'static {
     /// The table.
     const TABLE: &'static str;
+    /// The collection in resource names such as "backends/7".
+    const COLLECTION: &'static str;
+    /// The full name of the protobuf message, for example "vaas.v1.Backend".
+    const MESSAGE: &'static str;
     /// The resource's name in errors and task descriptions, for example "varnish server".
     const KIND: &'static str;
     /// The request field that holds the resource, for example "varnish_server".
@@ -109,6 +153,9 @@ pub trait Resource: Clone + Send + Sync + Unpin + 'static {
 
     /// Returns the identifier (0 before the item is created).
     fn id(&self) -> i64;
+
+    /// Sets the identifier (a bulk replace gives a wanted item the id of the stored one).
+    fn set_id(&mut self, id: i64);
 
     /// Returns the writable columns with their values: the one column list of the resource.
     fn columns(&self) -> Vec<(&'static str, Value)>;
@@ -130,9 +177,15 @@ pub trait Resource: Clone + Send + Sync + Unpin + 'static {
         after: Option<&Self>,
     ) -> impl Future<Output = Result<BTreeSet<i64>>> + Send;
 
-    /// Writes what lives outside the row (link tables) once the row with `id` is written.
-    fn save_links(&self, tx: &mut Tx<'_>, id: i64) -> impl Future<Output = Result<()>> + Send {
-        let _ = (tx, id);
+    /// Writes what lives outside the row (link tables, revisions) once the row with `id` is
+    /// written by `change`.
+    fn save_links(
+        &self,
+        tx: &mut Tx<'_>,
+        id: i64,
+        change: Change<'_>,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (tx, id, change);
         async { Ok(()) }
     }
 
@@ -150,28 +203,13 @@ pub trait Resource: Clone + Send + Sync + Unpin + 'static {
 }
 
 impl Store {
-    /// Creates `item` (its id is ignored) with a reload task for every affected cluster.
+    /// Creates `item`, whose id must be 0 (the API's validation clears it), with a reload task
+    /// for every affected cluster.
     pub async fn create<R: Resource>(&self, item: &R) -> Result<WriteOutcome<R>> {
         let mut write = self.begin_write().await?;
-        let tx = &mut write.transaction;
-        item.check(tx).await?;
-        let columns = item.columns();
-        let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
-        let placeholders: Vec<String> = (1..=columns.len()).map(|n| format!("${n}")).collect();
-        let sql = format!(
-            "INSERT INTO {} ({}) VALUES ({}) RETURNING id",
-            R::TABLE,
-            names.join(", "),
-            placeholders.join(", ")
-        );
-        let row = bind_values(sqlx::query(&sql), columns)
-            .fetch_one(&mut **tx)
-            .await?;
-        let id: i64 = row.try_get("id")?;
-        item.save_links(tx, id).await?;
-        let created = fetch_in::<R>(tx, id).await?;
-        let affected = R::affected(tx, None, Some(&created)).await?;
-        let description = format!("create {} {id}", R::KIND);
+        let mut affected = BTreeSet::new();
+        let created = self.create_in(&mut write, item, &mut affected).await?;
+        let description = format!("create {} {}", R::KIND, created.id());
         self.commit_write(write, created, affected, description)
             .await
     }
@@ -193,16 +231,12 @@ impl Store {
     ) -> Result<Page<R>> {
         let limit = page_limit(page_size);
         let after = parse_page_token(page_token)?;
-        let conditions = R::conditions(filter);
-        let mut sql = format!("SELECT * FROM {} WHERE id > $1", R::TABLE);
-        for (index, condition) in conditions.iter().enumerate() {
-            sql.push_str(" AND ");
-            sql.push_str(&condition.sql.replace('?', &format!("${}", index + 2)));
-        }
-        sql.push_str(&format!(" ORDER BY id LIMIT ${}", conditions.len() + 2));
-        let values = conditions
-            .into_iter()
-            .map(|condition| ("", condition.value));
+        let (conditions, values) = where_clause(R::conditions(filter), 2);
+        let sql = format!(
+            "SELECT * FROM {} WHERE id > $1{conditions} ORDER BY id LIMIT ${}",
+            R::TABLE,
+            values.len() + 2
+        );
         let mut transaction = self.pool.begin().await?;
         let rows = bind_values(sqlx::query(&sql).bind(after), values)
             .bind(limit + 1)
@@ -236,9 +270,153 @@ impl Store {
         E: From<Error>,
     {
         let mut write = self.begin_write().await?;
-        let tx = &mut write.transaction;
-        let before = fetch_in::<R>(tx, id).await?;
+        let mut affected = BTreeSet::new();
+        let before = fetch_in::<R>(&mut write.transaction, id).await?;
         let item = change(&before)?;
+        let after = self
+            .update_in(&mut write, before, &item, &mut affected)
+            .await?;
+        let description = format!("update {} {id}", R::KIND);
+        Ok(self
+            .commit_write(write, after, affected, description)
+            .await?)
+    }
+
+    /// Applies `change` to every item of `ids` in one transaction, with one reload task per
+    /// affected cluster (not one per item). Nothing is saved when any item is refused.
+    pub async fn update_many_with<R, E>(
+        &self,
+        ids: &[i64],
+        change: impl Fn(&R) -> std::result::Result<R, E> + Send,
+    ) -> std::result::Result<WriteOutcome<Vec<R>>, E>
+    where
+        R: Resource,
+        E: From<Error>,
+    {
+        let mut write = self.begin_write().await?;
+        let mut affected = BTreeSet::new();
+        let mut updated = Vec::with_capacity(ids.len());
+        let unique: BTreeSet<i64> = ids.iter().copied().collect();
+        for &id in &unique {
+            let before = fetch_in::<R>(&mut write.transaction, id).await?;
+            let item = change(&before)?;
+            updated.push(
+                self.update_in(&mut write, before, &item, &mut affected)
+                    .await?,
+            );
+        }
+        let description = format!("update {} {}s", unique.len(), R::KIND);
+        Ok(self
+            .commit_write(write, updated, affected, description)
+            .await?)
+    }
+
+    /// Makes the items matching `scope` exactly `wanted`, in one transaction: an item with the
+    /// same `key` as a stored one updates it (keeping its id), a new key creates an item, and
+    /// stored items whose key is not wanted are deleted. One reload task per affected cluster.
+    pub async fn replace_all<R, K>(
+        &self,
+        scope: &R::Filter,
+        wanted: &[R],
+        key: impl Fn(&R) -> K + Send,
+        description: String,
+    ) -> Result<WriteOutcome<Vec<R>>>
+    where
+        R: Resource,
+        K: Ord + Send,
+    {
+        let mut write = self.begin_write().await?;
+        let mut affected = BTreeSet::new();
+        let (conditions, values) = where_clause(R::conditions(scope), 1);
+        let sql = format!(
+            "SELECT * FROM {} WHERE 1 = 1{conditions} ORDER BY id",
+            R::TABLE
+        );
+        let rows = bind_values(sqlx::query(&sql), values)
+            .fetch_all(&mut *write.transaction)
+            .await?;
+        let mut stored: std::collections::BTreeMap<K, R> = std::collections::BTreeMap::new();
+        for row in &rows {
+            let item = R::from_row(row)?;
+            stored.insert(key(&item), item);
+        }
+        let mut result = Vec::with_capacity(wanted.len());
+        for item in wanted {
+            let saved = match stored.remove(&key(item)) {
+                Some(before) => {
+                    let mut fields = item.clone();
+                    fields.set_id(before.id());
+                    let mut before = vec![before];
+                    R::load_links(&mut write.transaction, &mut before).await?;
+                    let before = before.remove(0);
+                    self.update_in(&mut write, before, &fields, &mut affected)
+                        .await?
+                }
+                None => self.create_in(&mut write, item, &mut affected).await?,
+            };
+            result.push(saved);
+        }
+        for (_, unwanted) in stored {
+            self.delete_in::<R>(&mut write, unwanted.id(), &mut affected)
+                .await?;
+        }
+        self.commit_write(write, result, affected, description)
+            .await
+    }
+
+    /// Deletes the item with `id`, unless others still use it.
+    pub async fn delete<R: Resource>(&self, id: i64) -> Result<WriteOutcome<()>> {
+        let mut write = self.begin_write().await?;
+        let mut affected = BTreeSet::new();
+        self.delete_in::<R>(&mut write, id, &mut affected).await?;
+        let description = format!("delete {} {id}", R::KIND);
+        self.commit_write(write, (), affected, description).await
+    }
+
+    /// Inserts `item` inside `write`; adds the clusters it touches to `affected`.
+    async fn create_in<R: Resource>(
+        &self,
+        write: &mut Write<'_>,
+        item: &R,
+        affected: &mut BTreeSet<i64>,
+    ) -> Result<R> {
+        let tx = &mut write.transaction;
+        item.check(tx).await?;
+        let columns = item.columns();
+        let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+        let placeholders: Vec<String> = (1..=columns.len()).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "INSERT INTO {} ({}) VALUES ({}) RETURNING id",
+            R::TABLE,
+            names.join(", "),
+            placeholders.join(", ")
+        );
+        let row = bind_values(sqlx::query(&sql), columns)
+            .fetch_one(&mut **tx)
+            .await?;
+        let id: i64 = row.try_get("id")?;
+        let change = Change {
+            timestamp: write.timestamp,
+            actor: &self.actor,
+        };
+        item.save_links(tx, id, change).await?;
+        let created = fetch_in::<R>(tx, id).await?;
+        audit::record(tx, write.timestamp, &self.actor, None, Some(&created)).await?;
+        affected.extend(R::affected(tx, None, Some(&created)).await?);
+        Ok(created)
+    }
+
+    /// Writes `item` over `before` inside `write`; adds the clusters it touched before and
+    /// touches now to `affected`.
+    async fn update_in<R: Resource>(
+        &self,
+        write: &mut Write<'_>,
+        before: R,
+        item: &R,
+        affected: &mut BTreeSet<i64>,
+    ) -> Result<R> {
+        let tx = &mut write.transaction;
+        let id = before.id();
         item.check(tx).await?;
         let columns = item.columns();
         let assignments: Vec<String> = columns
@@ -255,31 +433,56 @@ impl Store {
         bind_values(sqlx::query(&sql), columns)
             .bind(id)
             .execute(&mut **tx)
-            .await
-            .map_err(Error::from)?;
-        item.save_links(tx, id).await?;
+            .await?;
+        let change = Change {
+            timestamp: write.timestamp,
+            actor: &self.actor,
+        };
+        item.save_links(tx, id, change).await?;
         let after = fetch_in::<R>(tx, id).await?;
-        let affected = R::affected(tx, Some(&before), Some(&after)).await?;
-        let description = format!("update {} {id}", R::KIND);
-        Ok(self
-            .commit_write(write, after, affected, description)
-            .await?)
+        audit::record(
+            tx,
+            write.timestamp,
+            &self.actor,
+            Some(&before),
+            Some(&after),
+        )
+        .await?;
+        affected.extend(R::affected(tx, Some(&before), Some(&after)).await?);
+        Ok(after)
     }
 
-    /// Deletes the item with `id`, unless others still use it.
-    pub async fn delete<R: Resource>(&self, id: i64) -> Result<WriteOutcome<()>> {
-        let mut write = self.begin_write().await?;
+    /// Deletes the item with `id` inside `write`; adds the clusters it touched to `affected`.
+    async fn delete_in<R: Resource>(
+        &self,
+        write: &mut Write<'_>,
+        id: i64,
+        affected: &mut BTreeSet<i64>,
+    ) -> Result<()> {
         let tx = &mut write.transaction;
         let before = fetch_in::<R>(tx, id).await?;
         before.before_delete(tx).await?;
-        let affected = R::affected(tx, Some(&before), None).await?;
+        audit::record(tx, write.timestamp, &self.actor, Some(&before), None::<&R>).await?;
+        affected.extend(R::affected(tx, Some(&before), None).await?);
         sqlx::query(&format!("DELETE FROM {} WHERE id = $1", R::TABLE))
             .bind(id)
             .execute(&mut **tx)
             .await?;
-        let description = format!("delete {} {id}", R::KIND);
-        self.commit_write(write, (), affected, description).await
+        Ok(())
     }
+}
+
+/// Returns ` AND …` for `conditions`, numbering their placeholders from `first`, and the values
+/// to bind in that order.
+fn where_clause(conditions: Vec<Condition>, first: usize) -> (String, Vec<(&'static str, Value)>) {
+    let mut sql = String::new();
+    let mut values = Vec::with_capacity(conditions.len());
+    for (index, condition) in conditions.into_iter().enumerate() {
+        sql.push_str(" AND ");
+        sql.push_str(&condition.sql.replace('?', &format!("${}", index + first)));
+        values.push(("", condition.value));
+    }
+    (sql, values)
 }
 
 /// Binds `values` in order; their column names are the caller's business.
@@ -350,7 +553,7 @@ pub(crate) async fn ensure_reference<R: Resource>(
 }
 
 /// Fails with an already-exists error naming `field` when another item than `item` has `value`
-/// in `column`.
+/// in `column`, ignoring ASCII case: names end up in VCL symbols, which are case-insensitive.
 pub(crate) async fn ensure_unique<R: Resource>(
     tx: &mut Tx<'_>,
     item: &R,
@@ -359,7 +562,7 @@ pub(crate) async fn ensure_unique<R: Resource>(
     field: &'static str,
 ) -> Result<()> {
     let taken: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT id FROM {} WHERE {column} = $1 AND id <> $2",
+        "SELECT id FROM {} WHERE LOWER({column}) = LOWER($1) AND id <> $2",
         R::TABLE
     ))
     .bind(value)

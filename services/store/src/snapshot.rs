@@ -4,7 +4,8 @@ use std::collections::BTreeSet;
 
 use sqlx::Executor;
 use vaas_proto::v1::{
-    Backend, Cluster, ClusterSnapshot, Dc, Director, ServerStatus, VarnishServer, VclTemplate,
+    Backend, Cluster, ClusterSnapshot, Dc, Director, Probe, ServerStatus, TimeProfile,
+    VarnishServer, VclTemplate, VclTemplateBlock, VclVariable,
 };
 
 use crate::resource::{Resource, select};
@@ -68,6 +69,25 @@ impl Store {
             .collect();
         let mut dcs = select::<Dc>(tx, "id > $1", 0).await?;
         dcs.retain(|dc| dc_ids.contains(&dc.id));
+        let of_directors = |column: &str| {
+            format!(
+                "id IN (SELECT {column} FROM directors WHERE enabled = 1 AND id IN \
+                 (SELECT director_id FROM director_clusters WHERE cluster_id = $1))"
+            )
+        };
+        let probes = select::<Probe>(tx, &of_directors("probe_id"), cluster_id).await?;
+        let time_profiles =
+            select::<TimeProfile>(tx, &of_directors("time_profile_id"), cluster_id).await?;
+        let template_blocks = select::<VclTemplateBlock>(
+            tx,
+            &format!(
+                "template_id IN (SELECT template_id FROM varnish_servers \
+                 WHERE cluster_id = $1 AND status <> {DISABLED})"
+            ),
+            cluster_id,
+        )
+        .await?;
+        let variables = select::<VclVariable>(tx, "cluster_id = $1", cluster_id).await?;
         transaction.commit().await?;
         Ok(ClusterSnapshot {
             version,
@@ -77,6 +97,10 @@ impl Store {
             templates,
             directors,
             backends,
+            probes,
+            time_profiles,
+            template_blocks,
+            variables,
         })
     }
 }

@@ -1,8 +1,11 @@
 //! One suite, run against both SQLite and a real PostgreSQL server.
 
 use anyhow::Result;
+use prost::Message;
+use vaas_proto::v1::AuditAction;
 use vaas_proto::v1::{
-    Backend, Cluster, Dc, Director, ServerStatus, TaskState, VarnishServer, VclTemplate,
+    Backend, Cluster, Dc, Director, Probe, ServerStatus, TaskState, TimeProfile, VarnishServer,
+    VclTemplate, VclTemplateBlock, VclVariable,
 };
 use vaas_store::{Error, Store, TaskOutcome};
 
@@ -62,6 +65,10 @@ on_both_stores!(
     pages_walk_every_item_once,
     every_kind_of_change_reloads_exactly_the_clusters_it_touches,
     a_partial_update_merges_into_the_stored_item,
+    probes_and_time_profiles_round_trip_and_reach_the_snapshot,
+    every_write_leaves_an_audit_entry_with_who_and_the_values_before_and_after,
+    template_saves_keep_revisions_and_blocks_and_variables_reload_their_clusters,
+    lists_filter_by_what_operators_look_for,
 );
 
 struct World {
@@ -662,4 +669,379 @@ impl WithId for Director {
     fn with_id(self, id: i64) -> Director {
         Director { id, ..self }
     }
+}
+
+async fn probes_and_time_profiles_round_trip_and_reach_the_snapshot(store: &Store) -> Result<()> {
+    let world = world(store).await?;
+    let seconds = |seconds| Some(prost_types::Duration { seconds, nanos: 0 });
+    let probe = Probe {
+        name: "health".into(),
+        url: "/health".into(),
+        expected_response: Some(204),
+        interval: seconds(2),
+        timeout: seconds(1),
+        window: Some(4),
+        threshold: Some(2),
+        start_as_healthy: true,
+        ..Default::default()
+    };
+    let created_probe = store.create(&probe).await?;
+    assert!(created_probe.tasks.is_empty(), "no director uses it yet");
+    let probe = created_probe.value;
+    assert_eq!(store.get::<Probe>(probe.id).await?, probe, "round trip");
+    let profile = TimeProfile {
+        name: "slow".into(),
+        description: "for slow services".into(),
+        max_connections: Some(50),
+        connect_timeout: seconds(1),
+        first_byte_timeout: seconds(30),
+        between_bytes_timeout: seconds(10),
+        service_mesh_timeout: seconds(60),
+        ..Default::default()
+    };
+    let profile = store.create(&profile).await?.value;
+    assert_eq!(store.get::<TimeProfile>(profile.id).await?, profile);
+
+    let director = store
+        .update(&Director {
+            probe_id: probe.id,
+            time_profile_id: profile.id,
+            remove_path: true,
+            r#virtual: true,
+            service_mesh_label: "api".into(),
+            ..world.director.clone()
+        })
+        .await?
+        .value;
+    assert_eq!(
+        (
+            director.probe_id,
+            director.time_profile_id,
+            director.remove_path,
+            director.r#virtual
+        ),
+        (probe.id, profile.id, true, true)
+    );
+    store
+        .create(&Backend {
+            inherit_time_profile: true,
+            ..backend(&world, "10.0.0.1")
+        })
+        .await?;
+
+    let changed = store
+        .update(&Probe {
+            url: "/ready".into(),
+            ..probe.clone()
+        })
+        .await?;
+    assert_eq!(
+        reloaded(&changed),
+        ["prod"],
+        "the clusters of the directors using it"
+    );
+    let changed = store
+        .update(&TimeProfile {
+            max_connections: Some(60),
+            ..profile.clone()
+        })
+        .await?;
+    assert_eq!(reloaded(&changed), ["prod"]);
+
+    let snapshot = store.cluster_snapshot(world.cluster.id).await?;
+    assert_eq!(snapshot.probes.len(), 1);
+    assert_eq!(snapshot.probes[0].url, "/ready");
+    assert_eq!(snapshot.time_profiles[0].max_connections, Some(60));
+    assert!(snapshot.backends[0].inherit_time_profile);
+
+    assert!(
+        matches!(
+            store.delete::<Probe>(probe.id).await,
+            Err(Error::InUse { .. })
+        ),
+        "a probe in use stays"
+    );
+    let missing = store
+        .update(&Director {
+            probe_id: 4242,
+            ..director.clone()
+        })
+        .await;
+    assert!(
+        matches!(
+            missing,
+            Err(Error::MissingReference {
+                field: "director.probe_id",
+                ..
+            })
+        ),
+        "{missing:?}"
+    );
+    store
+        .update(&Director {
+            probe_id: 0,
+            ..director
+        })
+        .await?;
+    store.delete::<Probe>(probe.id).await?;
+    Ok(())
+}
+
+async fn every_write_leaves_an_audit_entry_with_who_and_the_values_before_and_after(
+    store: &Store,
+) -> Result<()> {
+    let world = world(store).await?;
+    let alice = store.acting_as("alice");
+    let created = alice.create(&backend(&world, "10.0.0.1")).await?.value;
+    let updated = alice
+        .update(&Backend {
+            weight: Some(9),
+            ..created.clone()
+        })
+        .await?
+        .value;
+    store.acting_as("bob").delete::<Backend>(created.id).await?;
+    let refused = alice.delete::<Dc>(world.dc.id).await;
+    assert!(refused.is_err(), "the dc is in use");
+
+    let name = format!("backends/{}", created.id);
+    let (entries, next) = store.list_audit_entries(&name, 10, "").await?;
+    assert!(next.is_empty());
+    let actions: Vec<(i32, &str)> = entries
+        .iter()
+        .map(|entry| (entry.action, entry.actor.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (AuditAction::Delete as i32, "bob"),
+            (AuditAction::Update as i32, "alice"),
+            (AuditAction::Create as i32, "alice"),
+        ],
+        "newest first; a refused write leaves nothing"
+    );
+    let decode = |any: &Option<prost_types::Any>| -> Result<Option<Backend>> {
+        Ok(match any {
+            Some(any) => {
+                assert_eq!(any.type_url, "type.googleapis.com/vaas.v1.Backend");
+                Some(Backend::decode(any.value.as_slice())?)
+            }
+            None => None,
+        })
+    };
+    assert_eq!(decode(&entries[1].before)?, Some(created.clone()));
+    assert_eq!(decode(&entries[1].after)?, Some(updated.clone()));
+    assert_eq!(decode(&entries[0].before)?, Some(updated));
+    assert_eq!(decode(&entries[0].after)?, None);
+    assert_eq!(entries[2].resource, name);
+    let micros = |entry: &vaas_proto::v1::AuditEntry| {
+        entry
+            .time
+            .map(|time| (time.seconds, time.nanos))
+            .unwrap_or_default()
+    };
+    assert!(
+        micros(&entries[0]) > micros(&entries[1]),
+        "store timestamps order the history"
+    );
+
+    let (all_backends, _) = store.list_audit_entries("backends", 100, "").await?;
+    assert_eq!(all_backends.len(), 3);
+    let (everything, _) = store.list_audit_entries("", 100, "").await?;
+    assert_eq!(everything.len(), 3 + 5, "the world's five creates too");
+    assert!(matches!(
+        store.list_audit_entries("backends/x", 10, "").await,
+        Err(Error::InvalidResourceName { .. })
+    ));
+    Ok(())
+}
+
+async fn template_saves_keep_revisions_and_blocks_and_variables_reload_their_clusters(
+    store: &Store,
+) -> Result<()> {
+    let world = world(store).await?;
+    let carol = store.acting_as("carol");
+    carol
+        .update(&VclTemplate {
+            content: "<VCL/>\n# two".into(),
+            comment: "second".into(),
+            ..world.template.clone()
+        })
+        .await?;
+    let (revisions, _) = store
+        .list_template_revisions(world.template.id, 10, "")
+        .await?;
+    let numbers: Vec<(i64, &str, &str)> = revisions
+        .iter()
+        .map(|revision| {
+            (
+                revision.revision,
+                revision.comment.as_str(),
+                revision.actor.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        numbers,
+        [(2, "second", "carol"), (1, "", "vaas-store")],
+        "newest first, with who saved each"
+    );
+    let first = store.get_template_revision(world.template.id, 1).await?;
+    assert_eq!(first.content, "<VCL/>");
+    assert!(matches!(
+        store.get_template_revision(world.template.id, 9).await,
+        Err(Error::RevisionNotFound { revision: 9, .. })
+    ));
+
+    let block = store
+        .create(&VclTemplateBlock {
+            template_id: world.template.id,
+            tag: "RECV".into(),
+            content: "sub vcl_recv { <ROUTER/> }".into(),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(
+        reloaded(&block),
+        ["prod"],
+        "the clusters running the template"
+    );
+    let duplicate = store
+        .create(&VclTemplateBlock {
+            id: 0,
+            ..block.value.clone()
+        })
+        .await;
+    assert!(
+        matches!(
+            duplicate,
+            Err(Error::AlreadyExists {
+                field: "vcl_template_block.tag",
+                ..
+            })
+        ),
+        "one block per template and tag"
+    );
+    let variable = store
+        .create(&VclVariable {
+            cluster_id: world.cluster.id,
+            key: "TEAM".into(),
+            value: "edge".into(),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(reloaded(&variable), ["prod"]);
+    let snapshot = store.cluster_snapshot(world.cluster.id).await?;
+    assert_eq!(snapshot.template_blocks, [block.value]);
+    assert_eq!(snapshot.variables, std::slice::from_ref(&variable.value));
+    let (listed, _) = store
+        .list::<VclVariable>(
+            &vaas_proto::v1::ListVclVariablesRequest {
+                cluster_id: world.cluster.id,
+                ..Default::default()
+            },
+            10,
+            "",
+        )
+        .await?;
+    assert_eq!(listed, [variable.value]);
+    Ok(())
+}
+
+async fn lists_filter_by_what_operators_look_for(store: &Store) -> Result<()> {
+    use vaas_proto::v1::{ListBackendsRequest, ListDirectorsRequest, ListVarnishServersRequest};
+    let world = world(store).await?;
+    let other_dc = store
+        .create(&Dc {
+            id: 0,
+            name: "Warsaw".into(),
+            symbol: "waw".into(),
+        })
+        .await?
+        .value;
+    let mut addresses = Vec::new();
+    for (index, (dc, enabled, tags)) in [
+        (world.dc.id, true, vec!["canary".to_owned()]),
+        (
+            world.dc.id,
+            false,
+            vec!["blue".to_owned(), "canary_x".to_owned()],
+        ),
+        (other_dc.id, true, vec![]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let created = store
+            .create(&Backend {
+                dc_id: dc,
+                enabled: Some(enabled),
+                tags,
+                ..backend(&world, &format!("10.1.0.{index}"))
+            })
+            .await?
+            .value;
+        addresses.push(created.address);
+    }
+    let backends = |filter: ListBackendsRequest| async move {
+        let (found, _) = store.list::<Backend>(&filter, 100, "").await?;
+        anyhow::Ok(found.into_iter().map(|b| b.address).collect::<Vec<_>>())
+    };
+    assert_eq!(
+        backends(ListBackendsRequest {
+            dc_id: world.dc.id,
+            ..Default::default()
+        })
+        .await?,
+        addresses[..2]
+    );
+    assert_eq!(
+        backends(ListBackendsRequest {
+            enabled: Some(false),
+            ..Default::default()
+        })
+        .await?,
+        addresses[1..2]
+    );
+    assert_eq!(
+        backends(ListBackendsRequest {
+            tag: "canary".into(),
+            ..Default::default()
+        })
+        .await?,
+        addresses[..1],
+        "a whole tag, not a prefix of one (canary_x), and _ is no wildcard"
+    );
+    assert_eq!(
+        backends(ListBackendsRequest {
+            address_prefix: "10.1.0.2".into(),
+            ..Default::default()
+        })
+        .await?,
+        addresses[2..]
+    );
+    let (directors, _) = store
+        .list::<Director>(
+            &ListDirectorsRequest {
+                name_prefix: "AP".into(),
+                cluster_id: world.cluster.id,
+                ..Default::default()
+            },
+            10,
+            "",
+        )
+        .await?;
+    assert_eq!(directors.len(), 1, "name prefixes ignore case");
+    let (servers, _) = store
+        .list::<VarnishServer>(
+            &ListVarnishServersRequest {
+                status: ServerStatus::Maintenance as i32,
+                ..Default::default()
+            },
+            10,
+            "",
+        )
+        .await?;
+    assert!(servers.is_empty(), "the only server is active");
+    Ok(())
 }

@@ -3,6 +3,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,12 +30,32 @@ pub struct HttpOrigin {
 impl HttpOrigin {
     /// Starts the origin on a free port; it accepts connections as soon as this returns.
     pub async fn start(name: &str) -> anyhow::Result<HttpOrigin> {
+        HttpOrigin::start_slow(name, Duration::ZERO).await
+    }
+
+    /// Starts an origin that waits `delay` before it answers each request (a slow backend).
+    pub async fn start_slow(name: &str, delay: Duration) -> anyhow::Result<HttpOrigin> {
+        HttpOrigin::start_with(name, delay, true).await
+    }
+
+    /// Starts an origin that serves every request but fails its health check: `GET /health`
+    /// answers 503, so only a probe can tell it apart from a healthy one.
+    pub async fn start_failing_health_checks(name: &str) -> anyhow::Result<HttpOrigin> {
+        HttpOrigin::start_with(name, Duration::ZERO, false).await
+    }
+
+    async fn start_with(name: &str, delay: Duration, healthy: bool) -> anyhow::Result<HttpOrigin> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .context("cannot bind the origin")?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
-        let server = tokio::spawn(serve(listener, name.to_owned(), Arc::clone(&requests)));
+        let answer = Answer {
+            name: name.to_owned(),
+            delay,
+            healthy,
+        };
+        let server = tokio::spawn(serve(listener, answer, Arc::clone(&requests)));
         Ok(HttpOrigin {
             name: name.to_owned(),
             addr,
@@ -76,13 +97,22 @@ impl Drop for HttpOrigin {
     }
 }
 
-async fn serve(listener: TcpListener, name: String, requests: Arc<AtomicU64>) {
+/// What the origin answers, and how long it waits first.
+#[derive(Clone, Debug)]
+struct Answer {
+    name: String,
+    delay: Duration,
+    /// Whether `GET /health` answers 200 (or 503).
+    healthy: bool,
+}
+
+async fn serve(listener: TcpListener, answer: Answer, requests: Arc<AtomicU64>) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    connections.spawn(serve_connection(stream, name.clone(), Arc::clone(&requests)));
+                    connections.spawn(serve_connection(stream, answer.clone(), Arc::clone(&requests)));
                 }
                 Err(error) => debug!(%error, "origin accept failed"),
             },
@@ -92,7 +122,8 @@ async fn serve(listener: TcpListener, name: String, requests: Arc<AtomicU64>) {
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, name: String, requests: Arc<AtomicU64>) {
+async fn serve_connection(mut stream: TcpStream, answer: Answer, requests: Arc<AtomicU64>) {
+    let name = &answer.name;
     let mut buffer = Vec::new();
     loop {
         let Some(head_end) = read_head(&mut stream, &mut buffer).await else {
@@ -118,9 +149,18 @@ async fn serve_connection(mut stream: TcpStream, name: String, requests: Arc<Ato
             }
         }
         requests.fetch_add(1, Ordering::SeqCst);
+        if !answer.delay.is_zero() {
+            tokio::time::sleep(answer.delay).await;
+        }
+        let health_check = head.starts_with("get /health ");
+        let status = if health_check && !answer.healthy {
+            "503 Service Unavailable"
+        } else {
+            "200 OK"
+        };
         let body = format!("origin {name}");
         let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Origin: {name}\r\n{}\r\n{body}",
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Origin: {name}\r\n{}\r\n{body}",
             body.len(),
             if close { "Connection: close\r\n" } else { "" },
         );

@@ -12,12 +12,18 @@ use crate::{Error, Result};
 
 impl Resource for Backend {
     const TABLE: &'static str = "backends";
+    const COLLECTION: &'static str = "backends";
+    const MESSAGE: &'static str = "vaas.v1.Backend";
     const KIND: &'static str = "backend";
     const FIELD: &'static str = "backend";
     type Filter = ListBackendsRequest;
 
     fn id(&self) -> i64 {
         self.id
+    }
+
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
     }
 
     fn columns(&self) -> Vec<(&'static str, Value)> {
@@ -45,6 +51,7 @@ impl Resource for Backend {
             ),
             ("enabled", self.enabled.unwrap_or(true).into()),
             ("tags", Value::Text(join_list(&self.tags))),
+            ("inherit_time_profile", self.inherit_time_profile.into()),
         ]
     }
 
@@ -62,6 +69,7 @@ impl Resource for Backend {
             between_bytes_timeout: Some(duration(row.try_get("between_bytes_timeout_micros")?)),
             enabled: Some(flag(row, "enabled")?),
             tags: split_list(row.try_get("tags")?),
+            inherit_time_profile: flag(row, "inherit_time_profile")?,
         })
     }
 
@@ -69,6 +77,18 @@ impl Resource for Backend {
         let mut conditions = Vec::new();
         if filter.director_id != 0 {
             conditions.push(Condition::new("director_id = ?", filter.director_id));
+        }
+        if filter.dc_id != 0 {
+            conditions.push(Condition::new("dc_id = ?", filter.dc_id));
+        }
+        if let Some(enabled) = filter.enabled {
+            conditions.push(Condition::new("enabled = ?", enabled));
+        }
+        if !filter.tag.is_empty() {
+            conditions.push(Condition::list_contains("tags", &filter.tag));
+        }
+        if !filter.address_prefix.is_empty() {
+            conditions.push(Condition::starts_with("address", &filter.address_prefix));
         }
         conditions
     }

@@ -13,12 +13,18 @@ use crate::rows::{flag, join_list, split_list, timestamp};
 
 impl Resource for Cluster {
     const TABLE: &'static str = "clusters";
+    const COLLECTION: &'static str = "clusters";
+    const MESSAGE: &'static str = "vaas.v1.Cluster";
     const KIND: &'static str = "cluster";
     const FIELD: &'static str = "cluster";
     type Filter = ListClustersRequest;
 
     fn id(&self) -> i64 {
         self.id
+    }
+
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
     }
 
     fn columns(&self) -> Vec<(&'static str, Value)> {
@@ -47,8 +53,12 @@ impl Resource for Cluster {
         })
     }
 
-    fn conditions(_: &ListClustersRequest) -> Vec<Condition> {
-        Vec::new()
+    fn conditions(filter: &ListClustersRequest) -> Vec<Condition> {
+        let mut conditions = Vec::new();
+        if !filter.name_prefix.is_empty() {
+            conditions.push(Condition::starts_with("name", &filter.name_prefix));
+        }
+        conditions
     }
 
     async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {

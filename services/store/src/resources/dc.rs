@@ -11,12 +11,18 @@ use crate::{Error, Result};
 
 impl Resource for Dc {
     const TABLE: &'static str = "dcs";
+    const COLLECTION: &'static str = "dcs";
+    const MESSAGE: &'static str = "vaas.v1.Dc";
     const KIND: &'static str = "dc";
     const FIELD: &'static str = "dc";
     type Filter = ListDcsRequest;
 
     fn id(&self) -> i64 {
         self.id
+    }
+
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
     }
 
     fn columns(&self) -> Vec<(&'static str, Value)> {
@@ -34,13 +40,18 @@ impl Resource for Dc {
         })
     }
 
-    fn conditions(_: &ListDcsRequest) -> Vec<Condition> {
-        Vec::new()
+    fn conditions(filter: &ListDcsRequest) -> Vec<Condition> {
+        let mut conditions = Vec::new();
+        if !filter.name_prefix.is_empty() {
+            conditions.push(Condition::starts_with("name", &filter.name_prefix));
+        }
+        conditions
     }
 
-    /// Rejects a symbol that equals another after "-" becomes "_" (they would collide in VCL).
+    /// Rejects a symbol that equals another after "-" becomes "_", ignoring case (they would
+    /// collide in VCL, whose symbols are case-insensitive).
     async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {
-        let vcl_symbol = |symbol: &str| symbol.replace('-', "_");
+        let vcl_symbol = |symbol: &str| symbol.replace('-', "_").to_ascii_lowercase();
         let others: Vec<(i64, String)> = sqlx::query_as("SELECT id, symbol FROM dcs")
             .fetch_all(&mut **tx)
             .await?;

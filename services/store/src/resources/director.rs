@@ -5,21 +5,27 @@ use std::collections::BTreeSet;
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
-use vaas_proto::v1::{Backend, Cluster, Director, ListDirectorsRequest};
+use vaas_proto::v1::{Backend, Cluster, Director, ListDirectorsRequest, Probe, TimeProfile};
 
 use crate::Result;
 use crate::resource::ensure_unused;
-use crate::resource::{Condition, Resource, Tx, Value, ensure_reference, ensure_unique};
+use crate::resource::{Change, Condition, Resource, Tx, Value, ensure_reference, ensure_unique};
 use crate::rows::flag;
 
 impl Resource for Director {
     const TABLE: &'static str = "directors";
+    const COLLECTION: &'static str = "directors";
+    const MESSAGE: &'static str = "vaas.v1.Director";
     const KIND: &'static str = "director";
     const FIELD: &'static str = "director";
     type Filter = ListDirectorsRequest;
 
     fn id(&self) -> i64 {
         self.id
+    }
+
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
     }
 
     fn columns(&self) -> Vec<(&'static str, Value)> {
@@ -31,6 +37,18 @@ impl Resource for Director {
             ("route_expression", (&self.route_expression).into()),
             ("active_active", self.active_active.unwrap_or(true).into()),
             ("enabled", self.enabled.unwrap_or(true).into()),
+            ("probe_id", optional_reference(self.probe_id)),
+            ("time_profile_id", optional_reference(self.time_profile_id)),
+            ("protocol", self.protocol.into()),
+            ("hashing_policy", self.hashing_policy.into()),
+            ("remove_path", self.remove_path.into()),
+            ("is_virtual", self.r#virtual.into()),
+            ("service_mesh_label", (&self.service_mesh_label).into()),
+            ("service_tag", (&self.service_tag).into()),
+            (
+                "reachable_via_service_mesh",
+                self.reachable_via_service_mesh.into(),
+            ),
         ]
     }
 
@@ -46,6 +64,19 @@ impl Resource for Director {
             route_expression: row.try_get("route_expression")?,
             active_active: Some(flag(row, "active_active")?),
             enabled: Some(flag(row, "enabled")?),
+            probe_id: row
+                .try_get::<Option<i64>, _>("probe_id")?
+                .unwrap_or_default(),
+            time_profile_id: row
+                .try_get::<Option<i64>, _>("time_profile_id")?
+                .unwrap_or_default(),
+            protocol: row.try_get::<i64, _>("protocol")? as i32,
+            hashing_policy: row.try_get::<i64, _>("hashing_policy")? as i32,
+            remove_path: flag(row, "remove_path")?,
+            r#virtual: flag(row, "is_virtual")?,
+            service_mesh_label: row.try_get("service_mesh_label")?,
+            service_tag: row.try_get("service_tag")?,
+            reachable_via_service_mesh: flag(row, "reachable_via_service_mesh")?,
         })
     }
 
@@ -57,6 +88,21 @@ impl Resource for Director {
                 filter.cluster_id,
             ));
         }
+        if !filter.name_prefix.is_empty() {
+            conditions.push(Condition::starts_with("name", &filter.name_prefix));
+        }
+        if let Some(enabled) = filter.enabled {
+            conditions.push(Condition::new("enabled = ?", enabled));
+        }
+        if filter.probe_id != 0 {
+            conditions.push(Condition::new("probe_id = ?", filter.probe_id));
+        }
+        if filter.time_profile_id != 0 {
+            conditions.push(Condition::new(
+                "time_profile_id = ?",
+                filter.time_profile_id,
+            ));
+        }
         conditions
     }
 
@@ -64,6 +110,13 @@ impl Resource for Director {
         ensure_unique(tx, self, "name", &self.name, "director.name").await?;
         for &cluster_id in &self.cluster_ids {
             ensure_reference::<Cluster>(tx, "director.cluster_ids", cluster_id).await?;
+        }
+        if self.probe_id != 0 {
+            ensure_reference::<Probe>(tx, "director.probe_id", self.probe_id).await?;
+        }
+        if self.time_profile_id != 0 {
+            ensure_reference::<TimeProfile>(tx, "director.time_profile_id", self.time_profile_id)
+                .await?;
         }
         Ok(())
     }
@@ -81,7 +134,7 @@ impl Resource for Director {
             .collect())
     }
 
-    async fn save_links(&self, tx: &mut Tx<'_>, id: i64) -> Result<()> {
+    async fn save_links(&self, tx: &mut Tx<'_>, id: i64, _: Change<'_>) -> Result<()> {
         sqlx::query("DELETE FROM director_clusters WHERE director_id = $1")
             .bind(id)
             .execute(&mut **tx)
@@ -113,4 +166,9 @@ impl Resource for Director {
     async fn before_delete(&self, tx: &mut Tx<'_>) -> Result<()> {
         ensure_unused::<Director, Backend>(tx, self, "director_id").await
     }
+}
+
+/// Stores an unset reference (0) as NULL, so the foreign key holds.
+fn optional_reference(id: i64) -> Value {
+    Value::OptionalInt((id != 0).then_some(id))
 }

@@ -14,12 +14,18 @@ use crate::{Error, Result};
 
 impl Resource for VarnishServer {
     const TABLE: &'static str = "varnish_servers";
+    const COLLECTION: &'static str = "varnish_servers";
+    const MESSAGE: &'static str = "vaas.v1.VarnishServer";
     const KIND: &'static str = "varnish server";
     const FIELD: &'static str = "varnish_server";
     type Filter = ListVarnishServersRequest;
 
     fn id(&self) -> i64 {
         self.id
+    }
+
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
     }
 
     fn columns(&self) -> Vec<(&'static str, Value)> {
@@ -59,6 +65,15 @@ impl Resource for VarnishServer {
         let mut conditions = Vec::new();
         if filter.cluster_id != 0 {
             conditions.push(Condition::new("cluster_id = ?", filter.cluster_id));
+        }
+        if filter.dc_id != 0 {
+            conditions.push(Condition::new("dc_id = ?", filter.dc_id));
+        }
+        if filter.status != 0 {
+            conditions.push(Condition::new("status = ?", filter.status));
+        }
+        if filter.template_id != 0 {
+            conditions.push(Condition::new("template_id = ?", filter.template_id));
         }
         conditions
     }

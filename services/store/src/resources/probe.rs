@@ -1,0 +1,96 @@
+//! Probes: health checks that Varnish sends to the backends of the directors that use them.
+
+use std::collections::BTreeSet;
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use vaas_proto::v1::{Director, ListProbesRequest, Probe};
+
+use crate::Result;
+use crate::resource::{Condition, Resource, Tx, Value, ensure_unique, ensure_unused, ids};
+use crate::rows::{duration, duration_micros, flag, port};
+
+impl Resource for Probe {
+    const TABLE: &'static str = "probes";
+    const COLLECTION: &'static str = "probes";
+    const MESSAGE: &'static str = "vaas.v1.Probe";
+    const KIND: &'static str = "probe";
+    const FIELD: &'static str = "probe";
+    type Filter = ListProbesRequest;
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
+    }
+
+    fn columns(&self) -> Vec<(&'static str, Value)> {
+        let micros = |value: &Option<prost_types::Duration>| {
+            Value::Int(value.as_ref().map(duration_micros).unwrap_or_default())
+        };
+        vec![
+            ("name", (&self.name).into()),
+            ("url", (&self.url).into()),
+            (
+                "expected_response",
+                self.expected_response.unwrap_or_default().into(),
+            ),
+            ("interval_micros", micros(&self.interval)),
+            ("timeout_micros", micros(&self.timeout)),
+            ("window_size", self.window.unwrap_or_default().into()),
+            ("threshold", self.threshold.unwrap_or_default().into()),
+            ("start_as_healthy", self.start_as_healthy.into()),
+        ]
+    }
+
+    fn from_row(row: &AnyRow) -> Result<Probe> {
+        Ok(Probe {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            url: row.try_get("url")?,
+            expected_response: Some(port(row, "expected_response")?),
+            interval: Some(duration(row.try_get("interval_micros")?)),
+            timeout: Some(duration(row.try_get("timeout_micros")?)),
+            window: Some(port(row, "window_size")?),
+            threshold: Some(port(row, "threshold")?),
+            start_as_healthy: flag(row, "start_as_healthy")?,
+        })
+    }
+
+    fn conditions(filter: &ListProbesRequest) -> Vec<Condition> {
+        let mut conditions = Vec::new();
+        if !filter.name_prefix.is_empty() {
+            conditions.push(Condition::starts_with("name", &filter.name_prefix));
+        }
+        conditions
+    }
+
+    async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {
+        ensure_unique(tx, self, "name", &self.name, "probe.name").await
+    }
+
+    /// A changed probe reloads the clusters of the directors that use it; a new one is used by
+    /// none yet, and one in use cannot be deleted.
+    async fn affected(
+        tx: &mut Tx<'_>,
+        before: Option<&Probe>,
+        after: Option<&Probe>,
+    ) -> Result<BTreeSet<i64>> {
+        let (Some(_), Some(after)) = (before, after) else {
+            return Ok(BTreeSet::new());
+        };
+        ids(
+            tx,
+            "SELECT dcl.cluster_id FROM director_clusters dcl \
+             JOIN directors d ON d.id = dcl.director_id WHERE d.probe_id = $1",
+            after.id,
+        )
+        .await
+    }
+
+    async fn before_delete(&self, tx: &mut Tx<'_>) -> Result<()> {
+        ensure_unused::<Probe, Director>(tx, self, "probe_id").await
+    }
+}

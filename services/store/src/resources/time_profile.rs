@@ -1,0 +1,106 @@
+//! Time profiles: connection limits and timeouts that a director's backends can inherit.
+
+use std::collections::BTreeSet;
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use vaas_proto::v1::{Director, ListTimeProfilesRequest, TimeProfile};
+
+use crate::Result;
+use crate::resource::{Condition, Resource, Tx, Value, ensure_unique, ensure_unused, ids};
+use crate::rows::{duration, duration_micros, port};
+
+impl Resource for TimeProfile {
+    const TABLE: &'static str = "time_profiles";
+    const COLLECTION: &'static str = "time_profiles";
+    const MESSAGE: &'static str = "vaas.v1.TimeProfile";
+    const KIND: &'static str = "time profile";
+    const FIELD: &'static str = "time_profile";
+    type Filter = ListTimeProfilesRequest;
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
+    }
+
+    fn columns(&self) -> Vec<(&'static str, Value)> {
+        let micros = |value: &Option<prost_types::Duration>| {
+            Value::Int(value.as_ref().map(duration_micros).unwrap_or_default())
+        };
+        vec![
+            ("name", (&self.name).into()),
+            ("description", (&self.description).into()),
+            (
+                "max_connections",
+                self.max_connections.unwrap_or_default().into(),
+            ),
+            ("connect_timeout_micros", micros(&self.connect_timeout)),
+            (
+                "first_byte_timeout_micros",
+                micros(&self.first_byte_timeout),
+            ),
+            (
+                "between_bytes_timeout_micros",
+                micros(&self.between_bytes_timeout),
+            ),
+            (
+                "service_mesh_timeout_micros",
+                micros(&self.service_mesh_timeout),
+            ),
+        ]
+    }
+
+    fn from_row(row: &AnyRow) -> Result<TimeProfile> {
+        let timeout = |column: &str| -> Result<Option<prost_types::Duration>> {
+            Ok(Some(duration(row.try_get(column)?)))
+        };
+        Ok(TimeProfile {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            description: row.try_get("description")?,
+            max_connections: Some(port(row, "max_connections")?),
+            connect_timeout: timeout("connect_timeout_micros")?,
+            first_byte_timeout: timeout("first_byte_timeout_micros")?,
+            between_bytes_timeout: timeout("between_bytes_timeout_micros")?,
+            service_mesh_timeout: timeout("service_mesh_timeout_micros")?,
+        })
+    }
+
+    fn conditions(filter: &ListTimeProfilesRequest) -> Vec<Condition> {
+        let mut conditions = Vec::new();
+        if !filter.name_prefix.is_empty() {
+            conditions.push(Condition::starts_with("name", &filter.name_prefix));
+        }
+        conditions
+    }
+
+    async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {
+        ensure_unique(tx, self, "name", &self.name, "time_profile.name").await
+    }
+
+    /// A changed profile reloads the clusters of the directors that use it (their inheriting
+    /// backends change); a new one is used by none yet, and one in use cannot be deleted.
+    async fn affected(
+        tx: &mut Tx<'_>,
+        before: Option<&TimeProfile>,
+        after: Option<&TimeProfile>,
+    ) -> Result<BTreeSet<i64>> {
+        let (Some(_), Some(after)) = (before, after) else {
+            return Ok(BTreeSet::new());
+        };
+        ids(
+            tx,
+            "SELECT dcl.cluster_id FROM director_clusters dcl \
+             JOIN directors d ON d.id = dcl.director_id WHERE d.time_profile_id = $1",
+            after.id,
+        )
+        .await
+    }
+
+    async fn before_delete(&self, tx: &mut Tx<'_>) -> Result<()> {
+        ensure_unused::<TimeProfile, Director>(tx, self, "time_profile_id").await
+    }
+}
