@@ -31,6 +31,7 @@ varnish_http_port=${VAAS_VARNISH_HTTP_PORT:-16081}
 varnish_admin_port=${VAAS_VARNISH_ADMIN_PORT:-16082}
 origin_port=${VAAS_ORIGIN_PORT:-18080}
 deadline_seconds=${VAAS_START_TIMEOUT:-30}
+varnish_cc_command='exec gcc -O2 -fstack-protector-strong -Wformat -Werror=format-security -Werror -Wno-error=unused-result -pthread -fpic -shared -Wl,-x -o %o %s'
 
 nats_url=nats://127.0.0.1:$nats_port
 database_url=${VAAS_DATABASE_URL:-sqlite://$state/vaas.db?mode=rwc}
@@ -212,8 +213,13 @@ start_varnishd() {
     chgrp varnish "$secret_file" && chmod 0640 "$secret_file"
   fi
   # -f '': only the manager starts; the agent loads the VCL and starts the cache child.
+  # cc_command: the stock flags without -g. Debug-info variable tracking is most of gcc's time on
+  # large VCLs (1,000 backends: 10.9 s -> 3.9 s; 5,000: ~250 s -> 24 s, see
+  # shared/reference/VARNISH.md) and dropping it keeps the same -O2 machine code. -r makes it
+  # read-only: whoever may set cc_command can run any command.
   launch varnishd varnishd -F -n "$state/varnish" \
     -a "127.0.0.1:$varnish_http_port" -T "127.0.0.1:$varnish_admin_port" -S "$secret_file" \
+    -p "cc_command=$varnish_cc_command" -r cc_command \
     -f ''
   wait_ready varnishd "admin port 127.0.0.1:$varnish_admin_port answers" varnish_admin_ready
 }

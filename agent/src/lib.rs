@@ -239,7 +239,8 @@ async fn session(
     }
     let state = executor.varnish_state().await?;
     let channel = endpoint.connect().await.map_err(Error::Connect)?;
-    let mut client = AgentServiceClient::new(channel);
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(vaas_proto::MAX_AGENT_MESSAGE_BYTES);
     let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let hello = AgentHello {
         address: config.server_address.clone(),

@@ -108,7 +108,10 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection.v1)
         .add_service(reflection.v1alpha)
-        .add_service(ConfigServiceServer::new(config_api))
+        .add_service(
+            ConfigServiceServer::new(config_api)
+                .max_decoding_message_size(vaas_proto::MAX_API_REQUEST_BYTES),
+        )
         .add_service(TaskServiceServer::new(task_api))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
         .await;

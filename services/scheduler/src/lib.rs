@@ -166,7 +166,10 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection.v1)
         .add_service(reflection.v1alpha)
-        .add_service(AgentServiceServer::new(agent_api))
+        .add_service(
+            AgentServiceServer::new(agent_api)
+                .max_decoding_message_size(vaas_proto::MAX_AGENT_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
         .await;
     shutdown.cancel();

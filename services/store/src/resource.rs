@@ -17,6 +17,10 @@ use sqlx::{Any, Row, Transaction};
 use crate::write::{Write, WriteOutcome};
 use crate::{Error, Result, Store, audit};
 
+/// The most bytes of items one page of a listing holds (at least one item): below gRPC's usual
+/// 4 MiB message limit, so that every client can read every page.
+pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
+
 /// The open transaction a write runs in.
 pub type Tx<'c> = Transaction<'c, Any>;
 
@@ -242,8 +246,24 @@ impl Store {
             .bind(limit + 1)
             .fetch_all(&mut *transaction)
             .await?;
-        let (rows, next) = cut_page(rows, limit, |row| row.try_get::<i64, _>("id"));
+        let (rows, mut next) = cut_page(rows, limit, |row| row.try_get::<i64, _>("id"));
         let mut items = rows.iter().map(R::from_row).collect::<Result<Vec<_>>>()?;
+        // A page also ends before it outgrows what any gRPC client accepts by default (five
+        // 1 MiB templates would otherwise make one answer too big to read).
+        let mut bytes = 0;
+        if let Some(fits) = items.iter().position(|item| {
+            bytes += item.encoded_len();
+            bytes > MAX_PAGE_BYTES
+        }) {
+            let keep = fits.max(1);
+            if keep < items.len() {
+                items.truncate(keep);
+                next = items
+                    .last()
+                    .map(|item| item.id().to_string())
+                    .unwrap_or_default();
+            }
+        }
         R::load_links(&mut transaction, &mut items).await?;
         transaction.commit().await?;
         Ok((items, next))

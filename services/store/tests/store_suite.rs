@@ -69,6 +69,7 @@ on_both_stores!(
     every_write_leaves_an_audit_entry_with_who_and_the_values_before_and_after,
     template_saves_keep_revisions_and_blocks_and_variables_reload_their_clusters,
     lists_filter_by_what_operators_look_for,
+    pages_stay_readable_by_any_grpc_client,
 );
 
 struct World {
@@ -1043,5 +1044,34 @@ async fn lists_filter_by_what_operators_look_for(store: &Store) -> Result<()> {
         )
         .await?;
     assert!(servers.is_empty(), "the only server is active");
+    Ok(())
+}
+
+async fn pages_stay_readable_by_any_grpc_client(store: &Store) -> Result<()> {
+    use prost::Message;
+    for index in 0..5 {
+        store
+            .create(&VclTemplate {
+                name: format!("big{index}"),
+                content: "x".repeat(1024 * 1024),
+                ..Default::default()
+            })
+            .await?;
+    }
+    let mut token = String::new();
+    let mut seen = 0;
+    loop {
+        let (page, next) = store
+            .list::<VclTemplate>(&Default::default(), 1000, &token)
+            .await?;
+        let bytes: usize = page.iter().map(Message::encoded_len).sum();
+        assert!(bytes < 4 * 1024 * 1024, "a page of {bytes} bytes");
+        seen += page.len();
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    assert_eq!(seen, 5, "every template on some page");
     Ok(())
 }

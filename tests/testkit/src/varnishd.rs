@@ -13,6 +13,13 @@ use tokio::net::TcpStream;
 
 use crate::process::{ManagedProcess, StartFailure, retry_on_port_clash, run_to_completion};
 
+/// The compiler command, as `deploy/start.sh` sets it: the stock flags without `-g`, whose
+/// debug-info variable tracking is most of gcc's time on large VCLs while the `-O2` code stays
+/// the same (shared/reference/VARNISH.md: 1,000 backends 10.9 s -> 3.9 s).
+pub const CC_COMMAND: &str = "exec gcc -O2 -fstack-protector-strong -Wformat \
+    -Werror=format-security -Werror -Wno-error=unused-result -pthread -fpic -shared -Wl,-x \
+    -o %o %s";
+
 /// A running `varnishd -F -f ''` with its own `-n` directory, admin port and secret file;
 /// stopped on drop.
 ///
@@ -60,6 +67,9 @@ impl Varnishd {
             .arg(&secret_file)
             .args(["-f", ""])
             .args(["-p", "vcl_cooldown=1"])
+            // Not read-only here (deploy/start.sh makes it so): the reload benchmark changes it to
+            // measure other flags against the same varnishd.
+            .args(["-p", &format!("cc_command={CC_COMMAND}")])
             .current_dir(dir.path());
         let process = ManagedProcess::spawn(
             format!("varnishd :{http_port}"),
