@@ -125,6 +125,14 @@ impl Condition {
     }
 }
 
+/// Returns the conditions of a listing that filters only by a name prefix (none when empty).
+pub(crate) fn name_prefix(prefix: &str) -> Vec<Condition> {
+    if prefix.is_empty() {
+        return Vec::new();
+    }
+    vec![Condition::starts_with("name", prefix)]
+}
+
 /// Escapes LIKE's wildcards so that `text` matches only itself.
 fn escape_like(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
@@ -619,6 +627,67 @@ pub(crate) async fn ensure_unused<R: Resource, U: Resource>(
         });
     }
     Ok(())
+}
+
+/// Returns the ids that `sql` selects with `$1` bound to each of `keys`, together.
+pub(crate) async fn ids_for_each(
+    tx: &mut Tx<'_>,
+    sql: &str,
+    keys: impl IntoIterator<Item = i64>,
+) -> Result<BTreeSet<i64>> {
+    let keys: BTreeSet<i64> = keys.into_iter().collect();
+    let mut found = BTreeSet::new();
+    for key in keys {
+        found.extend(ids(tx, sql, key).await?);
+    }
+    Ok(found)
+}
+
+/// Returns the clusters that serve the directors whose `column` is `id` (their probe, their time
+/// profile …).
+pub(crate) async fn clusters_of_directors_with(
+    tx: &mut Tx<'_>,
+    column: &str,
+    id: i64,
+) -> Result<BTreeSet<i64>> {
+    let sql = format!(
+        "SELECT dcl.cluster_id FROM director_clusters dcl \
+         JOIN directors d ON d.id = dcl.director_id WHERE d.{column} = $1"
+    );
+    ids(tx, &sql, id).await
+}
+
+/// Returns the item after an update; `None` for a create or a delete (the side that only
+/// changes what refers to the item, which nothing can while it is new or being deleted).
+pub(crate) fn updated<'a, R>(before: Option<&R>, after: Option<&'a R>) -> Option<&'a R> {
+    before.and(after)
+}
+
+/// Fails with an already-exists error naming `field` when another item with the same
+/// `scope_column` (a parent such as the cluster) has `value` in `column`.
+pub(crate) async fn ensure_unique_within<R: Resource>(
+    tx: &mut Tx<'_>,
+    item: &R,
+    (scope_column, scope_id): (&str, i64),
+    (column, value): (&str, &str),
+    field: &'static str,
+) -> Result<()> {
+    let taken: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT id FROM {} WHERE {scope_column} = $1 AND {column} = $2 AND id <> $3",
+        R::TABLE
+    ))
+    .bind(scope_id)
+    .bind(value)
+    .bind(item.id())
+    .fetch_optional(&mut **tx)
+    .await?;
+    match taken {
+        Some(_) => Err(Error::AlreadyExists {
+            field,
+            value: value.to_owned(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Returns the ids that `sql` (with `$1` bound to `id`) selects.

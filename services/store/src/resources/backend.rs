@@ -6,7 +6,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use vaas_proto::v1::{Backend, Dc, Director, ListBackendsRequest};
 
-use crate::resource::{Condition, Resource, Tx, Value, ensure_reference, ids};
+use crate::resource::{Condition, Resource, Tx, Value, ensure_reference, ids_for_each};
 use crate::rows::{duration, duration_micros, flag, join_list, port, split_list};
 use crate::{Error, Result};
 
@@ -122,22 +122,15 @@ impl Resource for Backend {
         before: Option<&Backend>,
         after: Option<&Backend>,
     ) -> Result<BTreeSet<i64>> {
-        let directors: BTreeSet<i64> = before
+        let directors = before
             .into_iter()
             .chain(after)
-            .map(|backend| backend.director_id)
-            .collect();
-        let mut clusters = BTreeSet::new();
-        for director_id in directors {
-            clusters.extend(
-                ids(
-                    tx,
-                    "SELECT cluster_id FROM director_clusters WHERE director_id = $1",
-                    director_id,
-                )
-                .await?,
-            );
-        }
-        Ok(clusters)
+            .map(|backend| backend.director_id);
+        ids_for_each(
+            tx,
+            "SELECT cluster_id FROM director_clusters WHERE director_id = $1",
+            directors,
+        )
+        .await
     }
 }

@@ -8,7 +8,7 @@ use sqlx::any::AnyRow;
 use vaas_proto::v1::{Cluster, ListClustersRequest, VarnishServer};
 
 use crate::Result;
-use crate::resource::{Condition, Resource, Tx, Value, ensure_unique, ensure_unused};
+use crate::resource::{Condition, Resource, Tx, Value, ensure_unique, ensure_unused, name_prefix};
 use crate::rows::{flag, join_list, split_list, timestamp};
 
 impl Resource for Cluster {
@@ -54,11 +54,7 @@ impl Resource for Cluster {
     }
 
     fn conditions(filter: &ListClustersRequest) -> Vec<Condition> {
-        let mut conditions = Vec::new();
-        if !filter.name_prefix.is_empty() {
-            conditions.push(Condition::starts_with("name", &filter.name_prefix));
-        }
-        conditions
+        name_prefix(&filter.name_prefix)
     }
 
     async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {

@@ -6,7 +6,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use vaas_proto::v1::{Backend, Dc, ListDcsRequest, VarnishServer};
 
-use crate::resource::{Condition, Resource, Tx, Value, ensure_unused, ids};
+use crate::resource::{Condition, Resource, Tx, Value, ensure_unused, ids, name_prefix, updated};
 use crate::{Error, Result};
 
 impl Resource for Dc {
@@ -41,11 +41,7 @@ impl Resource for Dc {
     }
 
     fn conditions(filter: &ListDcsRequest) -> Vec<Condition> {
-        let mut conditions = Vec::new();
-        if !filter.name_prefix.is_empty() {
-            conditions.push(Condition::starts_with("name", &filter.name_prefix));
-        }
-        conditions
+        name_prefix(&filter.name_prefix)
     }
 
     /// Rejects a symbol that equals another after "-" becomes "_", ignoring case (they would
@@ -73,7 +69,7 @@ impl Resource for Dc {
         before: Option<&Dc>,
         after: Option<&Dc>,
     ) -> Result<BTreeSet<i64>> {
-        let (Some(_), Some(after)) = (before, after) else {
+        let Some(after) = updated(before, after) else {
             return Ok(BTreeSet::new());
         };
         ids(

@@ -7,7 +7,10 @@ use sqlx::any::AnyRow;
 use vaas_proto::v1::{Director, ListProbesRequest, Probe};
 
 use crate::Result;
-use crate::resource::{Condition, Resource, Tx, Value, ensure_unique, ensure_unused, ids};
+use crate::resource::{
+    Condition, Resource, Tx, Value, clusters_of_directors_with, ensure_unique, ensure_unused,
+    name_prefix, updated,
+};
 use crate::rows::{duration, duration_micros, flag, port};
 
 impl Resource for Probe {
@@ -60,11 +63,7 @@ impl Resource for Probe {
     }
 
     fn conditions(filter: &ListProbesRequest) -> Vec<Condition> {
-        let mut conditions = Vec::new();
-        if !filter.name_prefix.is_empty() {
-            conditions.push(Condition::starts_with("name", &filter.name_prefix));
-        }
-        conditions
+        name_prefix(&filter.name_prefix)
     }
 
     async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {
@@ -78,16 +77,10 @@ impl Resource for Probe {
         before: Option<&Probe>,
         after: Option<&Probe>,
     ) -> Result<BTreeSet<i64>> {
-        let (Some(_), Some(after)) = (before, after) else {
-            return Ok(BTreeSet::new());
-        };
-        ids(
-            tx,
-            "SELECT dcl.cluster_id FROM director_clusters dcl \
-             JOIN directors d ON d.id = dcl.director_id WHERE d.probe_id = $1",
-            after.id,
-        )
-        .await
+        match updated(before, after) {
+            Some(after) => clusters_of_directors_with(tx, "probe_id", after.id).await,
+            None => Ok(BTreeSet::new()),
+        }
     }
 
     async fn before_delete(&self, tx: &mut Tx<'_>) -> Result<()> {

@@ -7,7 +7,10 @@ use sqlx::any::AnyRow;
 use vaas_proto::v1::{Director, ListTimeProfilesRequest, TimeProfile};
 
 use crate::Result;
-use crate::resource::{Condition, Resource, Tx, Value, ensure_unique, ensure_unused, ids};
+use crate::resource::{
+    Condition, Resource, Tx, Value, clusters_of_directors_with, ensure_unique, ensure_unused,
+    name_prefix, updated,
+};
 use crate::rows::{duration, duration_micros, port};
 
 impl Resource for TimeProfile {
@@ -70,11 +73,7 @@ impl Resource for TimeProfile {
     }
 
     fn conditions(filter: &ListTimeProfilesRequest) -> Vec<Condition> {
-        let mut conditions = Vec::new();
-        if !filter.name_prefix.is_empty() {
-            conditions.push(Condition::starts_with("name", &filter.name_prefix));
-        }
-        conditions
+        name_prefix(&filter.name_prefix)
     }
 
     async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {
@@ -88,16 +87,10 @@ impl Resource for TimeProfile {
         before: Option<&TimeProfile>,
         after: Option<&TimeProfile>,
     ) -> Result<BTreeSet<i64>> {
-        let (Some(_), Some(after)) = (before, after) else {
-            return Ok(BTreeSet::new());
-        };
-        ids(
-            tx,
-            "SELECT dcl.cluster_id FROM director_clusters dcl \
-             JOIN directors d ON d.id = dcl.director_id WHERE d.time_profile_id = $1",
-            after.id,
-        )
-        .await
+        match updated(before, after) {
+            Some(after) => clusters_of_directors_with(tx, "time_profile_id", after.id).await,
+            None => Ok(BTreeSet::new()),
+        }
     }
 
     async fn before_delete(&self, tx: &mut Tx<'_>) -> Result<()> {

@@ -6,7 +6,9 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use vaas_proto::v1::{ListVclTemplatesRequest, VarnishServer, VclTemplate, VclTemplateRevision};
 
-use crate::resource::{Change, Condition, Resource, Tx, Value, ensure_unique, ensure_unused, ids};
+use crate::resource::{
+    Change, Condition, Resource, Tx, Value, ensure_unique, ensure_unused, ids, name_prefix, updated,
+};
 use crate::resource::{Page, cut_page, page_limit, parse_page_token};
 use crate::rows::timestamp;
 use crate::{Error, Result, Store};
@@ -47,11 +49,7 @@ impl Resource for VclTemplate {
     }
 
     fn conditions(filter: &ListVclTemplatesRequest) -> Vec<Condition> {
-        let mut conditions = Vec::new();
-        if !filter.name_prefix.is_empty() {
-            conditions.push(Condition::starts_with("name", &filter.name_prefix));
-        }
-        conditions
+        name_prefix(&filter.name_prefix)
     }
 
     async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {
@@ -64,7 +62,7 @@ impl Resource for VclTemplate {
         before: Option<&VclTemplate>,
         after: Option<&VclTemplate>,
     ) -> Result<BTreeSet<i64>> {
-        let (Some(_), Some(after)) = (before, after) else {
+        let Some(after) = updated(before, after) else {
             return Ok(BTreeSet::new());
         };
         ids(

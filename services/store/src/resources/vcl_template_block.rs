@@ -6,8 +6,10 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use vaas_proto::v1::{ListVclTemplateBlocksRequest, VclTemplate, VclTemplateBlock};
 
-use crate::resource::{Condition, Resource, Tx, Value, ensure_reference, ids};
-use crate::{Error, Result};
+use crate::Result;
+use crate::resource::{
+    Condition, Resource, Tx, Value, ensure_reference, ensure_unique_within, ids_for_each,
+};
 
 impl Resource for VclTemplateBlock {
     const TABLE: &'static str = "vcl_template_blocks";
@@ -53,21 +55,14 @@ impl Resource for VclTemplateBlock {
     async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {
         ensure_reference::<VclTemplate>(tx, "vcl_template_block.template_id", self.template_id)
             .await?;
-        let taken: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM vcl_template_blocks WHERE template_id = $1 AND tag = $2 AND id <> $3",
+        ensure_unique_within(
+            tx,
+            self,
+            ("template_id", self.template_id),
+            ("tag", &self.tag),
+            "vcl_template_block.tag",
         )
-        .bind(self.template_id)
-        .bind(&self.tag)
-        .bind(self.id)
-        .fetch_optional(&mut **tx)
-        .await?;
-        match taken {
-            Some(_) => Err(Error::AlreadyExists {
-                field: "vcl_template_block.tag",
-                value: self.tag.clone(),
-            }),
-            None => Ok(()),
-        }
+        .await
     }
 
     /// The clusters whose servers use the template the block belonged to or belongs to now.
@@ -76,22 +71,15 @@ impl Resource for VclTemplateBlock {
         before: Option<&VclTemplateBlock>,
         after: Option<&VclTemplateBlock>,
     ) -> Result<BTreeSet<i64>> {
-        let templates: BTreeSet<i64> = before
+        let templates = before
             .into_iter()
             .chain(after)
-            .map(|block| block.template_id)
-            .collect();
-        let mut clusters = BTreeSet::new();
-        for template_id in templates {
-            clusters.extend(
-                ids(
-                    tx,
-                    "SELECT cluster_id FROM varnish_servers WHERE template_id = $1",
-                    template_id,
-                )
-                .await?,
-            );
-        }
-        Ok(clusters)
+            .map(|block| block.template_id);
+        ids_for_each(
+            tx,
+            "SELECT cluster_id FROM varnish_servers WHERE template_id = $1",
+            templates,
+        )
+        .await
     }
 }

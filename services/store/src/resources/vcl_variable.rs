@@ -6,8 +6,8 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use vaas_proto::v1::{Cluster, ListVclVariablesRequest, VclVariable};
 
-use crate::resource::{Condition, Resource, Tx, Value, ensure_reference};
-use crate::{Error, Result};
+use crate::Result;
+use crate::resource::{Condition, Resource, Tx, Value, ensure_reference, ensure_unique_within};
 
 impl Resource for VclVariable {
     const TABLE: &'static str = "vcl_variables";
@@ -52,21 +52,14 @@ impl Resource for VclVariable {
 
     async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {
         ensure_reference::<Cluster>(tx, "vcl_variable.cluster_id", self.cluster_id).await?;
-        let taken: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM vcl_variables WHERE cluster_id = $1 AND key = $2 AND id <> $3",
+        ensure_unique_within(
+            tx,
+            self,
+            ("cluster_id", self.cluster_id),
+            ("key", &self.key),
+            "vcl_variable.key",
         )
-        .bind(self.cluster_id)
-        .bind(&self.key)
-        .bind(self.id)
-        .fetch_optional(&mut **tx)
-        .await?;
-        match taken {
-            Some(_) => Err(Error::AlreadyExists {
-                field: "vcl_variable.key",
-                value: self.key.clone(),
-            }),
-            None => Ok(()),
-        }
+        .await
     }
 
     /// The cluster the variable belonged to and the one it belongs to now.
