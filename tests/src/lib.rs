@@ -220,6 +220,18 @@ impl System {
             .context("GetVarnishServer answered no server")
     }
 
+    /// Reads a director through the API.
+    pub async fn director(&self, id: i64) -> Result<Director> {
+        let response = self
+            .config()
+            .get_director(vaas_proto::v1::GetDirectorRequest { id })
+            .await?;
+        response
+            .into_inner()
+            .director
+            .context("GetDirector answered no director")
+    }
+
     /// Reads a task through the API.
     pub async fn task(&self, id: i64) -> Result<Task> {
         let response = self.tasks().get_task(GetTaskRequest { id }).await?;

@@ -216,15 +216,7 @@ async fn names_differing_only_in_case_and_second_spellings_of_an_address_are_ref
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     assert_eq!(violated_fields(&status), ["varnish_server.admin_port"]);
 
-    let mut director = system
-        .config()
-        .get_director(vaas_proto::v1::GetDirectorRequest {
-            id: setup.director_id,
-        })
-        .await?
-        .into_inner()
-        .director
-        .context("director")?;
+    let mut director = system.director(setup.director_id).await?;
     director.name = "vcl_recv".into();
     let status = system
         .config()
@@ -323,15 +315,7 @@ async fn a_director_with_a_probe_sends_every_request_to_the_live_backend(
         .into_inner()
         .probe
         .context("probe")?;
-    let mut director = system
-        .config()
-        .get_director(vaas_proto::v1::GetDirectorRequest {
-            id: setup.director_id,
-        })
-        .await?
-        .into_inner()
-        .director
-        .context("director")?;
+    let mut director = system.director(setup.director_id).await?;
     director.probe_id = probe.id;
     let updated = system
         .config()
@@ -387,15 +371,7 @@ async fn a_time_profile_first_byte_timeout_cuts_a_slow_origin(store: StoreKind) 
         .into_inner()
         .time_profile
         .context("time profile")?;
-    let mut director = system
-        .config()
-        .get_director(vaas_proto::v1::GetDirectorRequest {
-            id: setup.director_id,
-        })
-        .await?
-        .into_inner()
-        .director
-        .context("director")?;
+    let mut director = system.director(setup.director_id).await?;
     director.time_profile_id = profile.id;
     system
         .config()

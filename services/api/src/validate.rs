@@ -748,4 +748,64 @@ mod tests {
             "one violation for the list, not one per item"
         );
     }
+
+    #[test]
+    fn variable_values_cannot_change_the_vcl_structure() {
+        let variable = |key: &str, value: &str| {
+            vcl_variable(
+                VclVariable {
+                    cluster_id: 1,
+                    key: key.into(),
+                    value: value.into(),
+                    ..Default::default()
+                },
+                Intent::Create,
+            )
+        };
+        assert!(variable("MESH_IP", "10.0.0.1").is_ok());
+        assert!(variable("URL", "https://example.com/x?a=1").is_ok());
+        for value in [
+            "a\"b",
+            "a;b",
+            "a{b",
+            "a}b",
+            "a\\b",
+            "a\nb",
+            &"x".repeat(255),
+        ] {
+            assert_eq!(
+                violations(variable("K", value).unwrap_err()),
+                ["vcl_variable.value"],
+                "{value:?}"
+            );
+        }
+        assert_eq!(
+            violations(variable("no-dash", "v").unwrap_err()),
+            ["vcl_variable.key"]
+        );
+    }
+
+    #[test]
+    fn blocks_replace_only_known_tags_within_the_size_limit() {
+        let block = |tag: &str, content: String| {
+            vcl_template_block(
+                VclTemplateBlock {
+                    template_id: 1,
+                    tag: tag.into(),
+                    content,
+                    ..Default::default()
+                },
+                Intent::Create,
+            )
+        };
+        assert!(block("RECV", "sub vcl_recv { }".into()).is_ok());
+        assert_eq!(
+            violations(block("VAAS_STATUS", String::new()).unwrap_err()),
+            ["vcl_template_block.tag"]
+        );
+        assert_eq!(
+            violations(block("ACL", "x".repeat(MAX_BLOCK_BYTES + 1)).unwrap_err()),
+            ["vcl_template_block.content"]
+        );
+    }
 }
