@@ -104,6 +104,7 @@
 mod emit;
 mod model;
 mod names;
+pub mod rules;
 mod template;
 mod variables;
 
@@ -265,6 +266,14 @@ pub enum RenderError {
         /// The value as stored.
         value: String,
     },
+    /// The rendered VCL would read files or run code on the Varnish host (see [`rules`]).
+    #[error("line {line} of the rendered VCL is refused: {what}")]
+    Forbidden {
+        /// The line of the rendered VCL.
+        line: usize,
+        /// What was found there.
+        what: &'static str,
+    },
     /// Expanding the template would write, or read, more than [`MAX_EXPANSION_BYTES`].
     #[error("the expanded template exceeds {limit} bytes")]
     TooLarge {
@@ -290,6 +299,15 @@ pub fn render(snapshot: &ClusterSnapshot, server_id: i64) -> Result<RenderedVcl,
     let blocks = template::Blocks::of_template(&snapshot.template_blocks, template.id);
     let leaves = emit::Leaves::new(&plan, VERSION_PLACEHOLDER, &blocks);
     let with_placeholder = template::expand(&template.content, &leaves, &blocks, &variables)?;
+    if let Some(found) = rules::forbidden_constructs(&with_placeholder)
+        .into_iter()
+        .next()
+    {
+        return Err(RenderError::Forbidden {
+            line: found.line,
+            what: found.what,
+        });
+    }
     let version = version_of(&with_placeholder);
     Ok(RenderedVcl {
         text: with_placeholder.replace(VERSION_PLACEHOLDER, &version),

@@ -903,3 +903,22 @@ fn a_template_repeating_vcl_fails_as_too_large_instead_of_growing_without_bound(
     );
     // Blocks that write nothing are bounded too, by what they read: see template.rs.
 }
+
+#[test]
+fn rendered_vcl_that_would_read_files_or_run_code_is_refused() {
+    // A variable is checked on its own, but what it assembles with the template is checked in the
+    // rendered VCL: here a harmless-looking value completes `import … ;`.
+    let mut snapshot = fixtures::empty_cluster();
+    snapshot.templates[0].content = "<VCL/>\nimport #{VMOD};\n".into();
+    snapshot.variables = vec![fixtures::variable(80, "VMOD", "vtc")];
+    let error = render(&snapshot, SERVER_ID).expect_err("a test vmod import");
+    assert!(matches!(error, RenderError::Forbidden { .. }), "{error}");
+
+    snapshot.variables.clear();
+    snapshot.templates[0].content = "<VCL/>\ninclude \"/etc/varnish/secret\";\n".into();
+    let error = render(&snapshot, SERVER_ID).expect_err("an include");
+    assert!(
+        error.to_string().contains("include reads a file"),
+        "{error}"
+    );
+}

@@ -108,6 +108,13 @@ impl Violations {
         }
     }
 
+    /// Refuses VCL that would read files or run code on a Varnish host, naming each line.
+    fn forbidden_constructs(&mut self, field: &str, vcl: &str) {
+        for found in vaas_vcl::rules::forbidden_constructs(vcl) {
+            self.add(field, format!("line {}: {}", found.line, found.what));
+        }
+    }
+
     /// Checks a list's length before its items are looked at.
     fn list_length(&mut self, field: &str, length: usize, max_items: usize) -> bool {
         let ok = length <= max_items;
@@ -245,6 +252,8 @@ pub fn vcl_template(mut template: VclTemplate, intent: Intent) -> Result<VclTemp
         );
     } else if template.content.contains('\0') {
         violations.add("content", "must not contain NUL characters");
+    } else {
+        violations.forbidden_constructs("content", &template.content);
     }
     violations.enumeration("syntax", VclSyntax::try_from(template.syntax).is_ok());
     if template.syntax == VclSyntax::Unspecified as i32 {
@@ -498,6 +507,22 @@ pub fn vcl_variable(mut variable: VclVariable, intent: Intent) -> Result<VclVari
         "value",
         "must be at most 254 characters without control characters, quotes, braces, backslashes or semicolons",
     );
+    let assembles_forbidden = variable
+        .value
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .any(|word| {
+            let word = word.to_ascii_lowercase();
+            matches!(
+                word.as_str(),
+                "include" | "import" | "from" | "std.fileread"
+            ) || word.starts_with("debug.")
+                || word.starts_with("vtc.")
+        });
+    violations.check(
+        !assembles_forbidden,
+        "value",
+        "must not hold include, import, from, std.fileread or a debug/vtc call, which could read files or run code on a Varnish host",
+    );
     violations.finish(variable)
 }
 
@@ -519,6 +544,8 @@ pub fn vcl_template_block(
         );
     } else if block.content.contains('\0') {
         violations.add("content", "must not contain NUL characters");
+    } else {
+        violations.forbidden_constructs("content", &block.content);
     }
     violations.finish(block)
 }
@@ -807,5 +834,36 @@ mod tests {
             violations(block("ACL", "x".repeat(MAX_BLOCK_BYTES + 1)).unwrap_err()),
             ["vcl_template_block.content"]
         );
+    }
+
+    #[test]
+    fn templates_that_read_files_or_run_code_are_refused_naming_the_line() {
+        let template = |content: &str| {
+            vcl_template(
+                VclTemplate {
+                    name: "t".into(),
+                    content: content.into(),
+                    ..Default::default()
+                },
+                Intent::Create,
+            )
+        };
+        let error = template("<VCL/>\nsub vcl_recv {\n  C{ system(\"id\"); }C\n}\n").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid request: vcl_template.content: line 3: inline C runs code on the Varnish host"
+        );
+        assert!(template("<VCL/>\ninclude \"/etc/passwd\";").is_err());
+        assert!(template("<VCL/>\n# include is fine in a comment\n").is_ok());
+        let variable = vcl_variable(
+            VclVariable {
+                cluster_id: 1,
+                key: "K".into(),
+                value: "std.fileread".into(),
+                ..Default::default()
+            },
+            Intent::Create,
+        );
+        assert_eq!(violations(variable.unwrap_err()), ["vcl_variable.value"]);
     }
 }
