@@ -249,6 +249,24 @@ async fn names_differing_only_in_case_and_second_spellings_of_an_address_are_ref
         violated_fields(&status),
         ["backend.connect_timeout", "backend.tags"]
     );
+    // Link-local addresses reach cloud metadata services: denied by default.
+    let status = system
+        .config()
+        .create_backend(CreateBackendRequest {
+            backend: Some(Backend {
+                address: "169.254.169.254".into(),
+                ..backend_for(&setup, origin.addr())
+            }),
+        })
+        .await
+        .expect_err("a backend at the metadata service");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&status), ["backend.address"]);
+    assert!(
+        status.message().contains("169.254.0.0/16"),
+        "{}",
+        status.message()
+    );
     system.ensure_running()
 }
 

@@ -19,6 +19,7 @@ use vaas_proto::v1::config_service_server::ConfigService;
 use vaas_proto::v1::*;
 use vaas_store::{Resource, Store, WriteOutcome};
 
+use crate::address_policy::AddressPolicy;
 use crate::error::ApiError;
 use crate::field_mask::{self, MessageFields};
 use crate::follow::TaskFollower;
@@ -34,6 +35,7 @@ pub struct ConfigApi {
     follower: TaskFollower,
     relay_wake: Arc<Notify>,
     sync_timeout: Duration,
+    address_policy: Arc<AddressPolicy>,
 }
 
 impl ConfigApi {
@@ -43,12 +45,14 @@ impl ConfigApi {
         follower: TaskFollower,
         relay_wake: Arc<Notify>,
         sync_timeout: Duration,
+        address_policy: AddressPolicy,
     ) -> ConfigApi {
         ConfigApi {
             store,
             follower,
             relay_wake,
             sync_timeout,
+            address_policy: Arc::new(address_policy),
         }
     }
 
@@ -142,6 +146,24 @@ pub trait ApiResource: Resource + prost::Message + Default {
     fn validate(self, intent: Intent) -> Result<Self, ApiError>;
     /// The message's fields, for partial updates; the output-only ones are read-only.
     fn fields() -> &'static MessageFields;
+
+    /// Checks what depends on the operator's configuration rather than on the item alone (the
+    /// networks backends may not point at).
+    fn check_policy(&self, policy: &AddressPolicy) -> Result<(), ApiError> {
+        let _ = policy;
+        Ok(())
+    }
+}
+
+/// Refuses a backend in a network the operator denies.
+fn backend_address_policy(backend: &Backend, policy: &AddressPolicy) -> Result<(), ApiError> {
+    match policy.denies(&backend.address) {
+        Some(network) => Err(ApiError::invalid(
+            "backend.address",
+            format!("is in {network}, a network backends may not point at"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Returns who makes a call, as the audit history records it. Until API authentication exists
@@ -162,6 +184,7 @@ impl ConfigApi {
         item: Option<R>,
     ) -> Result<(R, Vec<Task>, MetadataMap), ApiError> {
         let item = validate::required(item, R::FIELD)?.validate(Intent::Create)?;
+        item.check_policy(&self.address_policy)?;
         let outcome = self.store.acting_as(actor).create(&item).await?;
         let resource = format!("{}/{}", R::COLLECTION, outcome.value.id());
         self.settle(metadata, resource, outcome).await
@@ -190,7 +213,9 @@ impl ConfigApi {
             .acting_as(actor)
             .update_with(id, |current: &R| {
                 let merged = field_mask::merge(current, &patch, &paths, R::fields())?;
-                merged.validate(Intent::Update)
+                let item = merged.validate(Intent::Update)?;
+                item.check_policy(&self.address_policy)?;
+                Ok::<_, ApiError>(item)
             })
             .await?;
         let resource = format!("{}/{id}", R::COLLECTION);
@@ -243,7 +268,9 @@ impl ConfigApi {
             .acting_as(actor)
             .update_many_with(&request.ids, |current: &Backend| {
                 let merged = field_mask::merge(current, &patch, &paths, Backend::fields())?;
-                merged.validate(Intent::Update)
+                let backend = merged.validate(Intent::Update)?;
+                backend.check_policy(&self.address_policy)?;
+                Ok::<_, ApiError>(backend)
             })
             .await?;
         let resource = format!("backends ({} changed)", outcome.value.len());
@@ -273,7 +300,10 @@ impl ConfigApi {
                 director_id: request.director_id,
                 ..backend
             };
-            match backend.validate(Intent::Create) {
+            match backend
+                .validate(Intent::Create)
+                .and_then(|backend| backend.check_policy(&self.address_policy).map(|()| backend))
+            {
                 Ok(backend) => wanted.push(backend),
                 Err(ApiError::InvalidArgument(list)) => {
                     violations.extend(list.into_iter().map(|mut violation| {
@@ -319,7 +349,8 @@ macro_rules! config_service {
         field: $field:ident,
         plural: $plural:ident,
         validate: $validate:path,
-        read_only: [$($read_only:literal),*] $(,)?
+        read_only: [$($read_only:literal),*]
+        $(, policy: $policy:path)? $(,)?
     }),+ $(,)?) => {
         $(
             impl ApiResource for $resource {
@@ -336,6 +367,11 @@ macro_rules! config_service {
                             .unwrap_or_else(|| panic!("{name} and its read-only fields are in the descriptor set"))
                     })
                 }
+                $(
+                    fn check_policy(&self, policy: &AddressPolicy) -> Result<(), ApiError> {
+                        $policy(self, policy)
+                    }
+                )?
 
             }
         )+
@@ -530,7 +566,13 @@ config_service! {
         read_only: ["running_vcl_version", "agent_seen_time"],
     },
     Director { field: director, plural: directors, validate: validate::director, read_only: [] },
-    Backend { field: backend, plural: backends, validate: validate::backend, read_only: [] },
+    Backend {
+        field: backend,
+        plural: backends,
+        validate: validate::backend,
+        read_only: [],
+        policy: backend_address_policy,
+    },
     Probe { field: probe, plural: probes, validate: validate::probe, read_only: [] },
     TimeProfile {
         field: time_profile,

@@ -5,6 +5,7 @@
 //! It never talks to Varnish: reloads are the scheduler's job. Run it with [`run`]; the binary
 //! in `main.rs` only parses flags, binds the listener and calls it.
 
+pub mod address_policy;
 pub mod config_service;
 pub mod error;
 pub mod field_mask;
@@ -48,6 +49,16 @@ pub struct Config {
     /// shorter, wins).
     #[arg(long, env = "VAAS_SYNC_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub sync_timeout: Duration,
+    /// Networks that backends may not point at, comma-separated CIDRs (link-local by default,
+    /// which reaches cloud metadata services); an empty value denies nothing.
+    #[arg(
+        long,
+        env = "VAAS_BACKEND_DENY_NETWORKS",
+        default_value = address_policy::DEFAULT_DENIED,
+        value_delimiter = ',',
+        value_parser = clap::value_parser!(address_policy::Network),
+    )]
+    pub backend_deny_networks: Vec<address_policy::Network>,
     /// How often the outbox and followed tasks are re-read even without a notification.
     #[arg(long, env = "VAAS_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
@@ -94,6 +105,7 @@ pub async fn run(
         follower.clone(),
         relay_wake,
         config.sync_timeout,
+        address_policy::AddressPolicy::new(config.backend_deny_networks.clone()),
     );
     let task_api = TaskApi::new(store.clone(), follower, tasks.clone(), shutdown.clone());
 
