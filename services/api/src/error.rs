@@ -68,7 +68,21 @@ fn describe_violations(violations: &[FieldViolation]) -> String {
         .join("; ")
 }
 
+/// The longest description of failed tasks in a status message: the message travels in HTTP/2
+/// trailers, which peers cap at a few KiB.
+const FAILURES_MAX_CHARS: usize = 4000;
+
 fn describe_failures(tasks: &[Task]) -> String {
+    let described = describe_every_failure(tasks);
+    if described.chars().count() <= FAILURES_MAX_CHARS {
+        return described;
+    }
+    let mut cut: String = described.chars().take(FAILURES_MAX_CHARS).collect();
+    cut.push_str(" … (cut; GetTask has each task's error)");
+    cut
+}
+
+fn describe_every_failure(tasks: &[Task]) -> String {
     tasks
         .iter()
         .filter(|task| !task.error.is_empty())
@@ -197,5 +211,29 @@ impl From<ApiError> for Status {
                 Status::unavailable(message)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_reload_status_stays_small_enough_for_http2_trailers() {
+        let tasks: Vec<Task> = (1..=5)
+            .map(|id| Task {
+                id,
+                name: format!("tasks/{id}"),
+                error: "e".repeat(2000),
+                ..Default::default()
+            })
+            .collect();
+        let status = Status::from(ApiError::ReloadFailed {
+            resource: "backends/1".into(),
+            tasks,
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(status.message().len() < 4200, "{}", status.message().len());
+        assert!(status.message().ends_with("GetTask has each task's error)"));
     }
 }

@@ -27,7 +27,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use error::{Error, Result};
 pub use resource::{Change, Condition, Page, Resource, Tx, Value};
-pub use tasks::{OutboxEntry, TaskOutcome, TaskPage};
+pub use tasks::{LAST_ERROR_MAX_CHARS, OutboxEntry, TASK_ERROR_MAX_CHARS, TaskOutcome, TaskPage};
 pub use write::WriteOutcome;
 
 /// Which SQL database a [`Store`] talks to; the few statements that differ are chosen by it.

@@ -11,6 +11,10 @@ use crate::{Dialect, Error, Result, Store};
 /// The longest last error a cluster keeps, in characters.
 pub const LAST_ERROR_MAX_CHARS: usize = 400;
 
+/// The longest error a task keeps, in characters: enough for a compiler's message, small enough
+/// to travel in a gRPC status (whose trailers HTTP/2 peers cap at a few KiB).
+pub const TASK_ERROR_MAX_CHARS: usize = 2000;
+
 /// States in which a task still waits for a reload.
 const UNFINISHED_STATES: &str = "1, 2, 5";
 
@@ -185,7 +189,10 @@ impl Store {
         let now = now_micros_sql(self.dialect);
         let (state, error) = match outcome {
             TaskOutcome::Success => (TaskState::Success, String::new()),
-            TaskOutcome::Failure(error) => (TaskState::Failure, error.clone()),
+            TaskOutcome::Failure(error) => (
+                TaskState::Failure,
+                error.chars().take(TASK_ERROR_MAX_CHARS).collect(),
+            ),
         };
         let mut transaction = self.pool.begin().await?;
         let ids: Vec<i64> = sqlx::query_scalar(&format!(

@@ -70,6 +70,7 @@ on_both_stores!(
     template_saves_keep_revisions_and_blocks_and_variables_reload_their_clusters,
     lists_filter_by_what_operators_look_for,
     pages_stay_readable_by_any_grpc_client,
+    a_huge_compiler_message_is_capped_before_it_is_stored,
 );
 
 struct World {
@@ -347,6 +348,7 @@ async fn finishing_tasks_records_cluster_status(store: &Store) -> Result<()> {
     );
     let cluster = store.get::<Cluster>(cluster_id).await?;
     assert_eq!(cluster.last_error, "VCL compilation failed");
+    assert_eq!(failed[0].error, "VCL compilation failed");
     assert_eq!(cluster.error_timestamp, first.timestamp);
     assert_eq!(cluster.reload_timestamp, None);
     assert_eq!(
@@ -1073,5 +1075,24 @@ async fn pages_stay_readable_by_any_grpc_client(store: &Store) -> Result<()> {
         token = next;
     }
     assert_eq!(seen, 5, "every template on some page");
+    Ok(())
+}
+
+async fn a_huge_compiler_message_is_capped_before_it_is_stored(store: &Store) -> Result<()> {
+    let world = world(store).await?;
+    let task = store.create(&backend(&world, "10.0.0.1")).await?.tasks[0].clone();
+    let newest = task
+        .timestamp
+        .map(|t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
+    let failed = store
+        .finish_tasks(
+            world.cluster.id,
+            newest.unwrap_or(i64::MAX),
+            &TaskOutcome::Failure("x".repeat(200_000)),
+        )
+        .await?;
+    assert_eq!(failed[0].error.len(), vaas_store::TASK_ERROR_MAX_CHARS);
+    let cluster = store.get::<Cluster>(world.cluster.id).await?;
+    assert_eq!(cluster.last_error.len(), vaas_store::LAST_ERROR_MAX_CHARS);
     Ok(())
 }
