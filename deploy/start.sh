@@ -31,7 +31,6 @@ varnish_http_port=${VAAS_VARNISH_HTTP_PORT:-16081}
 varnish_admin_port=${VAAS_VARNISH_ADMIN_PORT:-16082}
 origin_port=${VAAS_ORIGIN_PORT:-18080}
 deadline_seconds=${VAAS_START_TIMEOUT:-30}
-varnish_cc_command='exec gcc -O2 -fstack-protector-strong -Wformat -Werror=format-security -Werror -Wno-error=unused-result -pthread -fpic -shared -Wl,-x -o %o %s'
 
 nats_url=nats://127.0.0.1:$nats_port
 database_url=${VAAS_DATABASE_URL:-sqlite://$state/vaas.db?mode=rwc}
@@ -208,19 +207,22 @@ start_varnishd() {
   if [ ! -s "$secret_file" ]; then
     (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret_file" && echo >>"$secret_file")
   fi
-  # As root varnishd drops to the varnish user, which must be able to read the secret.
-  if getent group varnish >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
-    chgrp varnish "$secret_file" && chmod 0640 "$secret_file"
+  # As root, varnishd's manager drops to the varnish user, which must read the secret; the cache
+  # child (vcache) shares the varnish group, so the group must not: owner-only, never group.
+  if getent passwd varnish >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+    chown varnish "$secret_file" && chmod 0600 "$secret_file"
   fi
+  # The hardening and compiler parameters every VaaS varnishd runs with (one flag and value a
+  # line; the test kit reads the same file).
+  local params=() flag value
+  while read -r flag value; do
+    case $flag in '' | '#'*) continue ;; esac
+    params+=("$flag" "$value")
+  done <"$root/deploy/varnishd.params"
   # -f '': only the manager starts; the agent loads the VCL and starts the cache child.
-  # cc_command: the stock flags without -g. Debug-info variable tracking is most of gcc's time on
-  # large VCLs (1,000 backends: 10.9 s -> 3.9 s; 5,000: ~250 s -> 24 s, see
-  # shared/reference/VARNISH.md) and dropping it keeps the same -O2 machine code. -r makes it
-  # read-only: whoever may set cc_command can run any command.
   launch varnishd varnishd -F -n "$state/varnish" \
     -a "127.0.0.1:$varnish_http_port" -T "127.0.0.1:$varnish_admin_port" -S "$secret_file" \
-    -p "cc_command=$varnish_cc_command" -r cc_command \
-    -f ''
+    "${params[@]}" -f ''
   wait_ready varnishd "admin port 127.0.0.1:$varnish_admin_port answers" varnish_admin_ready
 }
 

@@ -26,6 +26,7 @@ on_both_stores!(
     a_time_profile_first_byte_timeout_cuts_a_slow_origin,
     bulk_backend_changes_reload_each_cluster_once,
     a_reverted_template_revision_serves_the_old_behaviour,
+    a_template_block_and_a_variable_change_what_clients_get,
 );
 
 fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
@@ -697,5 +698,70 @@ async fn a_reverted_template_revision_serves_the_old_behaviour(store: StoreKind)
         .await
         .expect_err("no such revision");
     assert_eq!(status.code(), Code::NotFound);
+    system.ensure_running()
+}
+
+async fn a_template_block_and_a_variable_change_what_clients_get(store: StoreKind) -> Result<()> {
+    use vaas_proto::v1::{
+        CreateVclTemplateBlockRequest, CreateVclVariableRequest, UpdateVclVariableRequest,
+        VclTemplateBlock, VclVariable,
+    };
+    let mut system = System::builder(store).start().await?;
+    let setup = system.set_up().await?;
+    let origin = HttpOrigin::start("origin-a").await?;
+    system
+        .config()
+        .create_backend(CreateBackendRequest {
+            backend: Some(backend_for(&setup, origin.addr())),
+        })
+        .await?;
+    let variable = system
+        .config()
+        .create_vcl_variable(CreateVclVariableRequest {
+            vcl_variable: Some(VclVariable {
+                cluster_id: setup.cluster_id,
+                key: "TEAM".into(),
+                value: "edge".into(),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .vcl_variable
+        .context("variable")?;
+    let block = system
+        .config()
+        .create_vcl_template_block(CreateVclTemplateBlockRequest {
+            vcl_template_block: Some(VclTemplateBlock {
+                template_id: setup.template_id,
+                tag: "OTHER_FUNCTIONS".into(),
+                content: "<OTHER_FUNCTIONS/>\nsub vcl_deliver {\n    set resp.http.X-Team = \"#{TEAM}\";\n}"
+                    .into(),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(block.tasks[0].state, TaskState::Success as i32);
+    let team = || async {
+        let response = http_get(system.varnishd(0).http_addr(), "/t", "demo.example").await?;
+        anyhow::Ok(response.header("x-team").map(str::to_owned))
+    };
+    assert_eq!(team().await?.as_deref(), Some("edge"));
+
+    let changed = system
+        .config()
+        .update_vcl_variable(UpdateVclVariableRequest {
+            vcl_variable: Some(VclVariable {
+                id: variable.id,
+                value: "core".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["value"]),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(changed.tasks.len(), 1, "the variable's cluster reloads");
+    assert_eq!(team().await?.as_deref(), Some("core"));
     system.ensure_running()
 }

@@ -13,12 +13,22 @@ use tokio::net::TcpStream;
 
 use crate::process::{ManagedProcess, StartFailure, retry_on_port_clash, run_to_completion};
 
-/// The compiler command, as `deploy/start.sh` sets it: the stock flags without `-g`, whose
-/// debug-info variable tracking is most of gcc's time on large VCLs while the `-O2` code stays
-/// the same (shared/reference/VARNISH.md: 1,000 backends 10.9 s -> 3.9 s).
-pub const CC_COMMAND: &str = "exec gcc -O2 -fstack-protector-strong -Wformat \
-    -Werror=format-security -Werror -Wno-error=unused-result -pthread -fpic -shared -Wl,-x \
-    -o %o %s";
+/// The parameters every VaaS varnishd runs with (hardening and compiler flags), one flag and
+/// its value a line: the file `deploy/start.sh` uses, so tests run against the deploy's varnishd.
+pub const DEPLOY_PARAMS: &str = include_str!("../../../deploy/varnishd.params");
+
+/// Returns the arguments of [`DEPLOY_PARAMS`], except that `cc_command` stays writable: the
+/// reload benchmark changes it to measure other flags against the same varnishd.
+fn deploy_arguments() -> Vec<&'static str> {
+    DEPLOY_PARAMS
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter(|line| *line != "-r cc_command")
+        .filter_map(|line| line.split_once(' '))
+        .flat_map(|(flag, value)| [flag, value])
+        .collect()
+}
 
 /// A running `varnishd -F -f ''` with its own `-n` directory, admin port and secret file;
 /// stopped on drop.
@@ -67,9 +77,7 @@ impl Varnishd {
             .arg(&secret_file)
             .args(["-f", ""])
             .args(["-p", "vcl_cooldown=1"])
-            // Not read-only here (deploy/start.sh makes it so): the reload benchmark changes it to
-            // measure other flags against the same varnishd.
-            .args(["-p", &format!("cc_command={CC_COMMAND}")])
+            .args(deploy_arguments())
             .current_dir(dir.path());
         let process = ManagedProcess::spawn(
             format!("varnishd :{http_port}"),
@@ -191,16 +199,16 @@ mod tests {
     async fn serves_an_origin_once_a_vcl_is_loaded_and_started() -> anyhow::Result<()> {
         let origin = HttpOrigin::start("a").await?;
         let varnishd = Varnishd::start().await?;
-        let vcl = varnishd.dir().join("boot.vcl");
-        std::fs::write(
-            &vcl,
-            format!(
-                "vcl 4.1;\nbackend origin {{ .host = \"127.0.0.1\"; .port = \"{}\"; }}\n",
-                origin.addr().port()
-            ),
-        )?;
+        // vcl.inline, not vcl.load of a file: the deploy's vcc_unsafe_path=off refuses VCL files
+        // by absolute path, and the agent never loads files either.
+        let vcl = format!(
+            "vcl 4.1; backend origin {{ .host = \"127.0.0.1\"; .port = \"{}\"; }}",
+            origin.addr().port()
+        );
+        // varnishadm joins its arguments with spaces: quote the VCL as one CLI word.
+        let quoted = format!("\"{}\"", vcl.replace('"', "\\\""));
         varnishd
-            .varnishadm(&["vcl.load", "boot", &vcl.to_string_lossy()])
+            .varnishadm(&["vcl.inline", "boot", &quoted])
             .await?;
         varnishd.varnishadm(&["vcl.use", "boot"]).await?;
         varnishd.varnishadm(&["start"]).await?;
