@@ -157,7 +157,7 @@ impl SystemBuilder {
             schedulers,
             varnishds,
             _postgres: postgres,
-            _nats: nats,
+            nats,
             _dir: dir,
         })
     }
@@ -175,7 +175,7 @@ pub struct System {
     schedulers: Vec<SchedulerReplica>,
     varnishds: Vec<Varnishd>,
     _postgres: Option<Postgres>,
-    _nats: Nats,
+    nats: Nats,
     _dir: tempfile::TempDir,
 }
 
@@ -218,6 +218,20 @@ impl System {
             .into_inner()
             .varnish_server
             .context("GetVarnishServer answered no server")
+    }
+
+    /// Returns the number of subscriptions NATS holds, from its monitoring endpoint.
+    pub async fn nats_subscriptions(&self) -> Result<u64> {
+        let response =
+            vaas_testkit::http_get(self.nats.monitor_addr(), "/subsz", "localhost").await?;
+        let counted = response
+            .body
+            .split("\"num_subscriptions\":")
+            .nth(1)
+            .and_then(|rest| rest.trim_start().split([',', '}']).next())
+            .and_then(|number| number.trim().parse().ok())
+            .with_context(|| format!("no num_subscriptions in {}", response.body))?;
+        Ok(counted)
     }
 
     /// Reads a director through the API.

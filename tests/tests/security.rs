@@ -105,3 +105,67 @@ async fn the_deploys_varnishd_keeps_inline_c_off_and_refuses_absolute_includes()
     );
     Ok(())
 }
+
+/// A watch whose caller went away releases its NATS subscription at once (3,000 cancelled watches
+/// used to keep 3,000 subscriptions until their task changed).
+#[tokio::test]
+async fn watchers_that_leave_release_their_subscriptions() -> Result<()> {
+    use std::time::Duration;
+    use tokio::time::Instant;
+    use vaas_proto::v1::{CreateBackendRequest, WatchTaskRequest};
+
+    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+    let setup = system.set_up().await?;
+    // Without a scheduler the task stays PENDING, so every watch stays open.
+    system.stop_scheduler(0);
+    let mut request = tonic::Request::new(CreateBackendRequest {
+        backend: Some(vaas_tests::backend_for(
+            &setup,
+            "127.0.0.1:9".parse().context("address")?,
+        )),
+    });
+    request.metadata_mut().insert(
+        "prefer",
+        tonic::metadata::MetadataValue::from_static("respond-async"),
+    );
+    let task = system
+        .config()
+        .create_backend(request)
+        .await?
+        .into_inner()
+        .tasks[0]
+        .id;
+    let baseline = system.nats_subscriptions().await?;
+
+    let mut watches = Vec::new();
+    for _ in 0..50 {
+        let mut watch = system
+            .tasks()
+            .watch_task(WatchTaskRequest { id: task })
+            .await?
+            .into_inner();
+        // The first answer comes after the watch subscribed.
+        watch.message().await?.context("a first answer")?;
+        watches.push(watch);
+    }
+    let watching = system.nats_subscriptions().await?;
+    assert!(
+        watching >= baseline + 50,
+        "{watching} subscriptions while watching"
+    );
+
+    drop(watches);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = system.nats_subscriptions().await?;
+        if left <= baseline {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} subscriptions 10 s after the watchers left (baseline {baseline})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling the monitor endpoint
+    }
+    Ok(())
+}

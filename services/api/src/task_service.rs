@@ -88,6 +88,11 @@ async fn watch(
         let far_future = Instant::now() + std::time::Duration::from_secs(3600);
         tokio::select! {
             () = follower.wait_for_change(&mut events, far_future) => {}
+            // The caller went away: release its subscription now, not at the next change.
+            () = sender.closed() => {
+                debug!(task = task_id, "watcher left");
+                return;
+            }
             () = shutdown.cancelled() => {
                 let _ = sender.send(Err(Status::unavailable("server is shutting down; watch again"))).await;
                 return;
