@@ -241,11 +241,7 @@ impl AgentService for AgentApi {
                 "the first message must be a hello",
             ));
         };
-        if hello.address.is_empty() || hello.admin_port == 0 {
-            return Err(Status::invalid_argument(
-                "hello needs address and admin_port",
-            ));
-        }
+        let hello = checked_hello(hello).map_err(Status::invalid_argument)?;
         let key = AgentKey {
             address: hello.address.clone(),
             admin_port: hello.admin_port,
@@ -261,6 +257,7 @@ impl AgentService for AgentApi {
             hostname = %hello.hostname,
             varnish = %hello.varnish_version,
             active_vcl_version = %hello.active_vcl_version,
+            active_vcl_name = %hello.active_vcl_name,
             server = ?registered,
             "agent attached"
         );
@@ -307,5 +304,134 @@ impl AgentService for AgentApi {
         });
         let outbound = ReceiverStream::new(command_receiver).map(Ok);
         Ok(Response::new(Box::pin(outbound)))
+    }
+}
+
+/// One text field of a hello: its name, value, longest length and allowed characters.
+type FieldCheck<'a> = (&'static str, &'a str, usize, fn(char) -> bool);
+
+/// The longest host name a hello may carry (DNS's limit).
+const MAX_HOSTNAME_CHARS: usize = 253;
+
+/// The longest version or VCL name a hello may carry.
+const MAX_HELLO_FIELD_CHARS: usize = 128;
+
+/// Checks every field of a hello before anything is stored or logged: the address becomes its
+/// canonical spelling (as the API stores it), and every text is short and made only of the
+/// characters it needs, so that an agent can neither grow the store and the logs nor forge a log
+/// line.
+fn checked_hello(mut hello: AgentHello) -> Result<AgentHello, String> {
+    let address: std::net::IpAddr = hello
+        .address
+        .parse()
+        .map_err(|_| "hello.address must be an IP address".to_owned())?;
+    hello.address = address.to_canonical().to_string();
+    if !(1..=65535).contains(&hello.admin_port) {
+        return Err("hello.admin_port must be a port from 1 to 65535".to_owned());
+    }
+    let fits = |value: &str, max: usize, allowed: fn(char) -> bool| {
+        value.chars().count() <= max && value.chars().all(allowed)
+    };
+    let hostname_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    let version_char =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+' | ' ' | '(' | ')');
+    let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    let checks: [FieldCheck<'_>; 5] = [
+        (
+            "hostname",
+            &hello.hostname,
+            MAX_HOSTNAME_CHARS,
+            hostname_char,
+        ),
+        (
+            "agent_version",
+            &hello.agent_version,
+            MAX_HELLO_FIELD_CHARS,
+            version_char,
+        ),
+        (
+            "varnish_version",
+            &hello.varnish_version,
+            MAX_HELLO_FIELD_CHARS,
+            version_char,
+        ),
+        (
+            "active_vcl_name",
+            &hello.active_vcl_name,
+            MAX_HELLO_FIELD_CHARS,
+            name_char,
+        ),
+        (
+            "active_vcl_version",
+            &hello.active_vcl_version,
+            MAX_HELLO_FIELD_CHARS,
+            name_char,
+        ),
+    ];
+    for (field, value, max, allowed) in checks {
+        if !fits(value, max, allowed) {
+            return Err(format!(
+                "hello.{field} must be at most {max} characters of letters, digits and punctuation \
+                 it needs, without spaces or control characters"
+            ));
+        }
+    }
+    Ok(hello)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> AgentHello {
+        AgentHello {
+            address: "::ffff:127.0.0.1".into(),
+            admin_port: 6082,
+            hostname: "cache-1.example".into(),
+            agent_version: "0.1.0".into(),
+            varnish_version: "varnish-7.1.1 revision 7cee1c5".into(),
+            active_vcl_name: "vaas-1a2b".into(),
+            active_vcl_version: "0123456789abcdef".into(),
+        }
+    }
+
+    #[test]
+    fn a_well_formed_hello_passes_with_its_address_canonical() {
+        assert_eq!(checked_hello(hello()).unwrap().address, "127.0.0.1");
+    }
+
+    #[test]
+    fn oversized_or_forged_fields_are_refused() {
+        let forged_line = AgentHello {
+            hostname: "cache-1\nINFO agent attached address=10.0.0.9".into(),
+            ..hello()
+        };
+        let error = checked_hello(forged_line).unwrap_err();
+        assert!(error.starts_with("hello.hostname"), "{error}");
+        let huge = AgentHello {
+            varnish_version: "x".repeat(3 * 1024 * 1024),
+            ..hello()
+        };
+        assert!(
+            checked_hello(huge)
+                .unwrap_err()
+                .starts_with("hello.varnish_version")
+        );
+        for bad in [
+            AgentHello {
+                address: "cache-1".into(),
+                ..hello()
+            },
+            AgentHello {
+                admin_port: 0,
+                ..hello()
+            },
+            AgentHello {
+                admin_port: 70_000,
+                ..hello()
+            },
+        ] {
+            assert!(checked_hello(bad).is_err());
+        }
     }
 }
