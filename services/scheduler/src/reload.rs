@@ -88,7 +88,7 @@ pub async fn reload_cluster(context: &ReloadContext, cluster_id: i64) -> Result<
     let outcome = run_two_phases(context, &snapshot, &reload_id).await;
     match &outcome {
         TaskOutcome::Success => info!(version, "reload succeeded"),
-        TaskOutcome::Failure(error) => warn!(version, %error, "reload failed"),
+        TaskOutcome::Failure(error) => warn!(version, ?error, "reload failed"),
     }
     if context.term.is_cancelled() {
         // What the agents answered may be a side effect of losing leadership (streams closed):
@@ -143,7 +143,7 @@ async fn run_two_phases(
         let maintenance = entry.server.status == ServerStatus::Maintenance as i32;
         let unreachable = entry.link.is_none() || entry.result.is_err();
         if maintenance || (partial_reload && unreachable) {
-            warn!(server = entry.server.id, %error, "ignoring a failure of a server that may fail");
+            warn!(server = entry.server.id, error = ?capped(error), "ignoring a failure of a server that may fail");
             continue;
         }
         failures.push(format!("{}: {error}", entry.describe()));
@@ -151,7 +151,7 @@ async fn run_two_phases(
 
     if !failures.is_empty() {
         abort_all(context, &prepared, reload_id).await;
-        return TaskOutcome::Failure(failures.join("; "));
+        return TaskOutcome::Failure(capped(failures.join("; ")));
     }
 
     let commits = join_all(prepared.iter().filter_map(|entry| {
@@ -163,7 +163,7 @@ async fn run_two_phases(
     if commit_failures.is_empty() {
         TaskOutcome::Success
     } else {
-        TaskOutcome::Failure(commit_failures.join("; "))
+        TaskOutcome::Failure(capped(commit_failures.join("; ")))
     }
 }
 
@@ -282,4 +282,16 @@ async fn abort_all(context: &ReloadContext, prepared: &[Prepared], reload_id: &s
         })
     }))
     .await;
+}
+
+/// Cuts an error that came from agents (a compiler's message can be hundreds of KiB) to what a
+/// task keeps, before it is logged or stored.
+fn capped(error: String) -> String {
+    if error.chars().count() <= vaas_store::TASK_ERROR_MAX_CHARS {
+        return error;
+    }
+    error
+        .chars()
+        .take(vaas_store::TASK_ERROR_MAX_CHARS)
+        .collect()
 }
