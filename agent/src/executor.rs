@@ -10,7 +10,9 @@ use vaas_proto::v1::{
     AbortCommand, AbortResult, CommitCommand, CommitResult, PrepareCommand, PrepareResult,
 };
 
-use crate::varnish_cli::{ChildState, CliError, CliStatus, CliTimeouts, VarnishCli, VclState};
+use crate::varnish_cli::{
+    ChildState, CliError, CliStatus, CliTimeouts, ParamInfo, VarnishCli, VclState,
+};
 use crate::{Config, Error};
 
 /// Prefix of the names of the VCLs VaaS loads: `vaas-<version>-<unique suffix>`.
@@ -45,6 +47,40 @@ pub(crate) struct VarnishState {
     pub(crate) varnish_version: String,
     pub(crate) active_vcl_name: String,
     pub(crate) active_vcl_version: String,
+    pub(crate) unsafe_settings: Vec<String>,
+}
+
+/// The parameters that keep configuration from reading files or running code on the host, each
+/// with the value it must have (`None`: any value, as long as it is protected with `-r`).
+const HARDENING: &[(&str, Option<bool>)] = &[
+    ("vcc_unsafe_path", Some(false)),
+    ("vcc_allow_inline_c", Some(false)),
+    ("vmod_path", None),
+    ("vcl_path", None),
+    ("cc_command", None),
+];
+
+/// Returns what makes a varnishd with these parameters unsafe: a hardening parameter that is
+/// on, or that is not protected (anyone with the admin secret could change it).
+pub(crate) fn unsafe_settings(params: &[(&str, ParamInfo)]) -> Vec<String> {
+    let mut findings = Vec::new();
+    for (name, param) in params {
+        let wanted = HARDENING
+            .iter()
+            .find(|(known, _)| known == name)
+            .and_then(|(_, wanted)| *wanted);
+        if let Some(wanted) = wanted
+            && param.value.as_bool() != Some(wanted)
+        {
+            findings.push(format!("{name} is on"));
+        }
+        if !param.protected {
+            findings.push(format!(
+                "{name} is not read-only (start varnishd with -r {name})"
+            ));
+        }
+    }
+    findings
 }
 
 /// Owns the CLI connection (opened lazily, dropped after a transport failure so the next command
@@ -114,10 +150,16 @@ impl Executor {
         let active_vcl_version = version_from_vcl_name(&active_vcl_name)
             .unwrap_or_default()
             .to_owned();
+        let mut params = Vec::with_capacity(HARDENING.len());
+        for (name, _) in HARDENING {
+            let param = self.cli().await?.param(name).await;
+            params.push((*name, self.note(param)?));
+        }
         Ok(VarnishState {
             varnish_version,
             active_vcl_name,
             active_vcl_version,
+            unsafe_settings: unsafe_settings(&params),
         })
     }
 
@@ -431,6 +473,32 @@ fn duration_ms(duration: &Option<prost_types::Duration>) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_varnishd_is_unsafe_when_a_hardening_parameter_is_on_or_writable() {
+        let param =
+            |value: serde_json::Value, protected: bool| super::ParamInfo { value, protected };
+        let hardened = [
+            ("vcc_unsafe_path", param(false.into(), true)),
+            ("vcc_allow_inline_c", param(false.into(), true)),
+            ("vmod_path", param("/usr/lib/varnish/vmods".into(), true)),
+            ("vcl_path", param("/etc/varnish".into(), true)),
+            ("cc_command", param("exec gcc …".into(), true)),
+        ];
+        assert_eq!(super::unsafe_settings(&hardened), Vec::<String>::new());
+        let stock = [
+            ("vcc_unsafe_path", param(true.into(), false)),
+            ("vcc_allow_inline_c", param(false.into(), false)),
+        ];
+        assert_eq!(
+            super::unsafe_settings(&stock),
+            [
+                "vcc_unsafe_path is on",
+                "vcc_unsafe_path is not read-only (start varnishd with -r vcc_unsafe_path)",
+                "vcc_allow_inline_c is not read-only (start varnishd with -r vcc_allow_inline_c)",
+            ]
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -250,6 +250,7 @@ async fn session(
         varnish_version: state.varnish_version,
         active_vcl_name: state.active_vcl_name,
         active_vcl_version: state.active_vcl_version,
+        unsafe_settings: state.unsafe_settings,
     };
     // The channel is empty and owned here: the first send cannot wait.
     let _ = outbound

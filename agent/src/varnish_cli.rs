@@ -425,6 +425,12 @@ impl VarnishCli {
         parse_vcl_list(&response.body)
     }
 
+    /// Returns a parameter's value and whether it is protected (read-only, from `-r` at start).
+    pub async fn param(&mut self, name: &str) -> Result<ParamInfo, CliError> {
+        let response = self.command(&["param.show", "-j", name]).await?;
+        parse_param(&response.body)
+    }
+
     /// Returns the state of the child process.
     pub async fn status(&mut self) -> Result<ChildState, CliError> {
         let response = self.command(&["status"]).await?;
@@ -577,6 +583,32 @@ fn heredoc_token(text: &str) -> String {
 }
 
 /// Parses `vcl.list -j`: `[version, [command...], timestamp, {vcl}...]`.
+/// One varnishd parameter as `param.show -j` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamInfo {
+    /// The value (a bool, a number or a string, as varnishd types it).
+    pub value: serde_json::Value,
+    /// Whether it is protected: started with `-r`, it cannot be changed over the CLI.
+    pub protected: bool,
+}
+
+/// Parses `param.show -j NAME`: `[version, [command…], time, {"value": …, "flags": […]}]`.
+fn parse_param(body: &str) -> Result<ParamInfo, CliError> {
+    let items: Vec<serde_json::Value> = serde_json::from_str(body)?;
+    let param = items
+        .iter()
+        .find(|item| item.get("value").is_some())
+        .ok_or_else(|| CliError::InvalidArgument("param.show -j gave no parameter".into()))?;
+    let protected = param
+        .get("flags")
+        .and_then(serde_json::Value::as_array)
+        .is_some_and(|flags| flags.iter().any(|flag| flag == "protected"));
+    Ok(ParamInfo {
+        value: param["value"].clone(),
+        protected,
+    })
+}
+
 fn parse_vcl_list(body: &str) -> Result<Vec<VclInfo>, CliError> {
     let items: Vec<serde_json::Value> = serde_json::from_str(body)?;
     items
@@ -588,6 +620,19 @@ fn parse_vcl_list(body: &str) -> Result<Vec<VclInfo>, CliError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn param_show_json_gives_the_value_and_whether_it_is_protected() {
+        let body = r#"[ 2, ["param.show", "-j", "vcc_allow_inline_c"], 1795327956.270,
+  {"name": "vcc_allow_inline_c", "implemented": true, "value": false, "units": "bool",
+   "default": "off", "description": "Allow inline C code in VCL.", "flags": ["protected"]}
+]"#;
+        let param = parse_param(body).unwrap();
+        assert_eq!(param.value, serde_json::Value::Bool(false));
+        assert!(param.protected);
+        let writable = body.replace(r#"["protected"]"#, "[]");
+        assert!(!parse_param(&writable).unwrap().protected);
+    }
+
     use super::*;
 
     #[test]

@@ -169,3 +169,18 @@ async fn watchers_that_leave_release_their_subscriptions() -> Result<()> {
     }
     Ok(())
 }
+
+/// The agent reports at attach what makes its varnishd unsafe, and the API shows it per server.
+/// The test kit's varnishd runs the deploy's parameters except that `cc_command` stays writable
+/// (the reload benchmark changes it), so exactly that is reported.
+#[tokio::test]
+async fn each_server_shows_what_makes_its_varnishd_unsafe() -> Result<()> {
+    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+    let setup = system.set_up().await?;
+    let server = system.server(setup.server_id).await?;
+    assert_eq!(
+        server.unsafe_settings,
+        ["cc_command is not read-only (start varnishd with -r cc_command)"]
+    );
+    system.ensure_running()
+}

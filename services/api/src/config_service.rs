@@ -563,7 +563,7 @@ config_service! {
         field: varnish_server,
         plural: varnish_servers,
         validate: validate::varnish_server,
-        read_only: ["running_vcl_version", "agent_seen_time"],
+        read_only: ["running_vcl_version", "agent_seen_time", "unsafe_settings"],
     },
     Director { field: director, plural: directors, validate: validate::director, read_only: [] },
     Backend {

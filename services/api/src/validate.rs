@@ -283,6 +283,7 @@ pub fn varnish_server(
     violations.reference("cluster_id", server.cluster_id);
     server.running_vcl_version.clear();
     server.agent_seen_time = None;
+    server.unsafe_settings.clear();
     violations.finish(server)
 }
 

@@ -248,7 +248,12 @@ impl AgentService for AgentApi {
         };
         let registered = self
             .store
-            .record_agent_report(&hello.address, hello.admin_port, &hello.active_vcl_version)
+            .record_agent_report(
+                &hello.address,
+                hello.admin_port,
+                &hello.active_vcl_version,
+                &hello.unsafe_settings,
+            )
             .await
             .map_err(|error| Status::unavailable(format!("store: {error}")))?;
         info!(
@@ -376,8 +381,23 @@ fn checked_hello(mut hello: AgentHello) -> Result<AgentHello, String> {
             ));
         }
     }
+    let finding_ok = |finding: &String| {
+        finding.chars().count() <= MAX_HELLO_FIELD_CHARS
+            && finding.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+    };
+    if hello.unsafe_settings.len() > MAX_UNSAFE_SETTINGS
+        || !hello.unsafe_settings.iter().all(finding_ok)
+    {
+        return Err(format!(
+            "hello.unsafe_settings must hold at most {MAX_UNSAFE_SETTINGS} findings of at most \
+             {MAX_HELLO_FIELD_CHARS} printable characters"
+        ));
+    }
     Ok(hello)
 }
+
+/// The most findings about unsafe varnishd settings a hello may carry.
+const MAX_UNSAFE_SETTINGS: usize = 16;
 
 #[cfg(test)]
 mod tests {
@@ -392,6 +412,7 @@ mod tests {
             varnish_version: "varnish-7.1.1 revision 7cee1c5".into(),
             active_vcl_name: "vaas-1a2b".into(),
             active_vcl_version: "0123456789abcdef".into(),
+            unsafe_settings: vec!["vcc_unsafe_path is on".into()],
         }
     }
 

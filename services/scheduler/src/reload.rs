@@ -239,7 +239,12 @@ async fn commit(
             let hello = link.hello();
             if let Err(error) = context
                 .store
-                .record_agent_report(&hello.address, hello.admin_port, &result.active_vcl_version)
+                .record_agent_report(
+                    &hello.address,
+                    hello.admin_port,
+                    &result.active_vcl_version,
+                    &hello.unsafe_settings,
+                )
                 .await
             {
                 warn!(server = entry.server.id, %error, "cannot record the running vcl version");

@@ -52,6 +52,12 @@ const STEPS: &[Step] = &[
             "../migrations/sqlite/0004_vcl_variables_template_blocks_revisions.sql"
         ),
     },
+    Step {
+        version: 5,
+        description: "unsafe settings",
+        postgres: include_str!("../migrations/postgres/0005_unsafe_settings.sql"),
+        sqlite: include_str!("../migrations/sqlite/0005_unsafe_settings.sql"),
+    },
 ];
 
 /// Returns sqlx's migrator for `dialect`. It is built here rather than with `sqlx::migrate!`,

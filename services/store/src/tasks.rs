@@ -282,15 +282,17 @@ impl Store {
         address: &str,
         admin_port: u32,
         running_vcl_version: &str,
+        unsafe_settings: &[String],
     ) -> Result<Option<i64>> {
         let now = now_micros_sql(self.dialect);
         let id: Option<i64> = sqlx::query_scalar(&format!(
-            "UPDATE varnish_servers SET running_vcl_version = $1, agent_seen_time = {now} \
-             WHERE address = $2 AND admin_port = $3 RETURNING id"
+            "UPDATE varnish_servers SET running_vcl_version = $1, agent_seen_time = {now}, \
+             unsafe_settings = $4 WHERE address = $2 AND admin_port = $3 RETURNING id"
         ))
         .bind(running_vcl_version)
         .bind(address)
         .bind(i64::from(admin_port))
+        .bind(crate::rows::join_list(unsafe_settings))
         .fetch_optional(&self.pool)
         .await?;
         Ok(id)

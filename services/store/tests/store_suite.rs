@@ -390,16 +390,17 @@ async fn snapshot_contains_what_the_cluster_serves(store: &Store) -> Result<()> 
     );
 
     let reported = store
-        .record_agent_report("127.0.0.1", 6082, "abc123")
+        .record_agent_report(
+            "127.0.0.1",
+            6082,
+            "abc123",
+            &["vcc_unsafe_path is on".into()],
+        )
         .await?;
     assert_eq!(reported, Some(world.server.id));
-    assert_eq!(
-        store
-            .get::<VarnishServer>(world.server.id)
-            .await?
-            .running_vcl_version,
-        "abc123"
-    );
+    let server = store.get::<VarnishServer>(world.server.id).await?;
+    assert_eq!(server.running_vcl_version, "abc123");
+    assert_eq!(server.unsafe_settings, ["vcc_unsafe_path is on"]);
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use sqlx::any::AnyRow;
 use vaas_proto::v1::{Cluster, Dc, ListVarnishServersRequest, VarnishServer, VclTemplate};
 
 use crate::resource::{Condition, Resource, Tx, Value, ensure_reference};
-use crate::rows::{flag, port, timestamp};
+use crate::rows::{flag, port, split_list, timestamp};
 use crate::{Error, Result};
 
 impl Resource for VarnishServer {
@@ -58,6 +58,7 @@ impl Resource for VarnishServer {
             agent_seen_time: row
                 .try_get::<Option<i64>, _>("agent_seen_time")?
                 .map(timestamp),
+            unsafe_settings: split_list(row.try_get("unsafe_settings")?),
         })
     }
 
