@@ -34,6 +34,16 @@ pub(crate) fn duration(micros: i64) -> Duration {
     }
 }
 
+/// Returns an optional duration's column value in whole microseconds (0 when unset).
+pub(crate) fn micros(duration: &Option<Duration>) -> crate::resource::Value {
+    crate::resource::Value::Int(duration.as_ref().map(duration_micros).unwrap_or_default())
+}
+
+/// Reads a duration column stored in microseconds.
+pub(crate) fn duration_column(row: &AnyRow, column: &str) -> Result<Option<Duration>> {
+    Ok(Some(duration(row.try_get(column)?)))
+}
+
 /// Joins list fields (labels, tags) for storage; the API rejects values with newlines.
 pub(crate) fn join_list(values: &[String]) -> String {
     values.join("\n")

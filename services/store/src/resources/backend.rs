@@ -7,7 +7,7 @@ use sqlx::any::AnyRow;
 use vaas_proto::v1::{Backend, Dc, Director, ListBackendsRequest};
 
 use crate::resource::{Condition, Resource, Tx, Value, ensure_reference, ids_for_each};
-use crate::rows::{duration, duration_micros, flag, join_list, port, split_list};
+use crate::rows::{duration_column, flag, join_list, micros, port, split_list};
 use crate::{Error, Result};
 
 impl Resource for Backend {
@@ -27,9 +27,6 @@ impl Resource for Backend {
     }
 
     fn columns(&self) -> Vec<(&'static str, Value)> {
-        let micros = |duration: &Option<prost_types::Duration>| {
-            Value::Int(duration.as_ref().map(duration_micros).unwrap_or_default())
-        };
         vec![
             ("director_id", self.director_id.into()),
             ("dc_id", self.dc_id.into()),
@@ -64,9 +61,9 @@ impl Resource for Backend {
             port: Some(port(row, "port")?),
             weight: Some(port(row, "weight")?),
             max_connections: Some(port(row, "max_connections")?),
-            connect_timeout: Some(duration(row.try_get("connect_timeout_micros")?)),
-            first_byte_timeout: Some(duration(row.try_get("first_byte_timeout_micros")?)),
-            between_bytes_timeout: Some(duration(row.try_get("between_bytes_timeout_micros")?)),
+            connect_timeout: duration_column(row, "connect_timeout_micros")?,
+            first_byte_timeout: duration_column(row, "first_byte_timeout_micros")?,
+            between_bytes_timeout: duration_column(row, "between_bytes_timeout_micros")?,
             enabled: Some(flag(row, "enabled")?),
             tags: split_list(row.try_get("tags")?),
             inherit_time_profile: flag(row, "inherit_time_profile")?,

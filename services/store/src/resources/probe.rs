@@ -11,7 +11,7 @@ use crate::resource::{
     Condition, Resource, Tx, Value, clusters_of_directors_with, ensure_unique, ensure_unused,
     name_prefix, updated,
 };
-use crate::rows::{duration, duration_micros, flag, port};
+use crate::rows::{duration_column, flag, micros, port};
 
 impl Resource for Probe {
     const TABLE: &'static str = "probes";
@@ -30,9 +30,6 @@ impl Resource for Probe {
     }
 
     fn columns(&self) -> Vec<(&'static str, Value)> {
-        let micros = |value: &Option<prost_types::Duration>| {
-            Value::Int(value.as_ref().map(duration_micros).unwrap_or_default())
-        };
         vec![
             ("name", (&self.name).into()),
             ("url", (&self.url).into()),
@@ -54,8 +51,8 @@ impl Resource for Probe {
             name: row.try_get("name")?,
             url: row.try_get("url")?,
             expected_response: Some(port(row, "expected_response")?),
-            interval: Some(duration(row.try_get("interval_micros")?)),
-            timeout: Some(duration(row.try_get("timeout_micros")?)),
+            interval: duration_column(row, "interval_micros")?,
+            timeout: duration_column(row, "timeout_micros")?,
             window: Some(port(row, "window_size")?),
             threshold: Some(port(row, "threshold")?),
             start_as_healthy: flag(row, "start_as_healthy")?,

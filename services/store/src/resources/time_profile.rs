@@ -11,7 +11,7 @@ use crate::resource::{
     Condition, Resource, Tx, Value, clusters_of_directors_with, ensure_unique, ensure_unused,
     name_prefix, updated,
 };
-use crate::rows::{duration, duration_micros, port};
+use crate::rows::{duration_column, micros, port};
 
 impl Resource for TimeProfile {
     const TABLE: &'static str = "time_profiles";
@@ -30,9 +30,6 @@ impl Resource for TimeProfile {
     }
 
     fn columns(&self) -> Vec<(&'static str, Value)> {
-        let micros = |value: &Option<prost_types::Duration>| {
-            Value::Int(value.as_ref().map(duration_micros).unwrap_or_default())
-        };
         vec![
             ("name", (&self.name).into()),
             ("description", (&self.description).into()),
@@ -57,18 +54,15 @@ impl Resource for TimeProfile {
     }
 
     fn from_row(row: &AnyRow) -> Result<TimeProfile> {
-        let timeout = |column: &str| -> Result<Option<prost_types::Duration>> {
-            Ok(Some(duration(row.try_get(column)?)))
-        };
         Ok(TimeProfile {
             id: row.try_get("id")?,
             name: row.try_get("name")?,
             description: row.try_get("description")?,
             max_connections: Some(port(row, "max_connections")?),
-            connect_timeout: timeout("connect_timeout_micros")?,
-            first_byte_timeout: timeout("first_byte_timeout_micros")?,
-            between_bytes_timeout: timeout("between_bytes_timeout_micros")?,
-            service_mesh_timeout: timeout("service_mesh_timeout_micros")?,
+            connect_timeout: duration_column(row, "connect_timeout_micros")?,
+            first_byte_timeout: duration_column(row, "first_byte_timeout_micros")?,
+            between_bytes_timeout: duration_column(row, "between_bytes_timeout_micros")?,
+            service_mesh_timeout: duration_column(row, "service_mesh_timeout_micros")?,
         })
     }
 
