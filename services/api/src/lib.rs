@@ -45,6 +45,9 @@ pub struct Config {
     /// NATS server URL (JetStream enabled, version 2.10 or newer).
     #[arg(long, env = "VAAS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// How to authenticate to NATS (`--nats-user` and `--nats-password-file`).
+    #[command(flatten)]
+    pub nats_auth: vaas_bus::NatsAuth,
     /// Longest time a synchronous write waits for its reloads (the caller's deadline, when
     /// shorter, wins).
     #[arg(long, env = "VAAS_SYNC_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
@@ -89,7 +92,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let store = Store::connect(&config.database_url).await?;
-    let (nats, jetstream) = vaas_bus::connect(&config.nats_url, "vaas-api").await?;
+    let (nats, jetstream) =
+        vaas_bus::connect(&config.nats_url, "vaas-api", &config.nats_auth).await?;
     let tasks = TaskTracker::new();
     let relay_wake = Arc::new(Notify::new());
     tasks.spawn(relay::run(

@@ -37,6 +37,9 @@ async fn main() -> ExitCode {
                 "--database-url must start with postgres:// or sqlite:",
             )
         }
+        Err(vaas_api::StartError::Bus(error)) if error.is_configuration() => {
+            vaas_runtime::config_error(BINARY, vaas_runtime::error_chain(&error))
+        }
         Err(error) => vaas_runtime::runtime_error(BINARY, &error),
     }
 }

@@ -5,8 +5,10 @@
 //! newest message of each subject kept, message id = task id so that a re-publish is a
 //! duplicate). Task events are plain NATS messages: a hint to re-read the task from the store,
 //! which stays the source of truth, so a lost event delays a watcher but never misleads it.
+//! Services authenticate with a user and a password read from a file ([`NatsAuth`]).
 //! This crate knows nothing of the store or of gRPC.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -75,14 +77,91 @@ pub enum Error {
     /// A message could not be encoded or decoded.
     #[error("malformed message")]
     Format(#[from] serde_json::Error),
+    /// The file named by `--nats-password-file` could not be read.
+    #[error("cannot read --nats-password-file {}", path.display())]
+    PasswordFile {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file named by `--nats-password-file` holds no password.
+    #[error("--nats-password-file {} is empty", path.display())]
+    EmptyPasswordFile {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
-/// Connects to NATS at `url` with bounded timeouts and returns the client and its JetStream.
+impl Error {
+    /// Returns whether the error comes from the configuration (a flag to fix) rather than from
+    /// NATS itself.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            Error::PasswordFile { .. } | Error::EmptyPasswordFile { .. }
+        )
+    }
+}
+
+/// How a service authenticates to NATS: a user and a file holding its password, both or
+/// neither (then the connection is anonymous).
+///
+/// Only the file's path is kept, so printing the configuration never shows the password.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct NatsAuth {
+    /// NATS user name; needs --nats-password-file [default: connect anonymously].
+    #[arg(long, env = "VAAS_NATS_USER", requires = "nats_password_file")]
+    pub nats_user: Option<String>,
+    /// File holding the NATS user's password (a trailing newline is ignored); needs --nats-user.
+    #[arg(long, env = "VAAS_NATS_PASSWORD_FILE", requires = "nats_user")]
+    pub nats_password_file: Option<PathBuf>,
+}
+
+impl NatsAuth {
+    /// Returns the user and the password read from the password file, or `None` when no user is
+    /// configured.
+    pub async fn credentials(&self) -> Result<Option<(String, String)>, Error> {
+        let (Some(user), Some(path)) = (&self.nats_user, &self.nats_password_file) else {
+            return Ok(None);
+        };
+        Ok(Some((user.clone(), read_password(path).await?)))
+    }
+}
+
+/// Reads a password file: its content without the trailing line break; empty is an error.
+async fn read_password(path: &Path) -> Result<String, Error> {
+    let content = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|source| Error::PasswordFile {
+            path: path.to_owned(),
+            source,
+        })?;
+    let password = content.strip_suffix('\n').unwrap_or(&content);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        return Err(Error::EmptyPasswordFile {
+            path: path.to_owned(),
+        });
+    }
+    Ok(password.to_owned())
+}
+
+/// Connects to NATS at `url` with bounded timeouts, as the user of `auth` when it names one,
+/// and returns the client and its JetStream.
 pub async fn connect(
     url: &str,
     name: &str,
+    auth: &NatsAuth,
 ) -> Result<(async_nats::Client, jetstream::Context), Error> {
-    let client = async_nats::ConnectOptions::new()
+    let options = match auth.credentials().await? {
+        Some((user, password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        None => async_nats::ConnectOptions::new(),
+    };
+    let client = options
         .name(name)
         .connection_timeout(REQUEST_TIMEOUT)
         .request_timeout(Some(REQUEST_TIMEOUT))
@@ -166,4 +245,97 @@ pub async fn leader_bucket(
         .await
         .map_err(Box::new)?;
     Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Error, NatsAuth};
+
+    fn auth(user: Option<&str>, password_file: Option<std::path::PathBuf>) -> NatsAuth {
+        NatsAuth {
+            nats_user: user.map(str::to_owned),
+            nats_password_file: password_file,
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_user_the_connection_is_anonymous() -> anyhow::Result<()> {
+        assert_eq!(NatsAuth::default().credentials().await?, None);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_password_is_the_file_without_its_trailing_line_break() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("password");
+        for (content, expected) in [
+            ("s3cr3t\n", "s3cr3t"),
+            ("s3cr3t\r\n", "s3cr3t"),
+            ("s3cr3t", "s3cr3t"),
+            (" spaced out \n", " spaced out "),
+        ] {
+            std::fs::write(&path, content)?;
+            let credentials = auth(Some("vaas"), Some(path.clone())).credentials().await?;
+            assert_eq!(
+                credentials,
+                Some(("vaas".to_owned(), expected.to_owned())),
+                "{content:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_empty_password_file_is_a_configuration_error() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let missing = dir.path().join("missing");
+        let error = auth(Some("vaas"), Some(missing.clone()))
+            .credentials()
+            .await
+            .expect_err("a missing file");
+        assert!(error.is_configuration());
+        assert_eq!(
+            error.to_string(),
+            format!("cannot read --nats-password-file {}", missing.display())
+        );
+        assert!(matches!(error, Error::PasswordFile { .. }));
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n")?;
+        let error = auth(Some("vaas"), Some(empty.clone()))
+            .credentials()
+            .await
+            .expect_err("an empty file");
+        assert!(error.is_configuration());
+        assert_eq!(
+            error.to_string(),
+            format!("--nats-password-file {} is empty", empty.display())
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_user_and_the_password_file_come_together() {
+        use clap::Parser;
+
+        #[derive(Debug, Parser)]
+        struct Flags {
+            #[command(flatten)]
+            auth: NatsAuth,
+        }
+
+        let both = Flags::try_parse_from([
+            "test",
+            "--nats-user",
+            "vaas",
+            "--nats-password-file",
+            "/run/nats-password",
+        ]);
+        assert!(both.is_ok(), "{both:?}");
+        assert!(Flags::try_parse_from(["test"]).is_ok());
+        let user_only = Flags::try_parse_from(["test", "--nats-user", "vaas"]);
+        assert!(user_only.is_err(), "{user_only:?}");
+        let file_only = Flags::try_parse_from(["test", "--nats-password-file", "/p"]);
+        assert!(file_only.is_err(), "{file_only:?}");
+    }
 }

@@ -66,6 +66,9 @@ pub struct Config {
     /// NATS server URL (JetStream enabled, version 2.10 or newer).
     #[arg(long, env = "VAAS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// How to authenticate to NATS (`--nats-user` and `--nats-password-file`).
+    #[command(flatten)]
+    pub nats_auth: vaas_bus::NatsAuth,
     /// How often the store is scanned for unfinished tasks.
     #[arg(long, env = "VAAS_RECONCILE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub reconcile_interval: Duration,
@@ -112,7 +115,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let store = Store::connect(&config.database_url).await?;
-    let (nats, jetstream) = vaas_bus::connect(&config.nats_url, "vaas-scheduler").await?;
+    let (nats, jetstream) =
+        vaas_bus::connect(&config.nats_url, "vaas-scheduler", &config.nats_auth).await?;
     let lease = vaas_bus::leader_bucket(&jetstream, config.lease_ttl).await?;
     let replica = config.replica_id.clone().unwrap_or_else(default_replica_id);
     let registry = Arc::new(AgentRegistry::default());
