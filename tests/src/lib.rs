@@ -97,6 +97,11 @@ impl SystemBuilder {
                 ("--listen", format!("127.0.0.1:{port}")),
                 ("--database-url", database_url.clone()),
                 ("--nats-url", nats.url()),
+                ("--nats-user", nats.user().to_owned()),
+                (
+                    "--nats-password-file",
+                    nats.password_file().display().to_string(),
+                ),
                 ("--reconcile-interval", "2s".to_owned()),
                 ("--agent-wait", "2s".to_owned()),
                 ("--lease-ttl", "3s".to_owned()),
@@ -128,6 +133,11 @@ impl SystemBuilder {
                     ("--listen", format!("127.0.0.1:{api_port}")),
                     ("--database-url", database_url),
                     ("--nats-url", nats.url()),
+                    ("--nats-user", nats.user().to_owned()),
+                    (
+                        "--nats-password-file",
+                        nats.password_file().display().to_string(),
+                    ),
                     ("--sync-timeout", "60s".to_owned()),
                 ],
             ),
@@ -218,6 +228,11 @@ impl System {
             .into_inner()
             .varnish_server
             .context("GetVarnishServer answered no server")
+    }
+
+    /// Returns the system's NATS server (clients must log in with its user and password).
+    pub fn nats(&self) -> &Nats {
+        &self.nats
     }
 
     /// Returns the number of subscriptions NATS holds, from its monitoring endpoint.

@@ -1,7 +1,9 @@
-//! `nats-server` with JetStream on free ports.
+//! `nats-server` with JetStream and password authentication on free ports.
 
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context;
@@ -10,15 +12,21 @@ use tempfile::TempDir;
 use crate::http::http_get;
 use crate::process::{ManagedProcess, StartFailure, retry_on_port_clash};
 
+/// The only user of a test server.
+const USER: &str = "vaas";
+
 /// A running `nats-server -js` with its store in a temporary directory; stopped on drop.
 ///
-/// The binary is `nats-server` from `PATH`, or `$VAAS_NATS_SERVER`.
+/// Clients must log in as [`Nats::user`] with [`Nats::password`] (random per server, also in
+/// [`Nats::password_file`]); anonymous clients are refused. The monitoring endpoint needs no
+/// login. The binary is `nats-server` from `PATH`, or `$VAAS_NATS_SERVER`.
 #[derive(Debug)]
 pub struct Nats {
     // Declared before `dir` so the process stops before its directory is removed.
     process: ManagedProcess,
     port: u16,
     monitor_port: u16,
+    password: String,
     dir: TempDir,
 }
 
@@ -33,11 +41,23 @@ impl Nats {
             .prefix("vaas-nats-")
             .tempdir()
             .context("cannot create a temporary directory")?;
+        let password = random_password().context("cannot read /dev/urandom")?;
+        let config = dir.path().join("nats.conf");
+        // The password is hex, so it needs no escaping inside the quotes.
+        std::fs::write(
+            &config,
+            format!("authorization {{\n  user: {USER}\n  password: \"{password}\"\n}}\n"),
+        )
+        .context("cannot write nats.conf")?;
+        write_owner_only(&dir.path().join(PASSWORD_FILE), &format!("{password}\n"))
+            .context("cannot write the password file")?;
         let port = crate::free_port();
         let monitor_port = crate::free_port();
         let binary = std::env::var_os("VAAS_NATS_SERVER").unwrap_or_else(|| "nats-server".into());
         let mut command = Command::new(binary);
         command
+            .arg("-c")
+            .arg(&config)
             .arg("-js")
             .args(["-a", "127.0.0.1"])
             .args(["-p", &port.to_string()])
@@ -54,6 +74,7 @@ impl Nats {
             process,
             port,
             monitor_port,
+            password,
             dir,
         };
         let monitor = nats.monitor_addr();
@@ -67,9 +88,25 @@ impl Nats {
         Ok(nats)
     }
 
-    /// Returns the client URL, `nats://127.0.0.1:PORT`.
+    /// Returns the client URL, `nats://127.0.0.1:PORT` (without credentials).
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Returns the user clients log in as.
+    pub fn user(&self) -> &str {
+        USER
+    }
+
+    /// Returns the user's password.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// Returns the file holding the user's password followed by a newline (readable by the
+    /// owner only), as `--nats-password-file` expects it.
+    pub fn password_file(&self) -> PathBuf {
+        self.dir.path().join(PASSWORD_FILE)
     }
 
     /// Returns the client port.
@@ -103,6 +140,26 @@ impl Nats {
     }
 }
 
+/// Name of the password file in the server's directory.
+const PASSWORD_FILE: &str = "nats-password";
+
+/// Returns 16 random bytes from `/dev/urandom` as 32 hex digits.
+fn random_password() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+/// Creates `path` readable and writable by its owner only and writes `content` to it.
+fn write_owner_only(path: &Path, content: &str) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(content.as_bytes())
+}
+
 async fn healthz(monitor: SocketAddr) -> anyhow::Result<(u16, String)> {
     let response = http_get(monitor, "/healthz?js-enabled=true", "127.0.0.1").await?;
     Ok((response.status, response.body))
@@ -110,6 +167,10 @@ async fn healthz(monitor: SocketAddr) -> anyhow::Result<(u16, String)> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use async_nats::{ConnectErrorKind, ConnectOptions};
+
     use super::Nats;
 
     #[tokio::test]
@@ -120,6 +181,42 @@ mod tests {
         assert!(body.contains(r#""status":"ok""#), "healthz said {body}");
         assert!(nats.url().starts_with("nats://127.0.0.1:"));
         assert!(nats.log().contains("Starting JetStream"), "{}", nats.log());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn only_the_user_with_its_password_may_connect() -> anyhow::Result<()> {
+        let nats = Nats::start().await?;
+        let anonymous = async_nats::connect(nats.url()).await;
+        let error = anonymous.expect_err("an anonymous client must be refused");
+        assert_eq!(error.kind(), ConnectErrorKind::AuthorizationViolation);
+
+        let wrong = ConnectOptions::with_user_and_password(nats.user().into(), "wrong".into())
+            .connect(nats.url())
+            .await;
+        let error = wrong.expect_err("a wrong password must be refused");
+        assert_eq!(error.kind(), ConnectErrorKind::AuthorizationViolation);
+
+        let client =
+            ConnectOptions::with_user_and_password(nats.user().into(), nats.password().into())
+                .connect(nats.url())
+                .await?;
+        client.flush().await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_password_file_holds_the_password_for_its_owner_only() -> anyhow::Result<()> {
+        let nats = Nats::start().await?;
+        assert_eq!(nats.password().len(), 32, "16 random bytes in hex");
+        let content = std::fs::read_to_string(nats.password_file())?;
+        assert_eq!(content, format!("{}\n", nats.password()));
+        let mode = std::fs::metadata(nats.password_file())?
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let other = Nats::start().await?;
+        assert_ne!(nats.password(), other.password());
         Ok(())
     }
 
