@@ -33,6 +33,9 @@ origin_port=${VAAS_ORIGIN_PORT:-18080}
 deadline_seconds=${VAAS_START_TIMEOUT:-30}
 
 nats_url=nats://127.0.0.1:$nats_port
+# vaas-api and vaas-scheduler log in to NATS as this user; nobody else may connect.
+nats_user=vaas
+nats_password_file=$state/nats-password
 database_url=${VAAS_DATABASE_URL:-sqlite://$state/vaas.db?mode=rwc}
 secret_file=$state/varnish-secret
 
@@ -197,7 +200,21 @@ start_nats() {
   require_free_port "$nats_port" VAAS_NATS_PORT
   require_free_port "$nats_monitor_port" VAAS_NATS_MONITOR_PORT
   mkdir -p "$state/jetstream"
-  launch nats nats-server -js -a 127.0.0.1 -p "$nats_port" -m "$nats_monitor_port" -sd "$state/jetstream"
+  if [ ! -s "$nats_password_file" ]; then
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$nats_password_file" && echo >>"$nats_password_file")
+  fi
+  local password
+  password=$(<"$nats_password_file")
+  # Rewritten on every start so that it always matches the password file; it holds the password
+  # too, so owner-only. The monitoring port (readiness) needs no login.
+  (umask 077 && cat >"$state/nats.conf" <<EOF
+authorization {
+  user: $nats_user
+  password: "$password"
+}
+EOF
+  )
+  launch nats nats-server -c "$state/nats.conf" -js -a 127.0.0.1 -p "$nats_port" -m "$nats_monitor_port" -sd "$state/jetstream"
   wait_ready nats "JetStream healthy on $nats_url" nats_healthy
 }
 
@@ -259,7 +276,8 @@ EOF
 start_scheduler() {
   require_free_port "$scheduler_port" VAAS_SCHEDULER_PORT
   launch scheduler "$bin_dir/vaas-scheduler" \
-    --listen "127.0.0.1:$scheduler_port" --database-url "$database_url" --nats-url "$nats_url"
+    --listen "127.0.0.1:$scheduler_port" --database-url "$database_url" --nats-url "$nats_url" \
+    --nats-user "$nats_user" --nats-password-file "$nats_password_file"
   wait_ready scheduler "gRPC health SERVING on 127.0.0.1:$scheduler_port" grpc_serving "$scheduler_port"
 }
 
@@ -278,7 +296,8 @@ start_agent() {
 start_api() {
   require_free_port "$api_port" VAAS_API_PORT
   launch api "$bin_dir/vaas-api" \
-    --listen "127.0.0.1:$api_port" --database-url "$database_url" --nats-url "$nats_url"
+    --listen "127.0.0.1:$api_port" --database-url "$database_url" --nats-url "$nats_url" \
+    --nats-user "$nats_user" --nats-password-file "$nats_password_file"
   wait_ready api "gRPC health SERVING on 127.0.0.1:$api_port" grpc_serving "$api_port"
   if ! pid_of agent >/dev/null; then
     say "error: agent exited. Last lines of $log_dir/agent.log:" >&2
@@ -303,7 +322,7 @@ VaaS is running (state and logs in $state):
   vaas-scheduler  127.0.0.1:$scheduler_port (gRPC)           log: $log_dir/scheduler.log
   vaas-agent      for varnishd admin 127.0.0.1:$varnish_admin_port   log: $log_dir/agent.log
   varnishd        http://127.0.0.1:$varnish_http_port/  admin 127.0.0.1:$varnish_admin_port  secret $secret_file
-  nats-server     $nats_url  (monitor http://127.0.0.1:$nats_monitor_port/)
+  nats-server     $nats_url  user $nats_user, password in $nats_password_file  (monitor http://127.0.0.1:$nats_monitor_port/)
   demo origin     http://127.0.0.1:$origin_port/
   database        $database_url
 
@@ -334,7 +353,7 @@ case $command in
     start_varnishd
     start_origin
     say
-    say "nats $nats_url, varnishd http://127.0.0.1:$varnish_http_port/ (admin 127.0.0.1:$varnish_admin_port, secret $secret_file), origin http://127.0.0.1:$origin_port/"
+    say "nats $nats_url (user $nats_user, password in $nats_password_file), varnishd http://127.0.0.1:$varnish_http_port/ (admin 127.0.0.1:$varnish_admin_port, secret $secret_file), origin http://127.0.0.1:$origin_port/"
     ;;
   start)
     "$root/deploy/install.sh"
