@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "vaas/v1/vcl_template_block.proto",
         "vaas/v1/time_profile.proto",
         "vaas/v1/task.proto",
+        "vaas/v1/token_service.proto",
         "vaas/v1/config_service.proto",
         "vaas/v1/agent_service.proto",
     ];

@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Endpoint;
 use tracing::{info, instrument, warn};
 use vaas_proto::v1::agent_service_client::AgentServiceClient;
@@ -67,6 +68,13 @@ pub struct Config {
     /// Where the last VCL that was committed is kept, so that an empty varnishd (restarted
     /// with `-f ''`) gets it back even while no scheduler is reachable; `None` keeps nothing.
     pub state_dir: Option<PathBuf>,
+    /// TLS for `https://` scheduler URLs: the CA to trust and, for mutual TLS, the agent's
+    /// certificate; `None` allows only `http://` URLs.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// File holding this server's agent token (created with TokenService.CreateToken, role
+    /// agent), read at every connection so that a rotated token needs no restart; `None` attaches
+    /// without one, which only a scheduler without authentication accepts.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -90,6 +98,8 @@ impl Config {
             rpc_timeout: Duration::from_secs(20),
             max_backoff: Duration::from_secs(10),
             state_dir: None,
+            tls: None,
+            token_file: None,
         }
     }
 }
@@ -97,15 +107,10 @@ impl Config {
 /// Errors of the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The scheduler URL is not a valid URI.
-    #[error("invalid scheduler url {url:?}")]
-    SchedulerUrl {
-        /// The URL as configured.
-        url: String,
-        /// The cause.
-        #[source]
-        source: tonic::transport::Error,
-    },
+    /// A scheduler URL is not a valid URI, or does not match the TLS configuration (`https://`
+    /// without it, `http://` with it).
+    #[error("unusable scheduler url")]
+    SchedulerUrl(#[source] vaas_runtime::tls::TlsError),
     /// The scheduler URL list is empty.
     #[error("no scheduler url given")]
     NoSchedulerUrl,
@@ -126,6 +131,14 @@ pub enum Error {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The token file could not be read, or holds no usable token.
+    #[error("cannot use the token file {path}: {reason}")]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// A varnishd CLI operation failed.
     #[error(transparent)]
@@ -180,11 +193,8 @@ pub fn endpoints(config: &Config) -> Result<Vec<(String, Endpoint)>, Error> {
     }
     urls.into_iter()
         .map(|url| {
-            let endpoint =
-                Endpoint::from_shared(url.to_owned()).map_err(|source| Error::SchedulerUrl {
-                    url: url.to_owned(),
-                    source,
-                })?;
+            let endpoint = vaas_runtime::tls::client_endpoint(url, config.tls.as_ref())
+                .map_err(Error::SchedulerUrl)?;
             let endpoint = endpoint
                 .connect_timeout(config.connect_timeout)
                 .tcp_nodelay(true)
@@ -258,12 +268,15 @@ async fn session(
             message: Some(attach_request::Message::Hello(hello)),
         })
         .await;
-    let response = tokio::time::timeout(
-        config.rpc_timeout,
-        client.attach(ReceiverStream::new(outbound_rx)),
-    )
-    .await
-    .map_err(|_| Error::AttachTimeout(config.rpc_timeout))??;
+    let mut request = tonic::Request::new(ReceiverStream::new(outbound_rx));
+    if let Some(path) = &config.token_file {
+        request
+            .metadata_mut()
+            .insert("authorization", bearer_from_file(path).await?);
+    }
+    let response = tokio::time::timeout(config.rpc_timeout, client.attach(request))
+        .await
+        .map_err(|_| Error::AttachTimeout(config.rpc_timeout))??;
     let mut inbound = response.into_inner();
     info!(
         address = config.server_address,
@@ -316,6 +329,24 @@ async fn session(
             executor.after_commit().await;
         }
     }
+}
+
+/// Reads the token file into an `authorization` metadata value.
+async fn bearer_from_file(path: &std::path::Path) -> Result<MetadataValue<Ascii>, Error> {
+    let failed = |reason: String| Error::TokenFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let token = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|error| failed(error.to_string()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(failed("the file is empty".to_owned()));
+    }
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| failed("the token holds characters a token never has".to_owned()))
 }
 
 /// Formats an error with its sources.

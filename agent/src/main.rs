@@ -39,6 +39,13 @@ struct Args {
     /// Host name reported to the scheduler [default: the machine's host name].
     #[arg(long, env = "VAAS_HOSTNAME")]
     hostname: Option<String>,
+    /// File holding this server's agent token (TokenService.CreateToken with role agent and the
+    /// server's id); read at every connection, so a rotated token needs no restart.
+    #[arg(long, env = "VAAS_AGENT_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// TLS towards https:// scheduler URLs.
+    #[command(flatten)]
+    tls: vaas_runtime::tls::ClientTls,
 }
 
 fn main() -> ExitCode {
@@ -76,8 +83,20 @@ fn config(args: Args) -> Result<vaas_agent::Config, String> {
         args.varnish_admin,
         args.varnish_secret_file,
     );
-    if let Err(error) = vaas_agent::endpoints(&config) {
-        return Err(format!("invalid --scheduler-url: {error}"));
+    config.tls = args
+        .tls
+        .client_config()
+        .map_err(|error| vaas_runtime::error_chain(&error))?;
+    match vaas_agent::endpoints(&config) {
+        Ok(_) => {}
+        // An https:// URL without --tls-ca is refused here, never downgraded to plaintext.
+        Err(vaas_agent::Error::SchedulerUrl(error)) => {
+            return Err(format!(
+                "--scheduler-url: {}",
+                vaas_runtime::error_chain(&error)
+            ));
+        }
+        Err(error) => return Err(format!("invalid --scheduler-url: {error}")),
     }
     if let Some(address) = args.server_address {
         if address.parse::<std::net::IpAddr>().is_err() {
@@ -90,6 +109,13 @@ fn config(args: Args) -> Result<vaas_agent::Config, String> {
     if let Some(port) = args.server_admin_port {
         config.server_admin_port = port;
     }
+    if let Err(error) = std::fs::File::open(&args.token_file) {
+        return Err(format!(
+            "cannot read --token-file {}: {error}",
+            args.token_file.display()
+        ));
+    }
+    config.token_file = Some(args.token_file);
     config.hostname = args.hostname.unwrap_or_else(system_hostname);
     config.state_dir = args.state_dir;
     Ok(config)

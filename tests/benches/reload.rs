@@ -87,7 +87,7 @@ async fn create_backends(
 }
 
 async fn bench_size(size: usize, rounds: usize) -> Result<()> {
-    let system = System::builder(StoreKind::Sqlite).start().await?;
+    let mut system = System::builder(StoreKind::Sqlite).start().await?;
     let setup = system.set_up().await?;
     let origin = HttpOrigin::start("bench-origin").await?;
     let first = system

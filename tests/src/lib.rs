@@ -13,16 +13,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use futures::StreamExt;
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use vaas_proto::v1::config_service_client::ConfigServiceClient;
 use vaas_proto::v1::task_service_client::TaskServiceClient;
+use vaas_proto::v1::token_service_client::TokenServiceClient;
 use vaas_proto::v1::{
     Backend, Cluster, CreateClusterRequest, CreateDcRequest, CreateDirectorRequest,
-    CreateVarnishServerRequest, CreateVclTemplateRequest, Dc, Director, GetClusterRequest,
-    GetTaskRequest, GetVarnishServerRequest, ServerStatus, Task, TaskState, VarnishServer,
-    VclTemplate, WatchTaskRequest,
+    CreateTokenRequest, CreateVarnishServerRequest, CreateVclTemplateRequest, Dc, Director,
+    GetClusterRequest, GetTaskRequest, GetVarnishServerRequest, Role, ServerStatus, Task,
+    TaskState, UpdateVarnishServerRequest, VarnishServer, VclTemplate, WatchTaskRequest,
 };
-use vaas_testkit::{Nats, Postgres, ServiceProcess, Varnishd, free_port};
+use vaas_testkit::{Nats, Postgres, ServiceProcess, TlsFiles, Varnishd, free_port};
 
 /// Declares, for each named `async fn name(store: StoreKind) -> anyhow::Result<()>`, one test in
 /// module `sqlite` and one in module `postgres`.
@@ -44,6 +48,39 @@ macro_rules! on_both_stores {
     };
 }
 
+/// A client channel that sends `authorization: Bearer <token>` with every call.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// Adds a bearer token to every call (none when built without one).
+#[derive(Clone, Debug)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// Returns an interceptor sending `token`; a token that cannot be metadata is sent as is
+    /// would be refused anyway, so it becomes an empty (refused) one.
+    pub fn new(token: Option<&str>) -> Bearer {
+        Bearer(token.map(|token| {
+            format!("Bearer {token}")
+                .parse()
+                .unwrap_or_else(|_| MetadataValue::from_static("Bearer -"))
+        }))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// Which store the system runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreKind {
@@ -59,10 +96,12 @@ pub struct SystemBuilder {
     store: StoreKind,
     agents: usize,
     schedulers: usize,
+    tls: bool,
 }
 
 impl SystemBuilder {
-    /// Sets the number of Varnish servers, each with its own varnishd and agent (default 1).
+    /// Sets the number of varnishd processes (default 1); each gets its agent once it is
+    /// registered as a server ([`System::set_up`] does it for the first).
     pub fn agents(mut self, agents: usize) -> SystemBuilder {
         self.agents = agents;
         self
@@ -74,10 +113,24 @@ impl SystemBuilder {
         self
     }
 
-    /// Starts everything and returns once the API serves and every agent is attached.
+    /// Turns TLS on every gRPC hop on or off (default off): the API and the scheduler serve TLS
+    /// with a certificate of a throwaway CA, the scheduler asks agents for a client certificate
+    /// (mutual TLS), and the agents and this harness connect with `https://`.
+    pub fn tls(mut self, on: bool) -> SystemBuilder {
+        self.tls = on;
+        self
+    }
+
+    /// Starts everything but the agents and returns once the API serves, with an admin token
+    /// for the harness's clients.
     pub async fn start(self) -> Result<System> {
         let binaries = binaries()?;
         let dir = tempfile::Builder::new().prefix("vaas-e2e-").tempdir()?;
+        let tls = if self.tls {
+            Some(TlsFiles::generate()?)
+        } else {
+            None
+        };
         let nats = Nats::start().await?;
         let (postgres, database_url) = match self.store {
             StoreKind::Sqlite => {
@@ -93,7 +146,8 @@ impl SystemBuilder {
         let mut schedulers = Vec::with_capacity(self.schedulers);
         for index in 0..self.schedulers {
             let port = free_port();
-            let flags = vec![
+            let mut flags = server_tls_flags(tls.as_ref(), true);
+            flags.extend([
                 ("--listen", format!("127.0.0.1:{port}")),
                 ("--database-url", database_url.clone()),
                 ("--nats-url", nats.url()),
@@ -106,7 +160,7 @@ impl SystemBuilder {
                 ("--agent-wait", "2s".to_owned()),
                 ("--lease-ttl", "3s".to_owned()),
                 ("--replica-id", format!("scheduler-{index}")),
-            ];
+            ]);
             let mut process = start_scheduler(&binaries, &flags, dir.path(), index, 1).await?;
             if index == 0 {
                 process.wait_for_log(LEADING).await?;
@@ -121,7 +175,7 @@ impl SystemBuilder {
         }
         let scheduler_urls = schedulers
             .iter()
-            .map(|replica| format!("http://127.0.0.1:{}", replica.port))
+            .map(|replica| format!("{}://127.0.0.1:{}", scheme(tls.as_ref()), replica.port))
             .collect::<Vec<_>>()
             .join(",");
         let api_port = free_port();
@@ -131,7 +185,7 @@ impl SystemBuilder {
                 &binaries.api,
                 &[
                     ("--listen", format!("127.0.0.1:{api_port}")),
-                    ("--database-url", database_url),
+                    ("--database-url", database_url.clone()),
                     ("--nats-url", nats.url()),
                     ("--nats-user", nats.user().to_owned()),
                     (
@@ -139,21 +193,27 @@ impl SystemBuilder {
                         nats.password_file().display().to_string(),
                     ),
                     ("--sync-timeout", "60s".to_owned()),
-                ],
+                ]
+                .into_iter()
+                .chain(server_tls_flags(tls.as_ref(), false))
+                .collect::<Vec<_>>(),
             ),
             &dir.path().join("api.log"),
         )?;
         api.wait_for_log("vaas-api serving").await?;
+        let admin_token = create_token(&binaries, &database_url, "harness-admin", "admin")?;
         let mut varnishds = Vec::with_capacity(self.agents);
-        let mut agents = Vec::with_capacity(self.agents);
-        for index in 0..self.agents {
-            let varnishd = Varnishd::start().await?;
-            let agent =
-                start_agent(&binaries, &scheduler_urls, &varnishd, dir.path(), index, 1).await?;
-            varnishds.push(varnishd);
-            agents.push(agent);
+        for _ in 0..self.agents {
+            varnishds.push(Varnishd::start().await?);
         }
-        let channel = Channel::from_shared(format!("http://127.0.0.1:{api_port}"))?
+        let agents = (0..self.agents).map(|_| None).collect();
+        let channel =
+            Channel::from_shared(format!("{}://127.0.0.1:{api_port}", scheme(tls.as_ref())))?;
+        let channel = match &tls {
+            Some(files) => channel.tls_config(client_tls(files, false)?)?,
+            None => channel,
+        };
+        let channel = channel
             .connect()
             .await
             .context("cannot connect to vaas-api")?;
@@ -161,13 +221,16 @@ impl SystemBuilder {
             channel,
             binaries,
             scheduler_urls,
-            agent_starts: vec![1; self.agents],
+            agent_starts: vec![0; self.agents],
             agents,
             api,
             schedulers,
             varnishds,
             _postgres: postgres,
             nats,
+            api_port,
+            tls,
+            admin_token,
             _dir: dir,
         })
     }
@@ -180,12 +243,15 @@ pub struct System {
     scheduler_urls: String,
     agent_starts: Vec<usize>,
     // Fields drop in order: agents before varnishd, services before NATS and the store.
-    agents: Vec<ServiceProcess>,
+    agents: Vec<Option<ServiceProcess>>,
     api: ServiceProcess,
     schedulers: Vec<SchedulerReplica>,
     varnishds: Vec<Varnishd>,
     _postgres: Option<Postgres>,
     nats: Nats,
+    api_port: u16,
+    tls: Option<TlsFiles>,
+    admin_token: String,
     _dir: tempfile::TempDir,
 }
 
@@ -196,17 +262,56 @@ impl System {
             store,
             agents: 1,
             schedulers: 1,
+            tls: false,
         }
     }
 
-    /// Returns a ConfigService client.
-    pub fn config(&self) -> ConfigServiceClient<Channel> {
-        ConfigServiceClient::new(self.channel.clone())
+    /// Returns the API's gRPC address.
+    pub fn api_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.api_port))
     }
 
-    /// Returns a TaskService client.
-    pub fn tasks(&self) -> TaskServiceClient<Channel> {
-        TaskServiceClient::new(self.channel.clone())
+    /// Returns the gRPC (AgentService) address of scheduler replica `index`.
+    pub fn scheduler_addr(&self, index: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.schedulers[index].port))
+    }
+
+    /// Returns the certificates and keys of a system started with TLS.
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// Returns the secret of the admin token the harness's clients use.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// Returns a ConfigService client calling with the admin token.
+    pub fn config(&self) -> ConfigServiceClient<Authed> {
+        self.config_as(Some(&self.admin_token))
+    }
+
+    /// Returns a ConfigService client calling with `token` (or none).
+    pub fn config_as(&self, token: Option<&str>) -> ConfigServiceClient<Authed> {
+        ConfigServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
+    }
+
+    /// Returns a TaskService client calling with the admin token.
+    pub fn tasks(&self) -> TaskServiceClient<Authed> {
+        TaskServiceClient::with_interceptor(
+            self.channel.clone(),
+            Bearer::new(Some(&self.admin_token)),
+        )
+    }
+
+    /// Returns a TokenService client calling with `token` (or none).
+    pub fn tokens_as(&self, token: Option<&str>) -> TokenServiceClient<Authed> {
+        TokenServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
+    }
+
+    /// Returns a TokenService client calling with the admin token.
+    pub fn tokens(&self) -> TokenServiceClient<Authed> {
+        self.tokens_as(Some(&self.admin_token))
     }
 
     /// Reads a cluster through the API.
@@ -303,7 +408,7 @@ impl System {
         {
             replica.process.ensure_running().context("vaas-scheduler")?;
         }
-        for agent in &mut self.agents {
+        for agent in self.agents.iter_mut().flatten() {
             agent.ensure_running().context("vaas-agent")?;
         }
         Ok(())
@@ -316,7 +421,10 @@ impl System {
             ("vaas-scheduler", self.schedulers[0].process.resident_kib()),
             (
                 "vaas-agent",
-                self.agents.first().and_then(ServiceProcess::resident_kib),
+                self.agents
+                    .first()
+                    .and_then(Option::as_ref)
+                    .and_then(ServiceProcess::resident_kib),
             ),
         ]
     }
@@ -331,7 +439,7 @@ impl System {
     /// waits until it leads and every agent re-attached.
     pub async fn restart_scheduler(&mut self, index: usize) -> Result<()> {
         let single = self.schedulers.len() == 1;
-        let agents = self.agents.len();
+        let agents = self.agents.iter().flatten().count();
         let replica = &mut self.schedulers[index];
         replica.process.stop();
         replica.starts += 1;
@@ -362,23 +470,47 @@ impl System {
 
     /// Stops the agent of Varnish server `index`.
     pub fn stop_agent(&mut self, index: usize) {
-        self.agents[index].stop();
+        if let Some(agent) = &mut self.agents[index] {
+            agent.stop();
+        }
     }
 
-    /// Starts the agent of Varnish server `index` again and waits until it attached.
+    /// Starts the agent of varnishd `index` (again) with the token file written by
+    /// [`System::attach_agent`] and waits until it attached.
     pub async fn restart_agent(&mut self, index: usize) -> Result<()> {
-        self.agents[index].stop();
+        self.stop_agent(index);
         self.agent_starts[index] += 1;
-        self.agents[index] = start_agent(
+        let agent = start_agent(
             &self.binaries,
             &self.scheduler_urls,
+            self.tls.as_ref(),
             &self.varnishds[index],
             self._dir.path(),
             index,
             self.agent_starts[index],
         )
         .await?;
+        self.agents[index] = Some(agent);
         Ok(())
+    }
+
+    /// Gives varnishd `index`, registered as server `server_id`, its agent: creates an agent
+    /// token bound to the server through the API, writes it where the agent reads it, starts
+    /// the agent and waits until it attached.
+    pub async fn attach_agent(&mut self, index: usize, server_id: i64) -> Result<()> {
+        let secret = self
+            .tokens()
+            .create_token(CreateTokenRequest {
+                name: format!("agent-{index}-{server_id}"),
+                role: Role::Agent as i32,
+                varnish_server_id: server_id,
+                ttl: None,
+            })
+            .await?
+            .into_inner()
+            .secret;
+        std::fs::write(agent_token_file(self._dir.path(), index), secret)?;
+        self.restart_agent(index).await
     }
 
     /// Returns how many reloads the scheduler (its current run) reported as succeeded.
@@ -433,13 +565,19 @@ async fn start_scheduler(
 async fn start_agent(
     binaries: &Binaries,
     scheduler_urls: &str,
+    tls: Option<&TlsFiles>,
     varnishd: &Varnishd,
     dir: &std::path::Path,
     index: usize,
     run: usize,
 ) -> Result<ServiceProcess> {
-    let flags = [
+    let mut flags = agent_tls_flags(tls);
+    flags.extend([
         ("--scheduler-url", scheduler_urls.to_owned()),
+        (
+            "--token-file",
+            agent_token_file(dir, index).display().to_string(),
+        ),
         ("--varnish-admin", varnishd.admin_addr().to_string()),
         (
             "--varnish-secret-file",
@@ -452,7 +590,7 @@ async fn start_agent(
                 .display()
                 .to_string(),
         ),
-    ];
+    ]);
     let mut agent = ServiceProcess::spawn(
         &format!("vaas-agent-{index}"),
         service_command(&binaries.agent, &flags),
@@ -460,6 +598,76 @@ async fn start_agent(
     )?;
     agent.wait_for_log("attached to scheduler").await?;
     Ok(agent)
+}
+
+/// Returns where the token of agent `index` is kept.
+fn agent_token_file(dir: &std::path::Path, index: usize) -> PathBuf {
+    dir.join(format!("agent-{index}.token"))
+}
+
+/// Creates a token directly in the store with `vaas-api create-token` and returns its secret.
+fn create_token(binaries: &Binaries, database_url: &str, name: &str, role: &str) -> Result<String> {
+    let output = Command::new(&binaries.api)
+        .args(["create-token", "--database-url", database_url])
+        .args(["--name", name, "--role", role])
+        .output()
+        .context("cannot run vaas-api create-token")?;
+    ensure!(
+        output.status.success(),
+        "vaas-api create-token failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+}
+
+/// Returns the URL scheme of the system's gRPC endpoints.
+fn scheme(tls: Option<&TlsFiles>) -> &'static str {
+    if tls.is_some() { "https" } else { "http" }
+}
+
+/// Returns the TLS flags of a gRPC server (`mutual`: it asks clients for a certificate of the CA).
+fn server_tls_flags(tls: Option<&TlsFiles>, mutual: bool) -> Vec<(&'static str, String)> {
+    let Some(files) = tls else {
+        return Vec::new();
+    };
+    let mut flags = vec![
+        ("--tls-cert", files.server_cert().display().to_string()),
+        ("--tls-key", files.server_key().display().to_string()),
+    ];
+    if mutual {
+        flags.push(("--tls-client-ca", files.ca_cert().display().to_string()));
+    }
+    flags
+}
+
+/// Returns the TLS flags of an agent: the CA to trust and its client certificate.
+fn agent_tls_flags(tls: Option<&TlsFiles>) -> Vec<(&'static str, String)> {
+    let Some(files) = tls else {
+        return Vec::new();
+    };
+    vec![
+        ("--tls-ca", files.ca_cert().display().to_string()),
+        (
+            "--tls-client-cert",
+            files.client_cert().display().to_string(),
+        ),
+        ("--tls-client-key", files.client_key().display().to_string()),
+    ]
+}
+
+/// Returns a client TLS configuration that trusts the system's CA and checks the name
+/// `localhost`; with `client_certificate`, it also presents the client certificate.
+pub fn client_tls(files: &TlsFiles, client_certificate: bool) -> Result<ClientTlsConfig> {
+    let mut config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(files.ca_cert())?))
+        .domain_name("localhost");
+    if client_certificate {
+        config = config.identity(tonic::transport::Identity::from_pem(
+            std::fs::read(files.client_cert())?,
+            std::fs::read(files.client_key())?,
+        ));
+    }
+    Ok(config)
 }
 
 /// Paths of the three VaaS binaries.
@@ -547,11 +755,12 @@ pub struct Setup {
 }
 
 impl System {
-    /// Creates, through the API, a dc, a cluster, a `<VCL/>` template, the first varnishd as an
-    /// active server, and a director "demo" routed by "^/"; checks that the server got its VCL.
-    pub async fn set_up(&self) -> Result<Setup> {
-        let system = self;
-        let mut config = system.config();
+    /// Creates, through the API, a dc, a cluster, a `<VCL/>` template, the first varnishd as a
+    /// server with its agent, and a director "demo" routed by "^/"; checks that the server got
+    /// its VCL. The server is registered in maintenance, gets its agent (whose token needs a
+    /// registered server), and is then activated, as an operator brings in a new server.
+    pub async fn set_up(&mut self) -> Result<Setup> {
+        let mut config = self.config();
         let dc_id = config
             .create_dc(CreateDcRequest {
                 dc: Some(Dc {
@@ -590,30 +799,48 @@ impl System {
             .vcl_template
             .context("template")?
             .id;
-        let varnishd = system.varnishd(0);
-        let created_server = config
-            .create_varnish_server(CreateVarnishServerRequest {
+        let varnishd = self.varnishd(0);
+        let registered = VarnishServer {
+            address: "127.0.0.1".into(),
+            http_port: Some(u32::from(varnishd.http_addr().port())),
+            admin_port: Some(u32::from(varnishd.admin_addr().port())),
+            status: ServerStatus::Maintenance as i32,
+            dc_id,
+            template_id,
+            cluster_id,
+            ..Default::default()
+        };
+        let mut create = tonic::Request::new(CreateVarnishServerRequest {
+            varnish_server: Some(registered),
+        });
+        create
+            .metadata_mut()
+            .insert("prefer", MetadataValue::from_static("respond-async"));
+        let server = config
+            .create_varnish_server(create)
+            .await?
+            .into_inner()
+            .varnish_server
+            .context("server")?;
+        let server_id = server.id;
+        self.attach_agent(0, server_id).await?;
+        let activated = config
+            .update_varnish_server(UpdateVarnishServerRequest {
                 varnish_server: Some(VarnishServer {
-                    address: "127.0.0.1".into(),
-                    http_port: Some(u32::from(varnishd.http_addr().port())),
-                    admin_port: Some(u32::from(varnishd.admin_addr().port())),
                     status: ServerStatus::Active as i32,
-                    dc_id,
-                    template_id,
-                    cluster_id,
-                    ..Default::default()
+                    ..server
                 }),
+                update_mask: None,
             })
             .await?
             .into_inner();
-        let server_id = created_server.varnish_server.context("server")?.id;
         ensure!(
-            created_server
+            activated
                 .tasks
                 .iter()
                 .all(|task| task.state == TaskState::Success as i32),
-            "a new server gets its (empty) VCL before the write answers: {:?}",
-            created_server.tasks
+            "an activated server gets its (empty) VCL before the write answers: {:?}",
+            activated.tasks
         );
         let director_id = config
             .create_director(CreateDirectorRequest {

@@ -23,6 +23,7 @@ use crate::address_policy::AddressPolicy;
 use crate::error::ApiError;
 use crate::field_mask::{self, MessageFields};
 use crate::follow::TaskFollower;
+use crate::token_service::actor;
 use crate::validate::{self, Intent};
 
 /// Time kept back from the caller's deadline to send the answer.
@@ -163,15 +164,6 @@ fn backend_address_policy(backend: &Backend, policy: &AddressPolicy) -> Result<(
             format!("is in {network}, a network backends may not point at"),
         )),
         None => Ok(()),
-    }
-}
-
-/// Returns who makes a call, as the audit history records it. Until API authentication exists
-/// this is the caller's address.
-fn actor<T>(request: &Request<T>) -> String {
-    match request.remote_addr() {
-        Some(address) => format!("anonymous@{address}"),
-        None => "anonymous".to_owned(),
     }
 }
 

@@ -177,9 +177,9 @@ impl From<ApiError> for Status {
                 tracing::error!(error = %source, "store failed");
                 Status::unavailable("the store is unavailable, nothing was saved; try again")
             }
-            ApiError::Store(StoreError::UnsupportedUrl | StoreError::Migrate(_)) => {
-                Status::internal(message)
-            }
+            ApiError::Store(
+                StoreError::UnsupportedUrl | StoreError::Migrate(_) | StoreError::Random(_),
+            ) => Status::internal(message),
             ApiError::ReloadFailed { resource, tasks } => Status::with_error_details(
                 Code::FailedPrecondition,
                 message,

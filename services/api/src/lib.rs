@@ -6,6 +6,7 @@
 //! in `main.rs` only parses flags, binds the listener and calls it.
 
 pub mod address_policy;
+pub mod auth;
 pub mod config_service;
 pub mod error;
 pub mod field_mask;
@@ -13,6 +14,7 @@ pub mod follow;
 mod relay;
 pub mod revisions;
 pub mod task_service;
+pub mod token_service;
 pub mod validate;
 
 use std::sync::Arc;
@@ -26,11 +28,16 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 use vaas_proto::v1::config_service_server::ConfigServiceServer;
 use vaas_proto::v1::task_service_server::TaskServiceServer;
+use vaas_proto::v1::token_service_server::TokenServiceServer;
 use vaas_store::Store;
 
+use vaas_runtime::auth::AuthLayer;
+
+use crate::auth::ApiAuthenticator;
 use crate::config_service::ConfigApi;
 use crate::follow::TaskFollower;
 use crate::task_service::TaskApi;
+use crate::token_service::TokenApi;
 
 /// Configuration of vaas-api; every flag can also be set through its environment variable.
 #[derive(Clone, Debug, clap::Args)]
@@ -65,6 +72,9 @@ pub struct Config {
     /// How often the outbox and followed tasks are re-read even without a notification.
     #[arg(long, env = "VAAS_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
+    /// TLS of the gRPC server (plaintext when not configured).
+    #[command(flatten)]
+    pub tls: vaas_runtime::tls::ServerTls,
 }
 
 /// What stops the API from starting.
@@ -82,6 +92,9 @@ pub enum StartError {
     /// The reflection service could not be built.
     #[error("cannot build the reflection service")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS flags name missing or unusable files.
+    #[error("bad tls configuration")]
+    Tls(#[from] vaas_runtime::tls::TlsError),
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then stops the relay and the
@@ -91,6 +104,15 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    // Checked first: a TLS mistake is reported before any connection is made.
+    let tls = config.tls.server_config()?;
+    let tls_on = tls.is_some();
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls)
+            .map_err(vaas_runtime::tls::TlsError::Refused)?;
+    }
     let store = Store::connect(&config.database_url).await?;
     let (nats, jetstream) =
         vaas_bus::connect(&config.nats_url, "vaas-api", &config.nats_auth).await?;
@@ -116,11 +138,13 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ConfigServiceServer<ConfigApi>>().await;
     health.set_serving::<TaskServiceServer<TaskApi>>().await;
+    health.set_serving::<TokenServiceServer<TokenApi>>().await;
     let reflection = vaas_runtime::reflection()?;
 
-    info!(address = ?listener.local_addr().ok(), "vaas-api serving");
-    let served = tonic::transport::Server::builder()
+    info!(address = ?listener.local_addr().ok(), tls = tls_on, "vaas-api serving");
+    let served = server
         .timeout(Duration::from_secs(3600))
+        .layer(AuthLayer::new(ApiAuthenticator::new(store.clone())))
         .add_service(health_service)
         .add_service(reflection.v1)
         .add_service(reflection.v1alpha)
@@ -129,6 +153,7 @@ pub async fn run(
                 .max_decoding_message_size(vaas_proto::MAX_API_REQUEST_BYTES),
         )
         .add_service(TaskServiceServer::new(task_api))
+        .add_service(TokenServiceServer::new(TokenApi::new(store.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
         .await;
     shutdown.cancel();

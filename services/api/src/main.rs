@@ -16,6 +16,16 @@ struct Args {
     listen: SocketAddr,
     #[command(flatten)]
     config: vaas_api::Config,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// What to do instead of serving.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Creates a token directly in the store and prints its secret on stdout: the first admin
+    /// token of a new installation, or the way back in when every admin token is lost.
+    CreateToken(vaas_api::token_service::CreateTokenArgs),
 }
 
 #[tokio::main]
@@ -24,6 +34,25 @@ async fn main() -> ExitCode {
         Ok(args) => args,
         Err(exit) => return exit,
     };
+    if let Some(Command::CreateToken(create)) = args.command {
+        return match vaas_api::token_service::create_token_in_store(&create).await {
+            Ok((token, secret)) => {
+                eprintln!(
+                    "{BINARY}: created token {} {:?} ({}), expires {}",
+                    token.id,
+                    token.name,
+                    create.role,
+                    token
+                        .expire_time
+                        .map(|time| time.to_string())
+                        .unwrap_or_default()
+                );
+                println!("{secret}");
+                ExitCode::SUCCESS
+            }
+            Err(message) => vaas_runtime::config_error(BINARY, message),
+        };
+    }
     vaas_runtime::init_logging();
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
@@ -38,6 +67,9 @@ async fn main() -> ExitCode {
             )
         }
         Err(vaas_api::StartError::Bus(error)) if error.is_configuration() => {
+            vaas_runtime::config_error(BINARY, vaas_runtime::error_chain(&error))
+        }
+        Err(vaas_api::StartError::Tls(error)) => {
             vaas_runtime::config_error(BINARY, vaas_runtime::error_chain(&error))
         }
         Err(error) => vaas_runtime::runtime_error(BINARY, &error),

@@ -1,9 +1,14 @@
 //! What every VaaS binary and gRPC server does around its own work: parsing flags (bad ones exit
 //! with code 64 and one line), setting up logging, turning SIGINT/SIGTERM into a cancellation,
-//! and serving gRPC reflection (v1 and v1alpha) for the VaaS protos.
+//! serving gRPC reflection (v1 and v1alpha) for the VaaS protos, and TLS for gRPC servers and
+//! clients ([`tls`]).
 //!
-//! It holds no business logic and no configuration of its own: each service's `run` stays in
-//! its crate and is called by a thin `main`.
+//! It holds no business logic, and no configuration besides the TLS flag groups that services
+//! flatten into theirs: each service's `run` stays in its crate and is called by a thin `main`.
+
+pub mod tls;
+
+pub mod auth;
 
 use std::process::ExitCode;
 

@@ -229,6 +229,10 @@ impl AgentService for AgentApi {
                 "this vaas-scheduler replica is standing by; attach to the leader",
             ));
         };
+        // The auth layer admitted only agent tokens; the hello must name the token's server.
+        let token = vaas_runtime::auth::caller(&request)
+            .map(|caller| caller.token.clone())
+            .ok_or_else(|| Status::unauthenticated("attach needs the agent's token"))?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -242,6 +246,16 @@ impl AgentService for AgentApi {
             ));
         };
         let hello = checked_hello(hello).map_err(Status::invalid_argument)?;
+        if let Err(status) = crate::auth::bound_server(&self.store, &token, &hello).await {
+            warn!(
+                token = %token.name,
+                address = %hello.address,
+                admin_port = hello.admin_port,
+                reason = status.message(),
+                "attach refused"
+            );
+            return Err(status);
+        }
         let key = AgentKey {
             address: hello.address.clone(),
             admin_port: hello.admin_port,

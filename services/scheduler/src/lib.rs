@@ -8,6 +8,7 @@
 //! writes configuration (the API does).
 
 pub mod agents;
+pub mod auth;
 pub mod leader;
 pub mod machine;
 pub mod reload;
@@ -26,7 +27,10 @@ use tracing::{debug, info, warn};
 use vaas_proto::v1::agent_service_server::AgentServiceServer;
 use vaas_store::Store;
 
+use vaas_runtime::auth::AuthLayer;
+
 use crate::agents::{AgentApi, AgentRegistry};
+use crate::auth::AgentAuthenticator;
 use crate::machine::{Action, ReloadEnd, ReloadMachine};
 use crate::reload::{ReloadContext, ReloadTimeouts};
 
@@ -88,6 +92,10 @@ pub struct Config {
     /// How long an agent may take to activate or discard a VCL.
     #[arg(long, env = "VAAS_COMMIT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub commit_timeout: Duration,
+    /// TLS of the gRPC server the agents attach to (plaintext when not configured); with
+    /// `--tls-client-ca`, only agents with a client certificate signed by it are served.
+    #[command(flatten)]
+    pub tls: vaas_runtime::tls::ServerTls,
 }
 
 /// What stops the scheduler from starting.
@@ -105,6 +113,9 @@ pub enum StartError {
     /// The reflection service could not be built.
     #[error("cannot build the reflection service")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS flags name missing or unusable files.
+    #[error("bad tls configuration")]
+    Tls(#[from] vaas_runtime::tls::TlsError),
 }
 
 /// Serves the AgentService on `listener` and, while this replica holds the leader lease, drives
@@ -114,6 +125,15 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    // Checked first: a TLS mistake is reported before any connection is made.
+    let tls = config.tls.server_config()?;
+    let tls_on = tls.is_some();
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls)
+            .map_err(vaas_runtime::tls::TlsError::Refused)?;
+    }
     let store = Store::connect(&config.database_url).await?;
     let (nats, jetstream) =
         vaas_bus::connect(&config.nats_url, "vaas-scheduler", &config.nats_auth).await?;
@@ -163,10 +183,11 @@ pub async fn run(
         },
     };
     background.spawn(leader_work.run_terms(terms, shutdown.clone()));
-    info!(address = ?listener.local_addr().ok(), "vaas-scheduler serving");
-    let served = tonic::transport::Server::builder()
+    info!(address = ?listener.local_addr().ok(), tls = tls_on, "vaas-scheduler serving");
+    let served = server
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(AuthLayer::new(AgentAuthenticator::new(store.clone())))
         .add_service(health_service)
         .add_service(reflection.v1)
         .add_service(reflection.v1alpha)

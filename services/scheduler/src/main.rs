@@ -40,6 +40,9 @@ async fn main() -> ExitCode {
         Err(vaas_scheduler::StartError::Bus(error)) if error.is_configuration() => {
             vaas_runtime::config_error(BINARY, vaas_runtime::error_chain(&error))
         }
+        Err(vaas_scheduler::StartError::Tls(error)) => {
+            vaas_runtime::config_error(BINARY, vaas_runtime::error_chain(&error))
+        }
         Err(error) => vaas_runtime::runtime_error(BINARY, &error),
     }
 }

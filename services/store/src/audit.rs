@@ -30,19 +30,53 @@ pub(crate) async fn record<R: Resource>(
         (Some(before), None) => (AuditAction::Delete, before.id()),
         (None, None) => return Ok(()),
     };
-    let actor: String = actor.chars().take(ACTOR_MAX_CHARS).collect();
+    let entry = RawEntry {
+        time,
+        actor,
+        collection: R::COLLECTION,
+        resource_id: id,
+        action,
+        message_type: R::MESSAGE,
+    };
+    record_raw(
+        tx,
+        &entry,
+        before.map(prost::Message::encode_to_vec),
+        after.map(prost::Message::encode_to_vec),
+    )
+    .await
+}
+
+/// An audit entry of something that is not a generic [`Resource`] (an access token).
+pub(crate) struct RawEntry<'a> {
+    pub(crate) time: i64,
+    pub(crate) actor: &'a str,
+    pub(crate) collection: &'static str,
+    pub(crate) resource_id: i64,
+    pub(crate) action: AuditAction,
+    pub(crate) message_type: &'static str,
+}
+
+/// Records `entry` with the protobuf encodings of the value before and after.
+pub(crate) async fn record_raw(
+    tx: &mut Tx<'_>,
+    entry: &RawEntry<'_>,
+    before: Option<Vec<u8>>,
+    after: Option<Vec<u8>>,
+) -> Result<()> {
+    let actor: String = entry.actor.chars().take(ACTOR_MAX_CHARS).collect();
     sqlx::query(
         "INSERT INTO audit_entries (time, actor, collection, resource_id, action, message_type, \
          before_value, after_value) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
-    .bind(time)
+    .bind(entry.time)
     .bind(actor)
-    .bind(R::COLLECTION)
-    .bind(id)
-    .bind(action as i32 as i64)
-    .bind(R::MESSAGE)
-    .bind(before.map(prost::Message::encode_to_vec))
-    .bind(after.map(prost::Message::encode_to_vec))
+    .bind(entry.collection)
+    .bind(entry.resource_id)
+    .bind(entry.action as i32 as i64)
+    .bind(entry.message_type)
+    .bind(before)
+    .bind(after)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -67,6 +67,9 @@ pub enum Error {
     /// The schema could not be brought up to date.
     #[error("cannot migrate the store schema")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The operating system could not provide random bytes for a secret.
+    #[error("cannot generate a secret: {0}")]
+    Random(String),
     /// The database failed or could not be reached.
     #[error("database error")]
     Database(#[from] sqlx::Error),

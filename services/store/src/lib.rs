@@ -16,6 +16,7 @@ mod resources;
 mod rows;
 mod snapshot;
 mod tasks;
+mod tokens;
 mod write;
 
 use std::str::FromStr;
@@ -28,6 +29,7 @@ use sqlx::{AnyPool, Executor};
 pub use error::{Error, Result};
 pub use resource::{Change, Condition, Page, Resource, Tx, Value};
 pub use tasks::{LAST_ERROR_MAX_CHARS, OutboxEntry, TASK_ERROR_MAX_CHARS, TaskOutcome, TaskPage};
+pub use tokens::{Authentication, NewToken, SECRET_PREFIX};
 pub use write::WriteOutcome;
 
 /// Which SQL database a [`Store`] talks to; the few statements that differ are chosen by it.

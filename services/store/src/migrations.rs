@@ -58,6 +58,12 @@ const STEPS: &[Step] = &[
         postgres: include_str!("../migrations/postgres/0005_unsafe_settings.sql"),
         sqlite: include_str!("../migrations/sqlite/0005_unsafe_settings.sql"),
     },
+    Step {
+        version: 6,
+        description: "access tokens",
+        postgres: include_str!("../migrations/postgres/0006_access_tokens.sql"),
+        sqlite: include_str!("../migrations/sqlite/0006_access_tokens.sql"),
+    },
 ];
 
 /// Returns sqlx's migrator for `dialect`. It is built here rather than with `sqlx::migrate!`,

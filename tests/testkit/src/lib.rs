@@ -6,7 +6,8 @@
 //! process's captured log otherwise. Every process writes stdout and stderr to a log file in its
 //! temporary directory; `log()` returns it. Dropping a handle stops the process (its whole process
 //! group) and prints its log to stderr, which the test harness shows only for failing tests
-//! (set `VAAS_TESTKIT_QUIET=1` to print logs only while panicking).
+//! (set `VAAS_TESTKIT_QUIET=1` to print logs only while panicking). [`TlsFiles`] makes a
+//! throwaway CA with server and client certificates for TLS tests.
 //!
 //! This crate starts and stops processes; it knows nothing about VaaS itself (the `vaas-tests`
 //! harness builds on it).
@@ -17,6 +18,7 @@ mod origin;
 mod postgres;
 mod process;
 mod service;
+mod tls;
 mod varnishd;
 
 pub use http::{HttpResponse, http_get};
@@ -24,6 +26,7 @@ pub use nats::Nats;
 pub use origin::HttpOrigin;
 pub use postgres::Postgres;
 pub use service::ServiceProcess;
+pub use tls::TlsFiles;
 pub use varnishd::Varnishd;
 
 use std::net::{Ipv4Addr, TcpListener};
