@@ -281,6 +281,11 @@ impl System {
         self.tls.as_ref()
     }
 
+    /// Returns the channel to the API (calls on it carry no token).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// Returns the secret of the admin token the harness's clients use.
     pub fn admin_token(&self) -> &str {
         &self.admin_token

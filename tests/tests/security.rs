@@ -1,14 +1,21 @@
-//! Security, as an attacker would try it: configuration that reads files or runs code on a
+//! Security, as an attacker would try it: every call needs the right credential (API tokens with
+//! roles, agent tokens bound to one server), and configuration that reads files or runs code on a
 //! Varnish host is refused by the API and cannot be turned on through the deploy's varnishd.
-//! (Authentication of API callers and agents is still to come.)
 
 use anyhow::{Context, Result};
 use tonic::Code;
 use tonic_types::StatusExt;
 use vaas_agent::varnish_cli::{CliError, CliTimeouts, VarnishCli};
-use vaas_proto::v1::{GetVclTemplateRequest, UpdateVclTemplateRequest, VclTemplate};
-use vaas_testkit::Varnishd;
-use vaas_tests::{StoreKind, System, on_both_stores};
+use vaas_proto::v1::agent_service_client::AgentServiceClient;
+use vaas_proto::v1::{
+    AccessToken, AgentHello, AttachRequest, CreateBackendRequest, CreateDcRequest,
+    CreateTokenRequest, CreateVarnishServerRequest, Dc, GetVclTemplateRequest,
+    ListAuditEntriesRequest, ListDcsRequest, ListTokensRequest, RevokeTokenRequest, Role,
+    ServerStatus, UpdateVarnishServerRequest, UpdateVclTemplateRequest, VarnishServer, VclTemplate,
+    attach_request,
+};
+use vaas_testkit::{Varnishd, free_port};
+use vaas_tests::{Bearer, StoreKind, System, on_both_stores};
 
 on_both_stores!(a_template_that_reads_files_or_runs_code_is_refused_and_nothing_is_saved);
 
@@ -182,5 +189,279 @@ async fn each_server_shows_what_makes_its_varnishd_unsafe() -> Result<()> {
         server.unsafe_settings,
         ["cc_command is not read-only (start varnishd with -r cc_command)"]
     );
+    system.ensure_running()
+}
+
+/// Creates a token through the API as the admin and returns it with its secret.
+async fn token(
+    system: &System,
+    name: &str,
+    role: Role,
+    varnish_server_id: i64,
+    ttl_seconds: Option<i64>,
+) -> Result<(AccessToken, String)> {
+    let created = system
+        .tokens()
+        .create_token(CreateTokenRequest {
+            name: name.into(),
+            role: role as i32,
+            varnish_server_id,
+            ttl: ttl_seconds.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+        })
+        .await?
+        .into_inner();
+    Ok((created.token.context("token")?, created.secret))
+}
+
+fn new_dc(name: &str) -> CreateDcRequest {
+    CreateDcRequest {
+        dc: Some(Dc {
+            id: 0,
+            name: name.into(),
+            symbol: name.to_lowercase(),
+        }),
+    }
+}
+
+/// Asserts that a call was refused with `code` and a message containing `words`.
+fn assert_refused(status: &tonic::Status, code: Code, words: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(words), "{}", status.message());
+}
+
+#[tokio::test]
+async fn calls_need_a_valid_token_and_each_role_reaches_only_its_share() -> Result<()> {
+    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+    let setup = system.set_up().await?;
+
+    // Health stays open (load balancers call it without a credential).
+    let mut health = tonic_health::pb::health_client::HealthClient::new(system.channel());
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await?;
+
+    let status = system
+        .config_as(None)
+        .list_dcs(ListDcsRequest::default())
+        .await
+        .expect_err("a call without a token");
+    assert_refused(&status, Code::Unauthenticated, "needs a token");
+    let status = system
+        .config_as(Some("vaas_0123456789"))
+        .list_dcs(ListDcsRequest::default())
+        .await
+        .expect_err("a call with a made-up token");
+    assert_refused(&status, Code::Unauthenticated, "not valid");
+
+    let (reader, reader_secret) = token(&system, "reader-1", Role::Reader, 0, None).await?;
+    let dcs = system
+        .config_as(Some(&reader_secret))
+        .list_dcs(ListDcsRequest::default())
+        .await?
+        .into_inner()
+        .dcs;
+    assert_eq!(dcs.len(), 1, "a reader reads");
+    let status = system
+        .config_as(Some(&reader_secret))
+        .create_dc(new_dc("Second"))
+        .await
+        .expect_err("a reader's write");
+    assert_refused(&status, Code::PermissionDenied, "has role reader");
+
+    let (_, editor_secret) = token(&system, "editor-1", Role::Editor, 0, None).await?;
+    let status = system
+        .config_as(Some(&editor_secret))
+        .update_vcl_template(UpdateVclTemplateRequest {
+            vcl_template: Some(VclTemplate {
+                id: setup.template_id,
+                name: "default".into(),
+                content: "<VCL/>\n# changed by an editor\n".into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .expect_err("an editor's template change");
+    assert_refused(&status, Code::PermissionDenied, "needs admin");
+    let status = system
+        .tokens_as(Some(&editor_secret))
+        .create_token(CreateTokenRequest {
+            name: "escalated".into(),
+            role: Role::Admin as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("an editor making an admin token");
+    assert_refused(&status, Code::PermissionDenied, "needs admin");
+    let created = system
+        .config_as(Some(&editor_secret))
+        .create_dc(new_dc("Second"))
+        .await?
+        .into_inner()
+        .dc
+        .context("dc")?;
+    let history = system
+        .config()
+        .list_audit_entries(ListAuditEntriesRequest {
+            resource: format!("dcs/{}", created.id),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .audit_entries;
+    assert_eq!(
+        history[0].actor, "editor-1",
+        "the caller's identity is audited"
+    );
+
+    let (_, short_secret) = token(&system, "short-lived", Role::Reader, 0, Some(1)).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await; // past its lifetime
+    let status = system
+        .config_as(Some(&short_secret))
+        .list_dcs(ListDcsRequest::default())
+        .await
+        .expect_err("an expired token");
+    assert_refused(&status, Code::Unauthenticated, "expired");
+
+    system
+        .tokens()
+        .revoke_token(RevokeTokenRequest { id: reader.id })
+        .await?;
+    let status = system
+        .config_as(Some(&reader_secret))
+        .list_dcs(ListDcsRequest::default())
+        .await
+        .expect_err("a revoked token");
+    assert_refused(&status, Code::Unauthenticated, "revoked");
+
+    let template = system
+        .config()
+        .get_vcl_template(GetVclTemplateRequest {
+            id: setup.template_id,
+        })
+        .await?
+        .into_inner()
+        .vcl_template
+        .context("template")?;
+    assert_eq!(
+        template.content, "<VCL/>",
+        "the refused change saved nothing"
+    );
+    let listed = system
+        .tokens()
+        .list_tokens(ListTokensRequest::default())
+        .await?
+        .into_inner()
+        .tokens;
+    assert!(
+        listed.iter().all(|token| token.name != "escalated"),
+        "{listed:?}"
+    );
+    system.ensure_running()
+}
+
+/// Sends a hello naming `address` and `admin_port` to the scheduler with `token` (or none) and
+/// returns how the attach ended.
+async fn attach_as(
+    system: &System,
+    token: Option<&str>,
+    address: &str,
+    admin_port: u32,
+) -> Result<Result<(), tonic::Status>> {
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", system.scheduler_addr(0)))?
+            .connect()
+            .await?;
+    let mut client = AgentServiceClient::with_interceptor(channel, Bearer::new(token));
+    let hello = AttachRequest {
+        message: Some(attach_request::Message::Hello(AgentHello {
+            address: address.into(),
+            admin_port,
+            hostname: "intruder".into(),
+            ..Default::default()
+        })),
+    };
+    Ok(client
+        .attach(futures::stream::iter([hello]))
+        .await
+        .map(|_| ()))
+}
+
+#[tokio::test]
+async fn an_agent_token_attaches_only_as_its_own_server_and_calls_no_api() -> Result<()> {
+    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+    // Server A with its real agent, attached with A's token.
+    let setup = system.set_up().await?;
+    let server_a = system.server(setup.server_id).await?;
+    let mut request = tonic::Request::new(CreateVarnishServerRequest {
+        varnish_server: Some(VarnishServer {
+            id: 0,
+            admin_port: Some(u32::from(free_port())),
+            status: ServerStatus::Maintenance as i32,
+            ..server_a.clone()
+        }),
+    });
+    request.metadata_mut().insert(
+        "prefer",
+        tonic::metadata::MetadataValue::from_static("respond-async"),
+    );
+    let server_b = system
+        .config()
+        .create_varnish_server(request)
+        .await?
+        .into_inner()
+        .varnish_server
+        .context("server b")?;
+    let b_port = server_b.admin_port.context("admin port")?;
+    let (_, secret_a) = token(&system, "stolen-a", Role::Agent, server_a.id, None).await?;
+
+    let refused = attach_as(&system, None, "127.0.0.1", b_port)
+        .await?
+        .expect_err("an attach without a token");
+    assert_refused(&refused, Code::Unauthenticated, "token");
+    let refused = attach_as(&system, Some(&secret_a), "127.0.0.1", b_port)
+        .await?
+        .expect_err("A's token posing as B");
+    assert_refused(&refused, Code::PermissionDenied, "cannot attach as");
+    let refused = attach_as(&system, Some(system.admin_token()), "127.0.0.1", b_port)
+        .await?
+        .expect_err("an admin token is no agent token");
+    assert_refused(&refused, Code::PermissionDenied, "not an agent token");
+
+    // A disabled server's agent is refused even with the right token.
+    let (_, secret_b) = token(&system, "agent-b", Role::Agent, server_b.id, None).await?;
+    system
+        .config()
+        .update_varnish_server(UpdateVarnishServerRequest {
+            varnish_server: Some(VarnishServer {
+                status: ServerStatus::Disabled as i32,
+                ..server_b
+            }),
+            update_mask: None,
+        })
+        .await?;
+    let refused = attach_as(&system, Some(&secret_b), "127.0.0.1", b_port)
+        .await?
+        .expect_err("a disabled server's agent");
+    assert_refused(&refused, Code::PermissionDenied, "disabled");
+
+    // An agent token opens nothing on the API.
+    let status = system
+        .config_as(Some(&secret_a))
+        .list_dcs(ListDcsRequest::default())
+        .await
+        .expect_err("an agent token on the API");
+    assert_refused(&status, Code::PermissionDenied, "has role agent");
+
+    // The refusals left the real agent of A alone: it still reloads.
+    let origin = vaas_testkit::HttpOrigin::start("origin").await?;
+    system
+        .config()
+        .create_backend(CreateBackendRequest {
+            backend: Some(vaas_tests::backend_for(&setup, origin.addr())),
+        })
+        .await?;
+    let page = vaas_testkit::http_get(system.varnishd(0).http_addr(), "/", "localhost").await?;
+    assert_eq!(page.status, 200, "{}", page.body);
     system.ensure_running()
 }
