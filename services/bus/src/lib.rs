@@ -92,6 +92,25 @@ pub enum Error {
         /// The file.
         path: PathBuf,
     },
+    /// NATS refused the credentials, or a client without any.
+    #[error("nats refused {}", refused_login(user.as_deref()))]
+    Refused {
+        /// The user that was refused; `None` for an anonymous connection.
+        user: Option<String>,
+        /// The server's answer.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Describes a refused login for [`Error::Refused`].
+fn refused_login(user: Option<&str>) -> String {
+    match user {
+        Some(user) => format!("user {user} with the password of --nats-password-file"),
+        None => {
+            "a client without credentials (set --nats-user and --nats-password-file)".to_owned()
+        }
+    }
 }
 
 impl Error {
@@ -100,7 +119,7 @@ impl Error {
     pub fn is_configuration(&self) -> bool {
         matches!(
             self,
-            Error::PasswordFile { .. } | Error::EmptyPasswordFile { .. }
+            Error::PasswordFile { .. } | Error::EmptyPasswordFile { .. } | Error::Refused { .. }
         )
     }
 }
@@ -150,24 +169,43 @@ async fn read_password(path: &Path) -> Result<String, Error> {
 
 /// Connects to NATS at `url` with bounded timeouts, as the user of `auth` when it names one,
 /// and returns the client and its JetStream.
+///
+/// A server that cannot be reached yet is retried in the background, but one that refuses the
+/// credentials fails the call at once: retrying would not help.
 pub async fn connect(
     url: &str,
     name: &str,
     auth: &NatsAuth,
 ) -> Result<(async_nats::Client, jetstream::Context), Error> {
-    let options = match auth.credentials().await? {
+    let credentials = auth.credentials().await?;
+    let user = credentials.as_ref().map(|(user, _)| user.clone());
+    let options = match credentials {
         Some((user, password)) => {
             async_nats::ConnectOptions::with_user_and_password(user, password)
         }
         None => async_nats::ConnectOptions::new(),
     };
-    let client = options
+    let options = options
         .name(name)
         .connection_timeout(REQUEST_TIMEOUT)
-        .request_timeout(Some(REQUEST_TIMEOUT))
-        .retry_on_initial_connect()
-        .connect(url)
-        .await?;
+        .request_timeout(Some(REQUEST_TIMEOUT));
+    let client = match options.clone().connect(url).await {
+        Ok(client) => client,
+        Err(error)
+            if matches!(
+                error.kind(),
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Authentication
+            ) =>
+        {
+            return Err(Error::Refused {
+                user,
+                source: error,
+            });
+        }
+        // NATS may start after the service.
+        Err(_) => options.retry_on_initial_connect().connect(url).await?,
+    };
     let jetstream = jetstream::new(client.clone());
     Ok((client, jetstream))
 }
@@ -249,7 +287,11 @@ pub async fn leader_bucket(
 
 #[cfg(test)]
 mod tests {
-    use super::{Error, NatsAuth};
+    use std::time::Duration;
+
+    use vaas_testkit::Nats;
+
+    use super::{Error, NatsAuth, connect};
 
     fn auth(user: Option<&str>, password_file: Option<std::path::PathBuf>) -> NatsAuth {
         NatsAuth {
@@ -311,6 +353,42 @@ mod tests {
             error.to_string(),
             format!("--nats-password-file {} is empty", empty.display())
         );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn connects_with_the_password_and_fails_at_once_without_it() -> anyhow::Result<()> {
+        let nats = Nats::start().await?;
+        let right = auth(Some(nats.user()), Some(nats.password_file()));
+        let (client, _) = connect(&nats.url(), "test", &right).await?;
+        client.flush().await?;
+
+        let dir = tempfile::tempdir()?;
+        let wrong_file = dir.path().join("wrong");
+        std::fs::write(&wrong_file, "wrong\n")?;
+        for refused in [
+            NatsAuth::default(),
+            auth(Some(nats.user()), Some(wrong_file)),
+        ] {
+            // An error, not a client that keeps retrying in the background.
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(5),
+                connect(&nats.url(), "test", &refused),
+            )
+            .await?;
+            let Err(error @ Error::Refused { .. }) = attempt else {
+                panic!("{refused:?} must be refused, got {attempt:?}");
+            };
+            assert!(error.is_configuration());
+            let expected = match refused.nats_user {
+                Some(_) => "nats refused user vaas with the password of --nats-password-file",
+                None => {
+                    "nats refused a client without credentials (set --nats-user and \
+                     --nats-password-file)"
+                }
+            };
+            assert_eq!(error.to_string(), expected);
+        }
         Ok(())
     }
 
