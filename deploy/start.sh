@@ -38,9 +38,11 @@ nats_user=vaas
 nats_password_file=$state/nats-password
 database_url=${VAAS_DATABASE_URL:-sqlite://$state/vaas.db?mode=rwc}
 secret_file=$state/varnish-secret
+admin_token_file=$state/admin.token
+agent_token_file=$state/agent.token
 
 # Stop order is the reverse of start order.
-all_services=(nats varnishd origin scheduler agent api)
+all_services=(nats varnishd origin scheduler api agent)
 
 # The directories install.sh installs into (pip's, npm's, cargo's), found the way it finds them;
 # again after install.sh ran, which may have made new ones.
@@ -281,30 +283,97 @@ start_scheduler() {
   wait_ready scheduler "gRPC health SERVING on 127.0.0.1:$scheduler_port" grpc_serving "$scheduler_port"
 }
 
-start_agent() {
-  launch agent "$bin_dir/vaas-agent" \
-    --scheduler-url "http://127.0.0.1:$scheduler_port" \
-    --varnish-admin "127.0.0.1:$varnish_admin_port" --varnish-secret-file "$secret_file" \
-    --server-address 127.0.0.1 --server-admin-port "$varnish_admin_port" \
-    --state-dir "$state/agent-state"
-  # The agent has no listener of its own to check, and it keeps retrying to reach the scheduler.
-  # Checking it right here could only race with its start-up; start_api checks that it still
-  # runs once the API is ready, by when a bad flag or setting would have ended it.
-  say "started agent (for varnishd 127.0.0.1:$varnish_admin_port)"
-}
-
 start_api() {
   require_free_port "$api_port" VAAS_API_PORT
   launch api "$bin_dir/vaas-api" \
     --listen "127.0.0.1:$api_port" --database-url "$database_url" --nats-url "$nats_url" \
     --nats-user "$nats_user" --nats-password-file "$nats_password_file"
   wait_ready api "gRPC health SERVING on 127.0.0.1:$api_port" grpc_serving "$api_port"
-  if ! pid_of agent >/dev/null; then
-    say "error: agent exited. Last lines of $log_dir/agent.log:" >&2
+}
+
+# --- credentials and the local server ----------------------------------------------------------
+
+api_call() { # api_call METHOD JSON [GRPCURL FLAGS...]: calls the API with the local admin token.
+  local method=$1 body=$2
+  shift 2
+  grpcurl -plaintext -max-time 120 -H "authorization: Bearer $(<"$admin_token_file")" "$@" \
+    -d "$body" "127.0.0.1:$api_port" "vaas.v1.$method"
+}
+
+json_field() { # json_field EXPRESSION: evaluates a Python expression on the JSON document `r`.
+  python3 -c 'import json, sys; r = json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"
+}
+
+# The first admin token is made directly in the store (no token exists yet to ask the API with);
+# a token that still works is kept, so running this again changes nothing.
+ensure_admin_token() {
+  if [ -s "$admin_token_file" ] && api_call TokenService/WhoAmI '{}' >/dev/null 2>&1; then
+    say "ready   admin token in $admin_token_file"
+    return
+  fi
+  if ! (umask 077 && "$bin_dir/vaas-api" create-token --database-url "$database_url" \
+    --name "local-admin-$(date +%Y%m%d-%H%M%S)" --role admin --ttl 366d >"$admin_token_file.new"); then
+    die "cannot create the admin token (vaas-api create-token failed; its message is above)"
+  fi
+  mv "$admin_token_file.new" "$admin_token_file"
+  say "created admin token in $admin_token_file"
+}
+
+# find_or_create LIST_METHOD COLLECTION FIELD VALUE CREATE_METHOD KEY BODY [GRPCURL FLAGS...]:
+# prints the id of the item of COLLECTION whose FIELD is VALUE, creating it with BODY if missing.
+find_or_create() {
+  local listed id
+  listed=$(api_call "ConfigService/$1" '{"pageSize":1000}') || die "vaas.v1.ConfigService/$1 failed"
+  id=$(json_field "next((x['id'] for x in r.get('$2', []) if str(x.get('$3')) == '$4'), '')" <<<"$listed")
+  if [ -z "$id" ]; then
+    id=$(api_call "ConfigService/$5" "$7" "${@:8}" | json_field "r['$6']['id']") ||
+      die "vaas.v1.ConfigService/$5 failed"
+  fi
+  echo "$id"
+}
+
+# The local varnishd is registered as a server of cluster "demo" (in maintenance until its agent
+# is there), its agent gets a fresh token bound to that server (the previous one is revoked), and
+# start_agent then activates the server.
+register_local_server() {
+  local dc cluster template previous
+  dc=$(find_or_create ListDcs dcs symbol local CreateDc dc '{"dc":{"name":"Local","symbol":"local"}}')
+  cluster=$(find_or_create ListClusters clusters name demo CreateCluster cluster '{"cluster":{"name":"demo"}}')
+  template=$(find_or_create ListVclTemplates vclTemplates name default CreateVclTemplate vclTemplate \
+    '{"vclTemplate":{"name":"default","content":"<VCL/>"}}')
+  local_server=$(find_or_create ListVarnishServers varnishServers adminPort "$varnish_admin_port" \
+    CreateVarnishServer varnishServer \
+    "{\"varnishServer\":{\"address\":\"127.0.0.1\",\"hostname\":\"localhost\",\"httpPort\":$varnish_http_port,\"adminPort\":$varnish_admin_port,\"status\":\"SERVER_STATUS_MAINTENANCE\",\"dcId\":$dc,\"clusterId\":$cluster,\"templateId\":$template}}" \
+    -H 'prefer: respond-async')
+  if [ -s "$agent_token_file.id" ]; then
+    previous=$(<"$agent_token_file.id")
+    api_call TokenService/RevokeToken "{\"id\":$previous}" >/dev/null 2>&1 || true
+  fi
+  local created
+  created=$(api_call TokenService/CreateToken \
+    "{\"name\":\"local-agent-$local_server-$(date +%Y%m%d-%H%M%S)\",\"role\":\"ROLE_AGENT\",\"varnishServerId\":$local_server,\"ttl\":\"31622400s\"}") ||
+    die "cannot create the agent's token"
+  (umask 077 && json_field 'r["secret"]' <<<"$created" >"$agent_token_file" &&
+    json_field 'r["token"]["id"]' <<<"$created" >"$agent_token_file.id")
+  say "ready   server $local_server (127.0.0.1 admin port $varnish_admin_port), agent token in $agent_token_file"
+}
+
+start_agent() {
+  launch agent "$bin_dir/vaas-agent" \
+    --scheduler-url "http://127.0.0.1:$scheduler_port" \
+    --varnish-admin "127.0.0.1:$varnish_admin_port" --varnish-secret-file "$secret_file" \
+    --server-address 127.0.0.1 --server-admin-port "$varnish_admin_port" \
+    --token-file "$agent_token_file" --state-dir "$state/agent-state"
+  # The agent has no listener to check: activating its server is the check, since that write
+  # answers only once the agent attached and loaded the cluster's VCL.
+  if ! api_call ConfigService/UpdateVarnishServer \
+    "{\"varnishServer\":{\"id\":$local_server,\"status\":\"SERVER_STATUS_ACTIVE\"},\"updateMask\":{\"paths\":[\"status\"]}}" \
+    >/dev/null; then
+    say "error: server $local_server did not become active with its agent. Last lines of $log_dir/agent.log:" >&2
     tail -n 30 "$log_dir/agent.log" >&2
     exit 1
   fi
-  say "ready   agent (still running after the API started)"
+  say "ready   agent (server $local_server is active and runs its VCL)"
 }
 
 status() {
@@ -365,8 +434,10 @@ case $command in
     start_varnishd
     start_origin
     start_scheduler
-    start_agent
     start_api
+    ensure_admin_token
+    register_local_server
+    start_agent
     print_endpoints
     ;;
   *)

@@ -526,6 +526,11 @@ impl System {
             .sum()
     }
 
+    /// Waits until the first scheduler replica logged `line` (within the log wait's deadline).
+    pub async fn wait_for_scheduler_log(&mut self, line: &str) -> Result<()> {
+        self.schedulers[0].process.wait_for_log(line).await
+    }
+
     /// Returns the logs of every scheduler replica so far.
     pub fn scheduler_log(&self) -> String {
         self.schedulers

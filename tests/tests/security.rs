@@ -463,5 +463,36 @@ async fn an_agent_token_attaches_only_as_its_own_server_and_calls_no_api() -> Re
         .await?;
     let page = vaas_testkit::http_get(system.varnishd(0).http_addr(), "/", "localhost").await?;
     assert_eq!(page.status, 200, "{}", page.body);
-    system.ensure_running()
+
+    // Revoking the real agent's token detaches it (within the 15 s recheck), and it cannot
+    // come back: the server's next change fails for want of an agent.
+    let agent_token = system
+        .tokens()
+        .list_tokens(ListTokensRequest::default())
+        .await?
+        .into_inner()
+        .tokens
+        .into_iter()
+        .find(|token| {
+            token.role == Role::Agent as i32
+                && token.varnish_server_id == server_a.id
+                && token.name != "stolen-a"
+        })
+        .context("the real agent's token")?;
+    system
+        .tokens()
+        .revoke_token(RevokeTokenRequest { id: agent_token.id })
+        .await?;
+    system
+        .wait_for_scheduler_log("agent token withdrawn")
+        .await?;
+    let status = system
+        .config()
+        .create_backend(CreateBackendRequest {
+            backend: Some(vaas_tests::backend_for(&setup, origin.addr())),
+        })
+        .await
+        .expect_err("a change with the only agent cut off");
+    assert_refused(&status, Code::FailedPrecondition, "no agent is attached");
+    Ok(())
 }

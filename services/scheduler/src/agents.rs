@@ -297,12 +297,23 @@ impl AgentService for AgentApi {
             self.resync(server_id).await;
         }
         let registry = self.registry.clone();
+        let store = self.store.clone();
         self.streams.spawn(async move {
+            let mut recheck = tokio::time::interval(TOKEN_RECHECK);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            recheck.tick().await;
             loop {
                 let message = tokio::select! {
                     message = inbound.next() => message,
                     // Leadership lost or shutdown: the agent reconnects, to the new leader.
                     () = term.cancelled() => break,
+                    _ = recheck.tick() => {
+                        if let Some(reason) = token_withdrawn(&store, token.id).await {
+                            warn!(address = %key.address, admin_port = key.admin_port, %reason, "agent token withdrawn; detaching the agent");
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 match message {
                     Some(Ok(AttachRequest { message: Some(message) })) => {
@@ -323,6 +334,22 @@ impl AgentService for AgentApi {
         });
         let outbound = ReceiverStream::new(command_receiver).map(Ok);
         Ok(Response::new(Box::pin(outbound)))
+    }
+}
+
+/// How often the token of an attached agent is checked again, so that revoking it (or its
+/// expiry) detaches the agent within this long.
+const TOKEN_RECHECK: Duration = Duration::from_secs(15);
+
+/// Returns why an attached agent's token no longer works, or `None` while it does (or while the
+/// store cannot tell: an outage of the store does not cut agents off).
+async fn token_withdrawn(store: &Store, token_id: i64) -> Option<String> {
+    match store.recheck_token(token_id).await {
+        Ok(authentication) => authentication.valid().err(),
+        Err(error) => {
+            warn!(%error, "cannot recheck an agent token");
+            None
+        }
     }
 }
 

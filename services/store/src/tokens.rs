@@ -11,7 +11,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::any::AnyRow;
-use vaas_proto::v1::{AccessToken, AuditAction, Role, ServerStatus};
+use vaas_proto::v1::{AccessToken, AuditAction, Role};
 
 use crate::audit::{RawEntry, record_raw};
 use crate::clock::now_micros_sql;
@@ -190,11 +190,24 @@ impl Store {
 
     /// Looks a presented secret up: valid, unknown, expired or revoked.
     pub async fn authenticate(&self, secret: &str) -> Result<Authentication> {
+        self.look_up_token("secret_hash = $1", secret_hash(secret))
+            .await
+    }
+
+    /// Looks a token up again by id (a token in use may have been revoked or expired since).
+    pub async fn recheck_token(&self, id: i64) -> Result<Authentication> {
+        self.look_up_token("id = $1", id).await
+    }
+
+    async fn look_up_token<T>(&self, condition: &str, key: T) -> Result<Authentication>
+    where
+        T: for<'q> sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Send,
+    {
         let now = now_micros_sql(self.dialect);
         let row = sqlx::query(&format!(
-            "SELECT *, {now} AS now FROM access_tokens WHERE secret_hash = $1"
+            "SELECT *, {now} AS now FROM access_tokens WHERE {condition}"
         ))
-        .bind(secret_hash(secret))
+        .bind(key)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {
@@ -210,17 +223,6 @@ impl Store {
         } else {
             Authentication::Valid(token)
         })
-    }
-
-    /// Returns the status of a Varnish server, or `None` when it is not registered.
-    pub async fn server_status(&self, id: i64) -> Result<Option<ServerStatus>> {
-        let status: Option<i64> =
-            sqlx::query_scalar("SELECT status FROM varnish_servers WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(status
-            .map(|status| ServerStatus::try_from(status as i32).unwrap_or(ServerStatus::Disabled)))
     }
 }
 
