@@ -486,10 +486,11 @@ async fn an_agent_token_attaches_only_as_its_own_server_and_calls_no_api() -> Re
     system
         .wait_for_scheduler_log("agent token withdrawn")
         .await?;
+    let other_origin = vaas_testkit::HttpOrigin::start("other-origin").await?;
     let status = system
         .config()
         .create_backend(CreateBackendRequest {
-            backend: Some(vaas_tests::backend_for(&setup, origin.addr())),
+            backend: Some(vaas_tests::backend_for(&setup, other_origin.addr())),
         })
         .await
         .expect_err("a change with the only agent cut off");

@@ -317,6 +317,13 @@ impl AgentService for AgentApi {
                 };
                 match message {
                     Some(Ok(AttachRequest { message: Some(message) })) => {
+                        let message = match checked_result(message) {
+                            Ok(message) => message,
+                            Err(reason) => {
+                                warn!(address = %key.address, admin_port = key.admin_port, %reason, "malformed agent message; detaching the agent");
+                                break;
+                            }
+                        };
                         if result_sender.send(message).await.is_err() {
                             break;
                         }
@@ -440,6 +447,52 @@ fn checked_hello(mut hello: AgentHello) -> Result<AgentHello, String> {
 /// The most findings about unsafe varnishd settings a hello may carry.
 const MAX_UNSAFE_SETTINGS: usize = 16;
 
+/// Checks a result from an agent before the scheduler acts on it, logs it or stores it: ids,
+/// names and versions are short and made of the characters they need (so an agent can forge
+/// neither a log line nor a command to another VCL), and an error (a compiler message may be
+/// hundreds of KiB) is cut to what a task keeps.
+fn checked_result(message: AgentMessage) -> Result<AgentMessage, String> {
+    let name_ok = |value: &str| {
+        value.chars().count() <= MAX_HELLO_FIELD_CHARS
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    };
+    let cap = |error: &mut String| {
+        if error.chars().count() > vaas_store::TASK_ERROR_MAX_CHARS {
+            *error = error
+                .chars()
+                .take(vaas_store::TASK_ERROR_MAX_CHARS)
+                .collect();
+        }
+    };
+    let (kind, names) = match &message {
+        AgentMessage::Hello(_) => return Err("a second hello".to_owned()),
+        AgentMessage::PrepareResult(result) => (
+            "prepare_result",
+            vec![&result.reload_id, &result.vcl_name, &result.vcl_version],
+        ),
+        AgentMessage::CommitResult(result) => (
+            "commit_result",
+            vec![&result.reload_id, &result.active_vcl_version],
+        ),
+        AgentMessage::AbortResult(result) => ("abort_result", vec![&result.reload_id]),
+    };
+    if !names.into_iter().all(|name| name_ok(name)) {
+        return Err(format!(
+            "{kind} holds an id, name or version that is too long or has characters it never has"
+        ));
+    }
+    let mut message = message;
+    match &mut message {
+        AgentMessage::PrepareResult(result) => cap(&mut result.error),
+        AgentMessage::CommitResult(result) => cap(&mut result.error),
+        AgentMessage::AbortResult(result) => cap(&mut result.error),
+        AgentMessage::Hello(_) => {}
+    }
+    Ok(message)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,6 +508,41 @@ mod tests {
             active_vcl_version: "0123456789abcdef".into(),
             unsafe_settings: vec!["vcc_unsafe_path is on".into()],
         }
+    }
+
+    #[test]
+    fn results_with_forged_names_are_refused_and_long_errors_are_cut() {
+        use vaas_proto::v1::{CommitResult, PrepareResult};
+        let prepared = AgentMessage::PrepareResult(PrepareResult {
+            reload_id: "r-1".into(),
+            ok: false,
+            vcl_name: "vaas-1a2b".into(),
+            vcl_version: "1a2b".into(),
+            error: "x".repeat(vaas_store::TASK_ERROR_MAX_CHARS * 100),
+            ..Default::default()
+        });
+        match checked_result(prepared) {
+            Ok(AgentMessage::PrepareResult(result)) => {
+                assert_eq!(
+                    result.error.chars().count(),
+                    vaas_store::TASK_ERROR_MAX_CHARS
+                );
+            }
+            other => panic!("a long compiler message is cut, not refused: {other:?}"),
+        }
+        let forged = AgentMessage::CommitResult(CommitResult {
+            reload_id: "r-1".into(),
+            ok: true,
+            active_vcl_version: "v1\nINFO reload succeeded".into(),
+            ..Default::default()
+        });
+        assert!(checked_result(forged).is_err());
+        let huge = AgentMessage::CommitResult(CommitResult {
+            reload_id: "r".repeat(10_000),
+            ..Default::default()
+        });
+        assert!(checked_result(huge).is_err());
+        assert!(checked_result(AgentMessage::Hello(hello())).is_err());
     }
 
     #[test]

@@ -256,7 +256,11 @@ async fn commit(
         Err(error) => error.to_string(),
     };
     if entry.server.status == ServerStatus::Maintenance as i32 {
-        warn!(server = entry.server.id, %error, "ignoring a commit failure of a maintenance server");
+        warn!(
+            server = entry.server.id,
+            ?error,
+            "ignoring a commit failure of a maintenance server"
+        );
         return None;
     }
     Some(format!(
