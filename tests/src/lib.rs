@@ -158,6 +158,8 @@ impl SystemBuilder {
                 ),
                 ("--reconcile-interval", "2s".to_owned()),
                 ("--agent-wait", "2s".to_owned()),
+                // Transient failures are retried 1 s and 2 s later: tests of failures stay short.
+                ("--reload-attempts", "3".to_owned()),
                 ("--lease-ttl", "3s".to_owned()),
                 ("--replica-id", format!("scheduler-{index}")),
             ]);

@@ -22,6 +22,7 @@ on_both_stores!(
     tasks_saved_while_the_scheduler_is_down_finish_after_it_restarts,
     a_varnishd_that_lost_its_vcl_gets_it_back_when_its_agent_attaches,
     a_standby_scheduler_takes_over_when_the_leader_stops,
+    a_change_made_while_the_agent_is_away_is_retried_until_it_is_back,
 );
 
 /// Follows a task until it ends and returns it as it ended.
@@ -239,6 +240,59 @@ async fn a_varnishd_that_lost_its_vcl_gets_it_back_when_its_agent_attaches(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    system.ensure_running()
+}
+
+/// An agent that is away is a transient failure: the change's task waits in RETRY (with the
+/// reason) instead of failing, and finishes by itself once the agent is back, with no further
+/// write.
+async fn a_change_made_while_the_agent_is_away_is_retried_until_it_is_back(
+    store: StoreKind,
+) -> Result<()> {
+    let mut system = System::builder(store).start().await?;
+    let setup = system.set_up().await?;
+    system.stop_agent(0);
+    let origin = HttpOrigin::start("origin-retried").await?;
+    let mut request = Request::new(CreateBackendRequest {
+        backend: Some(backend_for(&setup, origin.addr())),
+    });
+    request
+        .metadata_mut()
+        .insert("prefer", MetadataValue::from_static("respond-async"));
+    let task_id = system
+        .config()
+        .create_backend(request)
+        .await?
+        .into_inner()
+        .tasks[0]
+        .id;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let retrying = loop {
+        let task = system.task(task_id).await?;
+        if task.state == TaskState::Retry as i32 {
+            break task;
+        }
+        ensure!(
+            task.state != TaskState::Failure as i32,
+            "a missing agent failed the task at once: {task:?}"
+        );
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the task never went to RETRY: {task:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling the task
+    };
+    assert!(
+        retrying.error.contains("no agent is attached"),
+        "{}",
+        retrying.error
+    );
+
+    system.restart_agent(0).await?;
+    let ended = watch_to_end(&system, task_id).await?;
+    assert_eq!(ended.state, TaskState::Success as i32, "{ended:?}");
+    let page = http_get(system.varnishd(0).http_addr(), "/", "demo.example").await?;
+    assert_eq!(page.header("x-origin"), Some(origin.name()));
     system.ensure_running()
 }
 

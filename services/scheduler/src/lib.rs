@@ -31,7 +31,7 @@ use vaas_runtime::auth::AuthLayer;
 
 use crate::agents::{AgentApi, AgentRegistry};
 use crate::auth::AgentAuthenticator;
-use crate::machine::{Action, ReloadEnd, ReloadMachine};
+use crate::machine::{Action, ReloadEnd, ReloadMachine, RetryPolicy};
 use crate::reload::{ReloadContext, ReloadTimeouts};
 
 /// Name of the durable JetStream consumer the scheduler reads intents with.
@@ -92,6 +92,11 @@ pub struct Config {
     /// How long an agent may take to activate or discard a VCL.
     #[arg(long, env = "VAAS_COMMIT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub commit_timeout: Duration,
+    /// Attempts of a reload that fails transiently (an agent unreachable, gone or too slow),
+    /// the first included; its tasks wait in state RETRY between attempts, 1 s, 2 s, 4 s … (at
+    /// most 30 s) apart. A compile error is never retried.
+    #[arg(long, env = "VAAS_RELOAD_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub reload_attempts: u32,
     /// TLS of the gRPC server the agents attach to (plaintext when not configured); with
     /// `--tls-client-ca`, only agents with a client certificate signed by it are served.
     #[command(flatten)]
@@ -170,6 +175,10 @@ pub async fn run(
         request_sender,
         health,
         reconcile_interval: config.reconcile_interval,
+        retries: RetryPolicy {
+            attempts: config.reload_attempts,
+            ..RetryPolicy::default()
+        },
         context: ReloadContext {
             store: store.clone(),
             agents: registry,
@@ -220,6 +229,7 @@ struct LeaderWork {
     request_sender: mpsc::Sender<ReloadRequest>,
     health: tonic_health::server::HealthReporter,
     reconcile_interval: Duration,
+    retries: RetryPolicy,
     context: ReloadContext,
 }
 
@@ -253,7 +263,13 @@ impl LeaderWork {
                     self.request_sender.clone(),
                     term.clone()
                 ),
-                drive_reloads(context, &mut self.requests, self.reconcile_interval, term),
+                drive_reloads(
+                    context,
+                    &mut self.requests,
+                    self.reconcile_interval,
+                    self.retries,
+                    term
+                ),
             );
             self.health
                 .set_not_serving::<AgentServiceServer<AgentApi>>()
@@ -335,11 +351,13 @@ async fn drive_reloads(
     context: ReloadContext,
     requests: &mut mpsc::Receiver<ReloadRequest>,
     reconcile_interval: Duration,
+    retries: RetryPolicy,
     shutdown: CancellationToken,
 ) {
-    let mut machine = ReloadMachine::new();
+    let mut machine = ReloadMachine::with_retries(retries);
     let reloads = TaskTracker::new();
     let (end_sender, mut ends) = mpsc::channel::<(i64, ReloadEnd)>(INTENT_QUEUE);
+    let (retry_sender, mut retries_due) = mpsc::channel::<i64>(INTENT_QUEUE);
     let mut reconcile = tokio::time::interval(reconcile_interval);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -349,6 +367,7 @@ async fn drive_reloads(
                 ReloadRequest::Resync { cluster_id } => machine.on_resync(cluster_id),
             },
             Some((cluster_id, end)) = ends.recv() => machine.on_reload_end(cluster_id, end),
+            Some(cluster_id) = retries_due.recv() => machine.on_retry_due(cluster_id),
             _ = reconcile.tick() => match context.store.unfinished_clusters().await {
                 Ok(unfinished) => unfinished
                     .into_iter()
@@ -361,12 +380,32 @@ async fn drive_reloads(
             },
             () = shutdown.cancelled() => break,
         };
-        for Action::StartReload { cluster_id } in actions {
+        for action in actions {
+            let cluster_id = match action {
+                Action::StartReload { cluster_id } => cluster_id,
+                Action::RetryLater { cluster_id, delay } => {
+                    let retry_sender = retry_sender.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {
+                                let _ = retry_sender.send(cluster_id).await;
+                            }
+                            () = shutdown.cancelled() => {}
+                        }
+                    });
+                    continue;
+                }
+            };
+            let last_attempt = machine.is_last_attempt(cluster_id);
             let context = context.clone();
             let end_sender = end_sender.clone();
             reloads.spawn(async move {
-                let end = match reload::reload_cluster(&context, cluster_id).await {
-                    Ok(snapshot_version) => ReloadEnd::Finished { snapshot_version },
+                let end = match reload::reload_cluster(&context, cluster_id, last_attempt).await {
+                    Ok(reload::Ended::Finished(snapshot_version)) => {
+                        ReloadEnd::Finished { snapshot_version }
+                    }
+                    Ok(reload::Ended::Retry) => ReloadEnd::Retry,
                     Err(error) => {
                         warn!(cluster = cluster_id, %error, "reload interrupted");
                         ReloadEnd::Interrupted

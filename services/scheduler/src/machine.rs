@@ -4,8 +4,13 @@
 //! which tasks are finished, and whether a reload runs. It starts a reload only when none runs
 //! and something newer than what was applied is waiting, so reloads of one cluster never overlap
 //! and a burst of changes costs one reload plus at most one more for what arrived meanwhile.
+//!
+//! A reload that failed for a transient reason (an agent unreachable, gone or too slow) is tried
+//! again after a growing delay, up to a number of attempts; a newer change or an agent that
+//! attaches starts the next attempt at once. A deterministic failure (a compile error) is final.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 /// What the machine asks the scheduler to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,6 +19,13 @@ pub enum Action {
     StartReload {
         /// The cluster to reload.
         cluster_id: i64,
+    },
+    /// Call [`ReloadMachine::on_retry_due`] for this cluster after `delay`.
+    RetryLater {
+        /// The cluster whose reload failed transiently.
+        cluster_id: i64,
+        /// How long to wait.
+        delay: Duration,
     },
 }
 
@@ -28,6 +40,29 @@ pub enum ReloadEnd {
     /// The reload could not run (store unreachable…); nothing was finished. Reconciliation
     /// brings the cluster back later instead of retrying in a tight loop.
     Interrupted,
+    /// The reload failed transiently; its tasks wait in state RETRY for the next attempt.
+    Retry,
+}
+
+/// How often and how patiently a transiently failed reload is tried again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; the last one's failure is final.
+    pub attempts: u32,
+    /// Delay before the second attempt; each later one waits twice as long.
+    pub first_delay: Duration,
+    /// The longest delay between two attempts.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 5,
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -36,25 +71,59 @@ struct ClusterState {
     applied_up_to: i64,
     running: bool,
     resync_wanted: bool,
+    /// Transient failures in a row.
+    failed_attempts: u32,
+    /// Waiting for the delay after a transient failure: old intents do not start a reload.
+    retry_waiting: bool,
 }
 
 /// The reload state of every cluster the scheduler heard of.
 #[derive(Clone, Debug, Default)]
 pub struct ReloadMachine {
     clusters: HashMap<i64, ClusterState>,
+    retries: RetryPolicy,
 }
 
 impl ReloadMachine {
-    /// Creates a machine that knows of no cluster.
+    /// Creates a machine that knows of no cluster, with the default retry policy.
     pub fn new() -> ReloadMachine {
         ReloadMachine::default()
     }
 
-    /// Records that the cluster has a change up to `timestamp` to apply.
+    /// Creates a machine that retries transient failures as `retries` says.
+    pub fn with_retries(retries: RetryPolicy) -> ReloadMachine {
+        ReloadMachine {
+            clusters: HashMap::new(),
+            retries,
+        }
+    }
+
+    /// Records that the cluster has a change up to `timestamp` to apply. A change newer than
+    /// any heard of ends a wait for a retry: it is applied at once.
     pub fn on_intent(&mut self, cluster_id: i64, timestamp: i64) -> Vec<Action> {
         let state = self.clusters.entry(cluster_id).or_default();
+        if timestamp > state.newest_intent {
+            state.retry_waiting = false;
+        }
         state.newest_intent = state.newest_intent.max(timestamp);
         Self::next(cluster_id, state)
+    }
+
+    /// Records that the delay after a transient failure has passed.
+    pub fn on_retry_due(&mut self, cluster_id: i64) -> Vec<Action> {
+        let state = self.clusters.entry(cluster_id).or_default();
+        state.retry_waiting = false;
+        Self::next(cluster_id, state)
+    }
+
+    /// Returns whether the cluster's next reload is its last attempt: a transient failure of it
+    /// is final.
+    pub fn is_last_attempt(&self, cluster_id: i64) -> bool {
+        let failed = self
+            .clusters
+            .get(&cluster_id)
+            .map_or(0, |state| state.failed_attempts);
+        failed + 1 >= self.retries.attempts
     }
 
     /// Records that a server of the cluster may not run what the store says (its agent just
@@ -64,6 +133,8 @@ impl ReloadMachine {
     pub fn on_resync(&mut self, cluster_id: i64) -> Vec<Action> {
         let state = self.clusters.entry(cluster_id).or_default();
         state.resync_wanted = true;
+        // An agent that came back is the news a retry waits for.
+        state.retry_waiting = false;
         Self::next(cluster_id, state)
     }
 
@@ -73,10 +144,26 @@ impl ReloadMachine {
         state.running = false;
         match end {
             ReloadEnd::Finished { snapshot_version } => {
+                state.failed_attempts = 0;
                 state.applied_up_to = state.applied_up_to.max(snapshot_version);
                 Self::next(cluster_id, state)
             }
             ReloadEnd::Interrupted => Vec::new(),
+            ReloadEnd::Retry => {
+                state.failed_attempts += 1;
+                if state.resync_wanted {
+                    // An agent attached while the attempt ran: try again at once.
+                    return Self::next(cluster_id, state);
+                }
+                state.retry_waiting = true;
+                let doublings = state.failed_attempts.saturating_sub(1).min(16);
+                let delay = self
+                    .retries
+                    .first_delay
+                    .saturating_mul(1 << doublings)
+                    .min(self.retries.max_delay);
+                vec![Action::RetryLater { cluster_id, delay }]
+            }
         }
     }
 
@@ -93,7 +180,7 @@ impl ReloadMachine {
     }
 
     fn next(cluster_id: i64, state: &mut ClusterState) -> Vec<Action> {
-        let behind = state.newest_intent > state.applied_up_to;
+        let behind = state.newest_intent > state.applied_up_to && !state.retry_waiting;
         if state.running || !(behind || state.resync_wanted) {
             return Vec::new();
         }
@@ -227,6 +314,70 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_transient_failure_is_retried_later_with_growing_delays_then_given_up() {
+        let policy = RetryPolicy {
+            attempts: 3,
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+        };
+        let mut machine = ReloadMachine::with_retries(policy);
+        machine.on_intent(PROD, 10);
+        assert!(!machine.is_last_attempt(PROD));
+        assert_eq!(
+            machine.on_reload_end(PROD, ReloadEnd::Retry),
+            vec![Action::RetryLater {
+                cluster_id: PROD,
+                delay: Duration::from_secs(1)
+            }]
+        );
+        assert!(
+            machine.on_intent(PROD, 10).is_empty(),
+            "the scan of unfinished tasks waits for the delay"
+        );
+        assert_eq!(
+            machine.on_retry_due(PROD),
+            vec![Action::StartReload { cluster_id: PROD }]
+        );
+        assert_eq!(
+            machine.on_reload_end(PROD, ReloadEnd::Retry),
+            vec![Action::RetryLater {
+                cluster_id: PROD,
+                delay: Duration::from_secs(2)
+            }]
+        );
+        machine.on_retry_due(PROD);
+        assert!(machine.is_last_attempt(PROD), "the third of three");
+        // The last attempt finishes the tasks (as failed); the count starts again.
+        machine.on_reload_end(
+            PROD,
+            ReloadEnd::Finished {
+                snapshot_version: 10,
+            },
+        );
+        assert!(!machine.is_last_attempt(PROD));
+    }
+
+    #[test]
+    fn a_newer_change_or_an_agent_coming_back_ends_the_wait_for_a_retry() {
+        let mut machine = ReloadMachine::new();
+        machine.on_intent(PROD, 10);
+        machine.on_reload_end(PROD, ReloadEnd::Retry);
+        assert_eq!(
+            machine.on_intent(PROD, 11),
+            vec![Action::StartReload { cluster_id: PROD }]
+        );
+        machine.on_reload_end(PROD, ReloadEnd::Retry);
+        assert_eq!(
+            machine.on_resync(PROD),
+            vec![Action::StartReload { cluster_id: PROD }]
+        );
+        assert!(
+            machine.on_retry_due(PROD).is_empty(),
+            "a late timer while the attempt runs starts nothing"
+        );
+    }
+
     /// Replays random interleavings of intents and reload ends, with snapshots that see any
     /// timestamp published so far, and checks the two promises: never two reloads of a cluster at
     /// once, and when everything has settled, the newest intent is applied.
@@ -250,7 +401,9 @@ mod tests {
                     clock += 1;
                     newest.insert(cluster, clock);
                     for action in machine.on_intent(cluster, clock) {
-                        let Action::StartReload { cluster_id } = action;
+                        let Action::StartReload { cluster_id } = action else {
+                            panic!("no failure, no retry: {action:?}");
+                        };
                         assert!(
                             running.insert(cluster_id, clock).is_none(),
                             "overlapping reloads"
@@ -261,7 +414,9 @@ mod tests {
                         snapshot_version: clock,
                     };
                     for action in machine.on_reload_end(cluster, end) {
-                        let Action::StartReload { cluster_id } = action;
+                        let Action::StartReload { cluster_id } = action else {
+                            panic!("no failure, no retry: {action:?}");
+                        };
                         assert!(
                             running.insert(cluster_id, clock).is_none(),
                             "overlapping reloads"
@@ -276,7 +431,9 @@ mod tests {
                     snapshot_version: clock,
                 };
                 for action in machine.on_reload_end(cluster, end) {
-                    let Action::StartReload { cluster_id } = action;
+                    let Action::StartReload { cluster_id } = action else {
+                        panic!("no failure, no retry: {action:?}");
+                    };
                     running.insert(cluster_id, clock);
                 }
             }

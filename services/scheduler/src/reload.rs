@@ -77,18 +77,54 @@ impl Prepared {
     }
 }
 
-/// Reloads one cluster and finishes its tasks; returns the snapshot version the reload covered.
+/// How a reload ended for its tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The tasks up to this snapshot version are finished (succeeded or failed for good).
+    Finished(i64),
+    /// The reload failed transiently; the tasks wait in state RETRY.
+    Retry,
+}
+
+/// A server's failure in a reload, and whether trying again may help: an agent that was not
+/// attached, went away or did not answer in time may be back; a compile error will not change.
+struct Failure {
+    message: String,
+    transient: bool,
+}
+
+/// Reloads one cluster and finishes its tasks, or leaves them in RETRY after a transient failure
+/// unless this is the `last_attempt`.
 #[instrument(skip_all, fields(cluster = cluster_id))]
-pub async fn reload_cluster(context: &ReloadContext, cluster_id: i64) -> Result<i64, Interrupted> {
+pub async fn reload_cluster(
+    context: &ReloadContext,
+    cluster_id: i64,
+    last_attempt: bool,
+) -> Result<Ended, Interrupted> {
     let snapshot = context.store.cluster_snapshot(cluster_id).await?;
     let version = snapshot.version;
     let started = context.store.start_tasks(cluster_id, version).await?;
     announce(&context.nats, &started).await;
     let reload_id = format!("{cluster_id}-{version}");
-    let outcome = run_two_phases(context, &snapshot, &reload_id).await;
+    let failures = run_two_phases(context, &snapshot, &reload_id).await;
+    let transient = failures.iter().all(|failure| failure.transient);
+    let message = capped(
+        failures
+            .into_iter()
+            .map(|failure| failure.message)
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    let outcome = match (message.is_empty(), transient, last_attempt) {
+        (true, _, _) => TaskOutcome::Success,
+        (false, true, false) => TaskOutcome::Retry(message),
+        (false, true, true) => TaskOutcome::Failure(format!("{message} (no attempts left)")),
+        (false, false, _) => TaskOutcome::Failure(message),
+    };
     match &outcome {
         TaskOutcome::Success => info!(version, "reload succeeded"),
         TaskOutcome::Failure(error) => warn!(version, ?error, "reload failed"),
+        TaskOutcome::Retry(error) => warn!(version, ?error, "reload failed; retrying later"),
     }
     if context.term.is_cancelled() {
         // What the agents answered may be a side effect of losing leadership (streams closed):
@@ -100,7 +136,10 @@ pub async fn reload_cluster(context: &ReloadContext, cluster_id: i64) -> Result<
         .finish_tasks(cluster_id, version, &outcome)
         .await?;
     announce(&context.nats, &finished).await;
-    Ok(version)
+    Ok(match outcome {
+        TaskOutcome::Retry(_) => Ended::Retry,
+        TaskOutcome::Success | TaskOutcome::Failure(_) => Ended::Finished(version),
+    })
 }
 
 async fn announce(nats: &async_nats::Client, tasks: &[Task]) {
@@ -120,7 +159,7 @@ async fn run_two_phases(
     context: &ReloadContext,
     snapshot: &ClusterSnapshot,
     reload_id: &str,
-) -> TaskOutcome {
+) -> Vec<Failure> {
     let partial_reload = snapshot
         .cluster
         .as_ref()
@@ -135,10 +174,11 @@ async fn run_two_phases(
 
     let mut failures = Vec::new();
     for entry in &prepared {
-        let error = match &entry.result {
+        let (error, transient) = match &entry.result {
             Ok(result) if result.ok => continue,
-            Ok(result) => result.error.clone(),
-            Err(error) => error.clone(),
+            // The agent answered: the VCL does not compile or load, which trying again won't fix.
+            Ok(result) => (result.error.clone(), false),
+            Err(error) => (error.clone(), true),
         };
         let maintenance = entry.server.status == ServerStatus::Maintenance as i32;
         let unreachable = entry.link.is_none() || entry.result.is_err();
@@ -146,12 +186,15 @@ async fn run_two_phases(
             warn!(server = entry.server.id, error = ?capped(error), "ignoring a failure of a server that may fail");
             continue;
         }
-        failures.push(format!("{}: {error}", entry.describe()));
+        failures.push(Failure {
+            message: format!("{}: {error}", entry.describe()),
+            transient,
+        });
     }
 
     if !failures.is_empty() {
         abort_all(context, &prepared, reload_id).await;
-        return TaskOutcome::Failure(capped(failures.join("; ")));
+        return failures;
     }
 
     let commits = join_all(prepared.iter().filter_map(|entry| {
@@ -159,12 +202,7 @@ async fn run_two_phases(
         Some(commit(context, entry, link, vcl_name, reload_id))
     }))
     .await;
-    let commit_failures: Vec<String> = commits.into_iter().flatten().collect();
-    if commit_failures.is_empty() {
-        TaskOutcome::Success
-    } else {
-        TaskOutcome::Failure(capped(commit_failures.join("; ")))
-    }
+    commits.into_iter().flatten().collect()
 }
 
 async fn prepare(
@@ -222,7 +260,7 @@ async fn commit(
     link: &Arc<AgentLink>,
     vcl_name: &str,
     reload_id: &str,
-) -> Option<String> {
+) -> Option<Failure> {
     let command = AttachResponse {
         command: Some(Command::Commit(CommitCommand {
             reload_id: reload_id.to_owned(),
@@ -251,10 +289,11 @@ async fn commit(
             }
             return None;
         }
-        Ok(AgentMessage::CommitResult(result)) => result.error,
-        Ok(_) => "unexpected answer to commit".to_owned(),
-        Err(error) => error.to_string(),
+        Ok(AgentMessage::CommitResult(result)) => (result.error, false),
+        Ok(_) => ("unexpected answer to commit".to_owned(), true),
+        Err(error) => (error.to_string(), true),
     };
+    let (error, transient) = error;
     if entry.server.status == ServerStatus::Maintenance as i32 {
         warn!(
             server = entry.server.id,
@@ -263,10 +302,13 @@ async fn commit(
         );
         return None;
     }
-    Some(format!(
-        "{}: activating {vcl_name} failed: {error}",
-        entry.describe()
-    ))
+    Some(Failure {
+        message: format!(
+            "{}: activating {vcl_name} failed: {error}",
+            entry.describe()
+        ),
+        transient,
+    })
 }
 
 /// Discards what the prepare phase loaded, so nothing half-applied stays behind.

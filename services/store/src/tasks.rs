@@ -38,6 +38,9 @@ pub enum TaskOutcome {
     Success,
     /// The reload failed; the message says why (the compiler's message, an unreachable server).
     Failure(String),
+    /// The reload failed for a transient reason and will be tried again: the tasks wait in
+    /// state RETRY with the message, unfinished.
+    Retry(String),
 }
 
 /// A page of tasks, newest first, and the token of the next page (empty on the last page).
@@ -159,18 +162,19 @@ impl Store {
         Ok(rows)
     }
 
-    /// Marks the PENDING tasks of a cluster up to `up_to` as STARTED; returns them.
+    /// Marks the PENDING (or RETRY) tasks of a cluster up to `up_to` as STARTED; returns them.
     pub async fn start_tasks(&self, cluster_id: i64, up_to: i64) -> Result<Vec<Task>> {
         let now = now_micros_sql(self.dialect);
         let mut transaction = self.pool.begin().await?;
         let ids: Vec<i64> = sqlx::query_scalar(&format!(
-            "UPDATE tasks SET state = $1, start_time = {now} \
-             WHERE cluster_id = $2 AND timestamp <= $3 AND state = $4 RETURNING id"
+            "UPDATE tasks SET state = $1, start_time = COALESCE(start_time, {now}) \
+             WHERE cluster_id = $2 AND timestamp <= $3 AND state IN ($4, $5) RETURNING id"
         ))
         .bind(TaskState::Started as i32 as i64)
         .bind(cluster_id)
         .bind(up_to)
         .bind(TaskState::Pending as i32 as i64)
+        .bind(TaskState::Retry as i32 as i64)
         .fetch_all(&mut *transaction)
         .await?;
         let tasks = by_ids(&mut transaction, &ids).await?;
@@ -193,10 +197,20 @@ impl Store {
                 TaskState::Failure,
                 error.chars().take(TASK_ERROR_MAX_CHARS).collect(),
             ),
+            TaskOutcome::Retry(error) => (
+                TaskState::Retry,
+                error.chars().take(TASK_ERROR_MAX_CHARS).collect(),
+            ),
+        };
+        // A task waiting for a retry is not finished.
+        let finish_time = if state == TaskState::Retry {
+            "NULL".to_owned()
+        } else {
+            now.to_owned()
         };
         let mut transaction = self.pool.begin().await?;
         let ids: Vec<i64> = sqlx::query_scalar(&format!(
-            "UPDATE tasks SET state = $1, error = $2, finish_time = {now}, \
+            "UPDATE tasks SET state = $1, error = $2, finish_time = {finish_time}, \
              start_time = COALESCE(start_time, {now}) \
              WHERE cluster_id = $3 AND timestamp <= $4 AND state IN ({UNFINISHED_STATES}) \
              RETURNING id"
@@ -230,7 +244,7 @@ impl Store {
                     .execute(&mut *transaction)
                     .await?;
                 }
-                TaskOutcome::Failure(error) => {
+                TaskOutcome::Failure(error) | TaskOutcome::Retry(error) => {
                     let last_error: String = error.chars().take(LAST_ERROR_MAX_CHARS).collect();
                     sqlx::query(
                         "UPDATE clusters SET error_timestamp = $1, last_error = $2 WHERE id = $3",

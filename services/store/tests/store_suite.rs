@@ -7,7 +7,7 @@ use vaas_proto::v1::{
     Backend, Cluster, Dc, Director, Probe, ServerStatus, TaskState, TimeProfile, VarnishServer,
     VclTemplate, VclTemplateBlock, VclVariable,
 };
-use vaas_store::{Error, Store, TaskOutcome};
+use vaas_store::{Authentication, Error, NewToken, Store, TaskOutcome};
 
 /// Opens a fresh store of each kind.
 mod backends {
@@ -71,6 +71,8 @@ on_both_stores!(
     lists_filter_by_what_operators_look_for,
     pages_stay_readable_by_any_grpc_client,
     a_huge_compiler_message_is_capped_before_it_is_stored,
+    a_transient_failure_leaves_tasks_in_retry_for_the_next_attempt,
+    tokens_are_kept_hashed_and_stop_working_when_revoked_or_expired,
 );
 
 struct World {
@@ -1095,5 +1097,122 @@ async fn a_huge_compiler_message_is_capped_before_it_is_stored(store: &Store) ->
     assert_eq!(failed[0].error.len(), vaas_store::TASK_ERROR_MAX_CHARS);
     let cluster = store.get::<Cluster>(world.cluster.id).await?;
     assert_eq!(cluster.last_error.len(), vaas_store::LAST_ERROR_MAX_CHARS);
+    Ok(())
+}
+
+async fn a_transient_failure_leaves_tasks_in_retry_for_the_next_attempt(
+    store: &Store,
+) -> Result<()> {
+    let world = world(store).await?;
+    store.create(&backend(&world, "10.0.0.1")).await?;
+    let (cluster_id, newest) = store.unfinished_clusters().await?[0];
+    let first_start = store.start_tasks(cluster_id, newest).await?[0].start_time;
+
+    let retrying = store
+        .finish_tasks(cluster_id, newest, &TaskOutcome::Retry("agent gone".into()))
+        .await?;
+    assert!(
+        retrying
+            .iter()
+            .all(|task| task.state == TaskState::Retry as i32
+                && task.error == "agent gone"
+                && task.finish_time.is_none())
+    );
+    assert_eq!(
+        store.unfinished_clusters().await?,
+        vec![(cluster_id, newest)],
+        "a task waiting for a retry is unfinished"
+    );
+    assert_eq!(
+        store.get::<Cluster>(cluster_id).await?.last_error,
+        "agent gone"
+    );
+
+    let again = store.start_tasks(cluster_id, newest).await?;
+    assert_eq!(
+        again.len(),
+        retrying.len(),
+        "the next attempt starts them again"
+    );
+    assert_eq!(again[0].start_time, first_start, "the first start is kept");
+    store
+        .finish_tasks(cluster_id, newest, &TaskOutcome::Success)
+        .await?;
+    assert!(store.unfinished_clusters().await?.is_empty());
+    Ok(())
+}
+
+async fn tokens_are_kept_hashed_and_stop_working_when_revoked_or_expired(
+    store: &Store,
+) -> Result<()> {
+    let world = world(store).await?;
+    let new = |name: &str, role, server, seconds| NewToken {
+        name: name.into(),
+        role,
+        varnish_server_id: server,
+        ttl: std::time::Duration::from_secs(seconds),
+    };
+    let admin = store.acting_as("bootstrap");
+    let (token, secret) = admin
+        .create_token(&new("ops", vaas_proto::v1::Role::Editor, 0, 3600))
+        .await?;
+    assert!(secret.starts_with(vaas_store::SECRET_PREFIX) && secret.len() > 60);
+    assert_eq!(token.created_by, "bootstrap");
+    assert_eq!(
+        store.authenticate(&secret).await?,
+        Authentication::Valid(token.clone())
+    );
+    assert_eq!(
+        store.authenticate("vaas_guess").await?,
+        Authentication::Unknown
+    );
+    assert!(matches!(
+        admin
+            .create_token(&new("OPS", vaas_proto::v1::Role::Reader, 0, 3600))
+            .await,
+        Err(Error::AlreadyExists { field: "name", .. })
+    ));
+    assert!(matches!(
+        admin
+            .create_token(&new("agent-x", vaas_proto::v1::Role::Agent, 4242, 3600))
+            .await,
+        Err(Error::MissingReference { .. })
+    ));
+    let (agent, _) = admin
+        .create_token(&new(
+            "agent-1",
+            vaas_proto::v1::Role::Agent,
+            world.server.id,
+            3600,
+        ))
+        .await?;
+    assert_eq!(agent.varnish_server_id, world.server.id);
+
+    let revoked = admin.revoke_token(token.id).await?;
+    assert!(revoked.revoke_time.is_some());
+    assert!(matches!(
+        store.authenticate(&secret).await?,
+        Authentication::Revoked(_)
+    ));
+    assert_eq!(
+        admin.revoke_token(token.id).await?.revoke_time,
+        revoked.revoke_time,
+        "revoking twice keeps the first time"
+    );
+
+    let (_, short) = admin
+        .create_token(&new("short", vaas_proto::v1::Role::Reader, 0, 1))
+        .await?;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await; // past its lifetime
+    assert!(matches!(
+        store.authenticate(&short).await?,
+        Authentication::Expired(_)
+    ));
+
+    let stored = store.list_audit_entries("access_tokens", 10, "").await?.0;
+    assert_eq!(stored.len(), 4, "three creations and one revocation");
+    assert!(stored.iter().all(|entry| entry.actor == "bootstrap"));
+    let (listed, _) = store.list_tokens(0, "").await?;
+    assert_eq!(listed.len(), 3);
     Ok(())
 }
