@@ -3,13 +3,15 @@
 //!
 //! Every configuration write runs in one transaction that also takes a store timestamp, creates a
 //! reload task for every cluster whose VCL may change, and adds an outbox row per task for the
-//! relay that publishes intents. The store speaks in `vaas_proto::v1` messages; it checks
-//! references and uniqueness, but the format of fields is validated by the API before it gets here.
+//! relay that publishes intents. It also holds the lease of the scheduler replica that drives
+//! reloads. The store speaks in `vaas_proto::v1` messages; it checks references and uniqueness,
+//! but the format of fields is validated by the API before it gets here.
 //! It knows nothing of NATS or gRPC.
 
 mod audit;
 mod clock;
 mod error;
+mod lease;
 mod migrations;
 mod resource;
 mod resources;
@@ -27,6 +29,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use error::{Error, Result};
+pub use lease::LeaderLease;
 pub use resource::{Change, Condition, Page, Resource, Tx, Value};
 pub use tasks::{LAST_ERROR_MAX_CHARS, OutboxEntry, TASK_ERROR_MAX_CHARS, TaskOutcome, TaskPage};
 pub use tokens::{Authentication, NewToken, SECRET_PREFIX};

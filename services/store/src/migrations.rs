@@ -64,6 +64,12 @@ const STEPS: &[Step] = &[
         postgres: include_str!("../migrations/postgres/0006_access_tokens.sql"),
         sqlite: include_str!("../migrations/sqlite/0006_access_tokens.sql"),
     },
+    Step {
+        version: 7,
+        description: "leader lease",
+        postgres: include_str!("../migrations/postgres/0007_leader_lease.sql"),
+        sqlite: include_str!("../migrations/sqlite/0007_leader_lease.sql"),
+    },
 ];
 
 /// Returns sqlx's migrator for `dialect`. It is built here rather than with `sqlx::migrate!`,
