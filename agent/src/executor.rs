@@ -1,6 +1,7 @@
 //! Executes the scheduler's commands against varnishd: prepare (render + `vcl.inline`), commit
 //! (`vcl.use`, `start` when the child is stopped, then garbage collection) and abort
-//! (`vcl.discard`).
+//! (`vcl.discard`); between commands, checks that varnishd still runs what the scheduler was
+//! told ([`assess`] decides) and repairs an empty varnishd or a stopped child.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -11,7 +12,7 @@ use vaas_proto::v1::{
 };
 
 use crate::varnish_cli::{
-    ChildState, CliError, CliStatus, CliTimeouts, ParamInfo, VarnishCli, VclState,
+    ChildState, CliError, CliStatus, CliTimeouts, ParamInfo, VarnishCli, VclInfo, VclState,
 };
 use crate::{Config, Error};
 
@@ -83,6 +84,95 @@ pub(crate) fn unsafe_settings(params: &[(&str, ParamInfo)]) -> Vec<String> {
     findings
 }
 
+/// What a health check found wrong with varnishd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Finding {
+    /// No VCL is active although one was: varnishd restarted with `-f ''`; nothing is served.
+    NoActiveVcl {
+        /// The VCL that was active.
+        expected: String,
+    },
+    /// The expected VCL is active but the child process is stopped; nothing is served.
+    ChildStopped,
+    /// Another VCL is active than the one the scheduler was last told about (varnishd
+    /// restarted with a boot VCL, or someone used another one).
+    OtherVcl {
+        /// The VCL that is active.
+        active: String,
+        /// The VCL that was active.
+        expected: String,
+    },
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Finding::NoActiveVcl { expected } => {
+                write!(f, "no vcl is active where {expected} was")
+            }
+            Finding::ChildStopped => write!(f, "the child process is stopped"),
+            Finding::OtherVcl { active, expected } => {
+                write!(f, "vcl {active} is active instead of {expected}")
+            }
+        }
+    }
+}
+
+/// The verdict of a health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// varnishd serves what the scheduler was last told it serves.
+    Healthy,
+    /// `vcl.list` cannot tell whether the child runs: ask `status`.
+    AskChild,
+    /// Something is wrong.
+    Unhealthy(Finding),
+}
+
+/// Decides whether varnishd is healthy from its `vcl.list`, the child's state when known, and
+/// the VCL it is expected to run (the last one committed or reported in a hello; `None` when
+/// the agent never saw one active, and then nothing is expected of varnishd).
+pub(crate) fn assess(
+    list: &[VclInfo],
+    child: Option<&ChildState>,
+    expected: Option<&str>,
+) -> Verdict {
+    let Some(expected) = expected else {
+        return Verdict::Healthy;
+    };
+    let Some(active) = list.iter().find(|vcl| vcl.is_active()) else {
+        return Verdict::Unhealthy(Finding::NoActiveVcl {
+            expected: expected.to_owned(),
+        });
+    };
+    if active.name != expected {
+        return Verdict::Unhealthy(Finding::OtherVcl {
+            active: active.name.clone(),
+            expected: expected.to_owned(),
+        });
+    }
+    // varnishd reports how busy a VCL is only from a running child: with the count there, one
+    // round trip is enough.
+    if active.busy.is_some() {
+        return Verdict::Healthy;
+    }
+    match child {
+        None => Verdict::AskChild,
+        Some(ChildState::Stopped) => Verdict::Unhealthy(Finding::ChildStopped),
+        // Running, or on its way ("starting"): nothing to do now.
+        Some(_) => Verdict::Healthy,
+    }
+}
+
+/// The outcome of a health check that found something wrong.
+#[derive(Debug)]
+pub(crate) struct Repair {
+    /// What was found.
+    pub(crate) found: Finding,
+    /// What was done about it.
+    pub(crate) done: String,
+}
+
 /// Owns the CLI connection (opened lazily, dropped after a transport failure so the next command
 /// reconnects) and runs commands one at a time.
 pub(crate) struct Executor {
@@ -90,6 +180,15 @@ pub(crate) struct Executor {
     cli: Option<VarnishCli>,
     /// Name and text of the VCL the last prepare loaded, kept until it is committed.
     prepared: Option<(String, String)>,
+    /// Name and text of the last VCL committed (or read back from the state directory).
+    last_good: Option<(String, String)>,
+    /// The VCL varnishd should have active: the last one committed, or reported in the hello.
+    expected: Option<String>,
+    /// A finding the agent could not repair and already reported; not reported again until
+    /// varnishd is healthy in between.
+    unrepaired: Option<Finding>,
+    /// Set by any CLI failure: the session checks varnishd's health at once.
+    check_soon: bool,
 }
 
 /// File names of the last good VCL in the state directory.
@@ -102,7 +201,22 @@ impl Executor {
             config,
             cli: None,
             prepared: None,
+            last_good: None,
+            expected: None,
+            unrepaired: None,
+            check_soon: false,
         }
+    }
+
+    /// Records the VCL active at attach (the hello's): the scheduler now knows varnishd runs
+    /// it, so the health check expects it until the next commit. An empty name expects nothing.
+    pub(crate) fn expect_active(&mut self, active_vcl_name: &str) {
+        self.expected = (!active_vcl_name.is_empty()).then(|| active_vcl_name.to_owned());
+    }
+
+    /// Tells whether a CLI command failed since the last call.
+    pub(crate) fn take_check_soon(&mut self) -> bool {
+        std::mem::take(&mut self.check_soon)
     }
 
     /// Returns a connected CLI, connecting when needed.
@@ -119,7 +233,11 @@ impl Executor {
                 command: self.config.cli_timeout,
                 load: self.config.load_timeout,
             };
-            let cli = VarnishCli::connect(self.config.varnish_admin, &secret, timeouts).await?;
+            let cli = VarnishCli::connect(self.config.varnish_admin, &secret, timeouts).await;
+            if cli.is_err() {
+                self.check_soon = true;
+            }
+            let cli = cli?;
             debug!(admin = %self.config.varnish_admin, "connected to varnishd");
             self.cli = Some(cli);
         }
@@ -128,6 +246,9 @@ impl Executor {
 
     /// Forgets the connection when `error` means it is unusable.
     fn note<T>(&mut self, result: Result<T, CliError>) -> Result<T, Error> {
+        if result.is_err() {
+            self.check_soon = true;
+        }
         if let Err(error) = &result
             && !matches!(
                 error,
@@ -280,6 +401,7 @@ impl Executor {
                     use_ms = duration_ms(&result.use_duration),
                     "committed vcl"
                 );
+                self.expected = Some(command.vcl_name.clone());
                 // Before answering (a quick local write): the agent may stop right after.
                 if let Err(error) = self.keep_last_good(&command.vcl_name).await {
                     warn!(error = %error, "cannot keep the committed vcl in the state directory");
@@ -301,20 +423,21 @@ impl Executor {
         }
     }
 
-    /// Writes the committed VCL to the state directory (atomically: a reader sees the old file
-    /// or the new one, never half of one).
+    /// Keeps the committed VCL in memory and writes it to the state directory (atomically: a
+    /// reader sees the old file or the new one, never half of one).
     async fn keep_last_good(&mut self, vcl_name: &str) -> std::io::Result<()> {
-        let Some(dir) = self.config.state_dir.clone() else {
-            return Ok(());
-        };
         let Some((name, text)) = self.prepared.take() else {
             return Ok(());
         };
         if name != vcl_name {
             return Ok(());
         }
-        tokio::fs::create_dir_all(&dir).await?;
-        for (file, content) in [(LAST_GOOD_TEXT, text), (LAST_GOOD_NAME, name)] {
+        let (name, text) = self.last_good.insert((name, text));
+        let Some(dir) = &self.config.state_dir else {
+            return Ok(());
+        };
+        tokio::fs::create_dir_all(dir).await?;
+        for (file, content) in [(LAST_GOOD_TEXT, &*text), (LAST_GOOD_NAME, &*name)] {
             let partial = dir.join(format!("{file}.partial"));
             tokio::fs::write(&partial, content).await?;
             tokio::fs::rename(&partial, dir.join(file)).await?;
@@ -322,35 +445,126 @@ impl Executor {
         Ok(())
     }
 
+    /// Returns the name and text of the last good VCL: the last one committed by this process,
+    /// or else the one in the state directory.
+    async fn last_good(&mut self) -> Option<(String, String)> {
+        if self.last_good.is_none() {
+            let dir = self.config.state_dir.as_ref()?;
+            let (Ok(name), Ok(text)) = (
+                tokio::fs::read_to_string(dir.join(LAST_GOOD_NAME)).await,
+                tokio::fs::read_to_string(dir.join(LAST_GOOD_TEXT)).await,
+            ) else {
+                return None;
+            };
+            self.last_good = Some((name.trim().to_owned(), text));
+        }
+        self.last_good.clone()
+    }
+
     /// When varnishd has no active VCL (it restarted with `-f ''`), loads and activates the last
-    /// committed one from the state directory and starts the child.
+    /// committed one and starts the child.
     pub(crate) async fn restore_last_good(&mut self) -> Result<(), Error> {
-        let Some(dir) = self.config.state_dir.clone() else {
-            return Ok(());
-        };
-        if !self.varnish_state().await?.active_vcl_name.is_empty() {
+        let cli = self.cli().await?;
+        let list = cli.vcl_list().await;
+        if self.note(list)?.iter().any(VclInfo::is_active) {
             return Ok(());
         }
-        let (Ok(name), Ok(text)) = (
-            tokio::fs::read_to_string(dir.join(LAST_GOOD_NAME)).await,
-            tokio::fs::read_to_string(dir.join(LAST_GOOD_TEXT)).await,
-        ) else {
-            return Ok(());
+        if let Some(name) = self.restore().await? {
+            info!(
+                vcl_name = name,
+                "restored the last good vcl into an empty varnishd"
+            );
+        }
+        Ok(())
+    }
+
+    /// Loads the last good VCL (unless it is loaded), activates it and starts the child; returns
+    /// its name, or `None` when no VCL was ever committed or kept.
+    async fn restore(&mut self) -> Result<Option<String>, Error> {
+        let Some((name, text)) = self.last_good().await else {
+            return Ok(None);
         };
-        let name = name.trim();
         let cli = self.cli().await?;
-        let loaded = cli.vcl_inline(name, &text).await;
+        let loaded = cli.vcl_inline(&name, &text).await;
         match loaded {
             // Loaded but never used (an earlier attempt that did not get to vcl.use).
             Err(CliError::Command { ref body, .. }) if body.contains("Already a VCL named") => {}
             other => self.note(other)?,
         }
-        self.activate(name).await?;
-        info!(
-            vcl_name = name,
-            "restored the last good vcl into an empty varnishd"
-        );
-        Ok(())
+        self.activate(&name).await?;
+        self.expected = Some(name.clone());
+        Ok(Some(name))
+    }
+
+    /// Checks with one `vcl.list` (plus `status` when the list cannot tell whether the child
+    /// runs) that varnishd serves what the scheduler was last told; repairs what it can: an
+    /// empty varnishd gets the last good VCL back and its child started, a stopped child is
+    /// started. Returns `None` when healthy (or when the only finding is one already reported
+    /// that could not be repaired), and otherwise what was found and done: the scheduler must
+    /// then hear what varnishd runs. An error means varnishd cannot be reached.
+    pub(crate) async fn check_health(&mut self) -> Result<Option<Repair>, Error> {
+        let list = self.fresh_vcl_list().await?;
+        let mut verdict = assess(&list, None, self.expected.as_deref());
+        if verdict == Verdict::AskChild {
+            let cli = self.cli().await?;
+            let child = cli.status().await;
+            let child = self.note(child)?;
+            verdict = assess(&list, Some(&child), self.expected.as_deref());
+        }
+        let Verdict::Unhealthy(found) = verdict else {
+            self.unrepaired = None;
+            return Ok(None);
+        };
+        if self.unrepaired.as_ref() == Some(&found) {
+            return Ok(None);
+        }
+        let repaired = match &found {
+            Finding::NoActiveVcl { .. } => self.restore().await.map(|restored| match restored {
+                Some(name) => format!("restored the last good vcl {name} and started the child"),
+                None => "nothing: no vcl was committed or kept here".to_owned(),
+            }),
+            Finding::ChildStopped => self
+                .start_child()
+                .await
+                .map(|()| "started the child".to_owned()),
+            Finding::OtherVcl { .. } => {
+                Ok("nothing here: the scheduler brings it up to date".to_owned())
+            }
+        };
+        let done = match repaired {
+            Ok(done) => done,
+            // varnishd went away during the repair: check again later.
+            Err(error) if self.cli.is_none() => return Err(error),
+            Err(error) => {
+                self.unrepaired = Some(found.clone());
+                format!("the repair failed: {}", describe(&error))
+            }
+        };
+        Ok(Some(Repair { found, done }))
+    }
+
+    /// Lists the VCLs, on a new connection when the current one fails (after a restart of
+    /// varnishd the old connection answers only with an end of file).
+    async fn fresh_vcl_list(&mut self) -> Result<Vec<VclInfo>, Error> {
+        let had_connection = self.cli.is_some();
+        let cli = self.cli().await?;
+        let list = cli.vcl_list().await;
+        match self.note(list) {
+            Err(error) if had_connection && self.cli.is_none() => {
+                debug!(error = %describe(&error), "varnish cli connection lost, reconnecting");
+                let cli = self.cli().await?;
+                let list = cli.vcl_list().await;
+                self.note(list)
+            }
+            list => list,
+        }
+    }
+
+    /// Starts the child process.
+    async fn start_child(&mut self) -> Result<(), Error> {
+        let cli = self.cli().await?;
+        let started = cli.start().await;
+        self.note(started)
     }
 
     async fn activate(&mut self, name: &str) -> Result<(), Error> {
@@ -515,6 +729,83 @@ mod tests {
         assert_eq!(version_from_vcl_name("vaas-0123"), None);
         assert_eq!(version_from_vcl_name("vaas-0123456789abcdefg"), None);
         assert_eq!(version_from_vcl_name("vaas-xyz3456789abcdef-1"), None);
+    }
+
+    fn vcl(name: &str, status: &str, busy: Option<u64>) -> VclInfo {
+        VclInfo {
+            status: status.into(),
+            state: "auto".into(),
+            temperature: "warm".into(),
+            busy,
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn a_varnishd_running_the_expected_vcl_is_healthy_from_vcl_list_alone() {
+        let list = [
+            vcl("vaas-old", "available", Some(0)),
+            vcl("vaas-new", "active", Some(3)),
+        ];
+        assert_eq!(assess(&list, None, Some("vaas-new")), Verdict::Healthy);
+    }
+
+    #[test]
+    fn nothing_is_expected_of_a_varnishd_that_never_ran_a_vcl() {
+        assert_eq!(assess(&[], None, None), Verdict::Healthy);
+        let stopped = [vcl("boot", "active", None)];
+        assert_eq!(assess(&stopped, None, None), Verdict::Healthy);
+    }
+
+    #[test]
+    fn a_restarted_empty_varnishd_needs_the_last_good_vcl() {
+        let expected = Some("vaas-0123456789abcdef-1-0");
+        let found = Verdict::Unhealthy(Finding::NoActiveVcl {
+            expected: "vaas-0123456789abcdef-1-0".into(),
+        });
+        assert_eq!(assess(&[], None, expected), found);
+        // A VCL loaded but not used (an interrupted restore) serves nothing either.
+        let loaded = [vcl("vaas-0123456789abcdef-1-0", "available", None)];
+        assert_eq!(assess(&loaded, None, expected), found);
+    }
+
+    #[test]
+    fn another_active_vcl_is_reported() {
+        let list = [vcl("boot", "active", Some(0))];
+        assert_eq!(
+            assess(&list, None, Some("vaas-new")),
+            Verdict::Unhealthy(Finding::OtherVcl {
+                active: "boot".into(),
+                expected: "vaas-new".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn without_a_busy_count_the_child_state_decides() {
+        let list = [vcl("vaas-new", "active", None)];
+        let expected = Some("vaas-new");
+        assert_eq!(assess(&list, None, expected), Verdict::AskChild);
+        assert_eq!(
+            assess(&list, Some(&ChildState::Stopped), expected),
+            Verdict::Unhealthy(Finding::ChildStopped)
+        );
+        assert_eq!(
+            assess(&list, Some(&ChildState::Running), expected),
+            Verdict::Healthy
+        );
+        // On its way up: checked again later, not started twice.
+        let starting = ChildState::Other("starting".into());
+        assert_eq!(assess(&list, Some(&starting), expected), Verdict::Healthy);
+    }
+
+    #[test]
+    fn findings_say_what_was_found() {
+        let found = Finding::OtherVcl {
+            active: "boot".into(),
+            expected: "vaas-new".into(),
+        };
+        assert_eq!(found.to_string(), "vcl boot is active instead of vaas-new");
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //!
 //! The agent has no listener of its own: [`run`] dials the scheduler's `AgentService.Attach`,
 //! says hello (its server's identity and what varnishd runs), then executes commands one at a
-//! time until the stream ends, and reconnects with a capped exponential backoff. It does not
-//! decide anything about reloads: the scheduler does. [`varnish_cli`] is a standalone client of
-//! the Varnish admin protocol.
+//! time until the stream ends, and reconnects with a capped exponential backoff. Between
+//! commands it checks that varnishd still runs what the scheduler was told: a varnishd that
+//! restarted empty gets the last good VCL back at once, and the agent attaches again so that the
+//! scheduler, told what runs, brings it up to date. It does not decide anything about reloads:
+//! the scheduler does. [`varnish_cli`] is a standalone client of the Varnish admin protocol.
 
 mod executor;
 pub mod varnish_cli;
@@ -65,6 +67,10 @@ pub struct Config {
     pub rpc_timeout: Duration,
     /// Longest delay between two reconnection attempts.
     pub max_backoff: Duration,
+    /// How often varnishd's health is checked while the agent is attached and idle (it is also
+    /// checked at once after a CLI failure); while varnishd cannot be reached, checks come
+    /// sooner (from 200 ms, doubling) up to this interval.
+    pub health_interval: Duration,
     /// Where the last VCL that was committed is kept, so that an empty varnishd (restarted
     /// with `-f ''`) gets it back even while no scheduler is reachable; `None` keeps nothing.
     pub state_dir: Option<PathBuf>,
@@ -97,6 +103,7 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             rpc_timeout: Duration::from_secs(20),
             max_backoff: Duration::from_secs(10),
+            health_interval: Duration::from_secs(2),
             state_dir: None,
             tls: None,
             token_file: None,
@@ -151,15 +158,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let endpoints = endpoints(&config)?;
     let mut executor = Executor::new(config.clone());
     let mut backoff = INITIAL_BACKOFF;
-    for attempt in 0.. {
-        // Rotating through the replicas finds the leader; the others refuse the stream.
-        let (url, endpoint) = &endpoints[attempt % endpoints.len()];
+    let mut replica = 0;
+    loop {
+        let (url, endpoint) = &endpoints[replica % endpoints.len()];
         let attached = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             outcome = session(&config, url, endpoint, &mut executor, &shutdown) => outcome,
         };
         match attached {
             Ok(Attached::ShutDown) => return Ok(()),
+            // At once and to the same replica: the scheduler must hear what varnishd runs now.
+            Ok(Attached::Repaired) => {
+                backoff = INITIAL_BACKOFF;
+                continue;
+            }
             Ok(Attached::Ended) => {
                 info!("scheduler closed the attach stream");
                 backoff = INITIAL_BACKOFF;
@@ -171,13 +183,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 warn!(error = %chain(&error), retry_in_ms = backoff.as_millis() as u64, "agent session failed");
             }
         }
+        // Rotating through the replicas finds the leader; the others refuse the stream.
+        replica += 1;
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(config.max_backoff);
     }
-    Ok(())
 }
 
 /// Splits `scheduler_url` into one endpoint per replica.
@@ -212,6 +225,9 @@ enum Attached {
     ShutDown,
     /// The scheduler ended the stream.
     Ended,
+    /// The agent ended the stream after it found varnishd not running what the scheduler was
+    /// told (and repaired what it could), to say hello again with what varnishd runs now.
+    Repaired,
 }
 
 /// A failed session, and whether it got as far as attaching (which resets the backoff).
@@ -248,6 +264,7 @@ async fn session(
         warn!(error = %chain(&error), "cannot restore the last good vcl");
     }
     let state = executor.varnish_state().await?;
+    executor.expect_active(&state.active_vcl_name);
     let channel = endpoint.connect().await.map_err(Error::Connect)?;
     let mut client = AgentServiceClient::new(channel)
         .max_decoding_message_size(vaas_proto::MAX_AGENT_MESSAGE_BYTES);
@@ -288,10 +305,50 @@ async fn session(
         error,
     };
 
+    let health_check = tokio::time::sleep(config.health_interval);
+    tokio::pin!(health_check);
+    // While varnishd cannot be reached: the delay before the next check.
+    let mut unreachable: Option<Duration> = None;
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => return Ok(Attached::ShutDown),
             message = inbound.message() => message.map_err(|status| failed(status.into()))?,
+            // Between commands only: the select owns the executor while a command runs.
+            () = &mut health_check => {
+                let checked = executor.check_health().await;
+                // The check looked already: its own failures need no second look.
+                executor.take_check_soon();
+                let next = match checked {
+                    Ok(None) => {
+                        if unreachable.take().is_some() {
+                            info!("varnishd is reachable again");
+                        }
+                        config.health_interval
+                    }
+                    Ok(Some(repair)) => {
+                        warn!(
+                            found = %repair.found,
+                            done = %repair.done,
+                            "varnishd does not run what the scheduler was told; attaching again"
+                        );
+                        return Ok(Attached::Repaired);
+                    }
+                    Err(error) => {
+                        let delay = match unreachable {
+                            None => {
+                                warn!(error = %chain(&error), "varnishd cannot be reached; checking again");
+                                INITIAL_BACKOFF
+                            }
+                            Some(delay) => delay * 2,
+                        };
+                        let delay = delay.min(config.health_interval);
+                        unreachable = Some(delay);
+                        delay
+                    }
+                };
+                health_check.as_mut().reset(tokio::time::Instant::now() + next);
+                continue;
+            }
         };
         let Some(message) = message else {
             return Ok(Attached::Ended);
@@ -328,6 +385,13 @@ async fn session(
         if committed {
             executor.after_commit().await;
         }
+        // A command that went through shows varnishd is fine; a CLI failure is looked into now.
+        let next_check = if executor.take_check_soon() {
+            tokio::time::Instant::now()
+        } else {
+            tokio::time::Instant::now() + config.health_interval
+        };
+        health_check.as_mut().reset(next_check);
     }
 }
 

@@ -36,6 +36,10 @@ struct Args {
     /// while no scheduler is reachable [default: none, nothing is kept].
     #[arg(long, env = "VAAS_AGENT_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// How often varnishd is checked while idle; an empty or restarted varnishd gets the last
+    /// good VCL back and the scheduler is told.
+    #[arg(long, env = "VAAS_AGENT_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    health_interval: std::time::Duration,
     /// Host name reported to the scheduler [default: the machine's host name].
     #[arg(long, env = "VAAS_HOSTNAME")]
     hostname: Option<String>,
@@ -118,6 +122,10 @@ fn config(args: Args) -> Result<vaas_agent::Config, String> {
     config.token_file = Some(args.token_file);
     config.hostname = args.hostname.unwrap_or_else(system_hostname);
     config.state_dir = args.state_dir;
+    if args.health_interval < std::time::Duration::from_millis(100) {
+        return Err("--health-interval must be at least 100ms".to_owned());
+    }
+    config.health_interval = args.health_interval;
     Ok(config)
 }
 

@@ -409,3 +409,82 @@ async fn an_empty_varnishd_gets_the_last_committed_vcl_back_without_a_scheduler(
         .expect("agent stopped");
     assert!(outcome.expect("agent task").is_ok());
 }
+
+/// How long a repair may take, from the fault to varnishd serving again.
+const REPAIR_BOUND: Duration = Duration::from_secs(10);
+
+/// Waits until varnishd runs `vcl_name` with its child running; returns how long it took.
+async fn wait_until_serving(varnishd: &Varnishd, vcl_name: &str) -> Duration {
+    let started = tokio::time::Instant::now();
+    loop {
+        let mut cli = varnishd.cli().await;
+        let active = cli
+            .vcl_list()
+            .await
+            .expect("vcl.list")
+            .into_iter()
+            .find(|vcl| vcl.is_active())
+            .map(|vcl| vcl.name);
+        let child = cli.status().await.expect("status");
+        if active.as_deref() == Some(vcl_name) && child == ChildState::Running {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < REPAIR_BOUND,
+            "not repaired within {REPAIR_BOUND:?}: active {active:?}, child {child:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_varnishd_restarted_under_a_running_agent_gets_the_last_good_vcl_back_by_itself() {
+    // No state directory: the agent keeps the last good VCL in memory too.
+    let mut setup = setup().await;
+    let mut session = setup.next_session().await;
+    let prepared = session.prepare("r1", variant(1)).await;
+    assert!(prepared.ok, "{prepared:?}");
+    assert!(session.commit("r1", &prepared.vcl_name).await.ok);
+
+    // varnishd restarts empty (-f '') while the agent stays attached, and nobody sends a command.
+    setup.varnishd.restart().await;
+    let repaired_in = wait_until_serving(&setup.varnishd, &prepared.vcl_name).await;
+    eprintln!("varnishd restarted: serving the last good vcl again {repaired_in:?} later");
+    let served = http_get(setup.varnishd.http, "example.com", "/vaas_version").await;
+    assert_eq!(served.body, prepared.vcl_version);
+
+    // The agent attached again to tell the scheduler what varnishd runs now.
+    let again = setup.next_session().await;
+    assert_eq!(again.hello.active_vcl_name, prepared.vcl_name);
+    assert_eq!(again.hello.active_vcl_version, prepared.vcl_version);
+    drop(session);
+    setup.stop().await;
+}
+
+#[tokio::test]
+async fn a_stopped_child_is_started_and_another_active_vcl_is_reported() {
+    let mut setup = setup().await;
+    let mut session = setup.next_session().await;
+    let prepared = session.prepare("r1", variant(1)).await;
+    assert!(prepared.ok, "{prepared:?}");
+    assert!(session.commit("r1", &prepared.vcl_name).await.ok);
+    session.barrier().await;
+
+    let mut cli = setup.varnishd.cli().await;
+    cli.command(&["stop"]).await.expect("stop the child");
+    wait_until_serving(&setup.varnishd, &prepared.vcl_name).await;
+    let session = setup.next_session().await;
+    assert_eq!(session.hello.active_vcl_name, prepared.vcl_name);
+
+    // A VCL used by hand is left to the scheduler: the agent says hello again naming it.
+    let mut cli = setup.varnishd.cli().await;
+    cli.vcl_inline("by_hand", "vcl 4.1;\nbackend none_here none;\n")
+        .await
+        .expect("vcl.inline");
+    cli.vcl_use("by_hand").await.expect("vcl.use");
+    let told = setup.next_session().await;
+    assert_eq!(told.hello.active_vcl_name, "by_hand");
+    assert_eq!(told.hello.active_vcl_version, "");
+    drop(session);
+    setup.stop().await;
+}

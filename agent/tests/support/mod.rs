@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener as StdTcpListener};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -50,25 +50,7 @@ impl Varnishd {
         let admin = free_port();
         let http = free_port();
         let log_file = dir.path().join("varnishd.log");
-        let log = std::fs::File::create(&log_file).expect("log file");
-        let child = Command::new(varnishd_path())
-            .arg("-F")
-            .arg("-n")
-            .arg(dir.path().join("n"))
-            .arg("-a")
-            .arg(http.to_string())
-            .arg("-T")
-            .arg(admin.to_string())
-            .arg("-S")
-            .arg(&secret_file)
-            .args(["-f", "", "-s", "malloc,16m"])
-            .args(["-p", "vcl_cooldown=1", "-p", "thread_pool_min=5"])
-            .args(["-p", "thread_pool_max=50", "-p", "thread_pools=1"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn varnishd");
+        let child = spawn(dir.path(), admin, http, &secret_file, &log_file);
         let mut varnishd = Varnishd {
             child,
             admin,
@@ -80,6 +62,37 @@ impl Varnishd {
         };
         varnishd.wait_ready().await;
         varnishd
+    }
+
+    /// Stops varnishd and starts it again as a restart would: same ports, `-n` directory and
+    /// secret, and no VCL (`-f ''`), with the child stopped. Returns once its CLI answers.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.child = spawn(
+            self._dir.path(),
+            self.admin,
+            self.http,
+            &self.secret_file,
+            &self.log_file,
+        );
+        self.wait_ready().await;
+    }
+
+    /// Stops varnishd: SIGTERM lets the manager stop its child; SIGKILL if it does not exit soon.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     async fn wait_ready(&mut self) {
@@ -118,21 +131,42 @@ impl Drop for Varnishd {
         if std::thread::panicking() {
             eprintln!("---- varnishd output ----\n{}", self.logs());
         }
-        // SIGTERM lets the manager stop its child; SIGKILL if it does not exit soon.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
+}
+
+/// Spawns `varnishd -F -f ''` with its `-n` directory in `dir`, its output appended to
+/// `log_file`.
+fn spawn(
+    dir: &Path,
+    admin: SocketAddr,
+    http: SocketAddr,
+    secret_file: &Path,
+    log_file: &Path,
+) -> Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log_file)
+        .expect("log file");
+    Command::new(varnishd_path())
+        .arg("-F")
+        .arg("-n")
+        .arg(dir.join("n"))
+        .arg("-a")
+        .arg(http.to_string())
+        .arg("-T")
+        .arg(admin.to_string())
+        .arg("-S")
+        .arg(secret_file)
+        .args(["-f", "", "-s", "malloc,16m"])
+        .args(["-p", "vcl_cooldown=1", "-p", "thread_pool_min=5"])
+        .args(["-p", "thread_pool_max=50", "-p", "thread_pools=1"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn varnishd")
 }
 
 /// CLI timeouts for tests.
