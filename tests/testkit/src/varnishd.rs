@@ -65,42 +65,40 @@ impl Varnishd {
 
         let http_port = crate::free_port();
         let admin_port = crate::free_port();
-        let binary = std::env::var_os("VAAS_VARNISHD").unwrap_or_else(|| "varnishd".into());
-        let mut command = Command::new(binary);
-        command
-            .arg("-F")
-            .arg("-n")
-            .arg(dir.path().join("workdir"))
-            .args(["-a", &format!("127.0.0.1:{http_port}")])
-            .args(["-T", &format!("127.0.0.1:{admin_port}")])
-            .arg("-S")
-            .arg(&secret_file)
-            .args(["-f", ""])
-            .args(["-p", "vcl_cooldown=1"])
-            .args(deploy_arguments())
-            .current_dir(dir.path());
-        let process = ManagedProcess::spawn(
-            format!("varnishd :{http_port}"),
-            command,
-            &dir.path().join("varnishd.log"),
-            "TERM",
-        )?;
+        let process = spawn(dir.path(), http_port, admin_port)?;
         let mut varnishd = Varnishd {
             process,
             http_port,
             admin_port,
             dir,
         };
-        let admin = varnishd.admin_addr();
-        varnishd
-            .process
+        varnishd.wait_ready().await?;
+        Ok(varnishd)
+    }
+
+    /// Stops varnishd and starts it again as an operator's restart would: the same ports, `-n`
+    /// directory and secret, and no VCL (`-f ''`), its child stopped. Returns once the admin port
+    /// sends the 107 challenge.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.stop();
+        self.process = spawn(self.dir.path(), self.http_port, self.admin_port)?;
+        self.wait_ready().await.map_err(|failure| match failure {
+            StartFailure::PortTaken(error) | StartFailure::Fatal(error) => {
+                error.context("varnishd did not come back after its restart")
+            }
+        })
+    }
+
+    /// Waits until the admin port sends the 107 challenge.
+    async fn wait_ready(&mut self) -> Result<(), StartFailure> {
+        let admin = self.admin_addr();
+        self.process
             .wait_ready("admin port sends the 107 challenge", || async move {
                 read_admin_greeting(admin)
                     .await
                     .is_ok_and(|(status, _)| status == 107)
             })
-            .await?;
-        Ok(varnishd)
+            .await
     }
 
     /// Returns the address of the HTTP listener (`-a`).
@@ -154,6 +152,31 @@ impl Varnishd {
     }
 }
 
+/// Spawns `varnishd -F -f ''` with its `-n` directory and secret in `dir`, its output appended
+/// to `dir/varnishd.log`.
+fn spawn(dir: &Path, http_port: u16, admin_port: u16) -> anyhow::Result<ManagedProcess> {
+    let binary = std::env::var_os("VAAS_VARNISHD").unwrap_or_else(|| "varnishd".into());
+    let mut command = Command::new(binary);
+    command
+        .arg("-F")
+        .arg("-n")
+        .arg(dir.join("workdir"))
+        .args(["-a", &format!("127.0.0.1:{http_port}")])
+        .args(["-T", &format!("127.0.0.1:{admin_port}")])
+        .arg("-S")
+        .arg(dir.join("secret"))
+        .args(["-f", ""])
+        .args(["-p", "vcl_cooldown=1"])
+        .args(deploy_arguments())
+        .current_dir(dir);
+    ManagedProcess::spawn(
+        format!("varnishd :{http_port}"),
+        command,
+        &dir.join("varnishd.log"),
+        "TERM",
+    )
+}
+
 /// Reads one CLI response: a 13-byte header `"%-3d %-8d\n"`, the body, one newline.
 async fn read_admin_greeting(admin: SocketAddr) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect(admin).await?;
@@ -190,6 +213,25 @@ mod tests {
         assert_eq!(status, 107, "{body}");
         assert!(body.contains("Authentication required"), "{body}");
         // The secret file works for an authenticated client.
+        let state = varnishd.varnishadm(&["status"]).await?;
+        assert!(state.contains("Child in state stopped"), "{state}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_ports_and_secret_and_comes_back_empty() -> anyhow::Result<()> {
+        let mut varnishd = Varnishd::start().await?;
+        let (admin, http) = (varnishd.admin_addr(), varnishd.http_addr());
+        let vcl = "\"vcl 4.1; backend none_here none;\"";
+        varnishd.varnishadm(&["vcl.inline", "boot", vcl]).await?;
+        varnishd.varnishadm(&["vcl.use", "boot"]).await?;
+        varnishd.varnishadm(&["start"]).await?;
+
+        varnishd.restart().await?;
+        assert_eq!((varnishd.admin_addr(), varnishd.http_addr()), (admin, http));
+        // The same secret file still opens the admin port; what was loaded is gone.
+        let list = varnishd.varnishadm(&["vcl.list"]).await?;
+        assert!(!list.contains("boot"), "{list}");
         let state = varnishd.varnishadm(&["status"]).await?;
         assert!(state.contains("Child in state stopped"), "{state}");
         Ok(())
