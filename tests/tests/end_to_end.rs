@@ -8,8 +8,8 @@ use tonic::{Code, Request};
 use tonic_types::StatusExt;
 use vaas_proto::v1::{
     Backend, CreateBackendRequest, CreateDirectorRequest, CreateVarnishServerRequest, Director,
-    ListBackendsRequest, ListTasksRequest, TaskState, UpdateVclTemplateRequest, VarnishServer,
-    VclTemplate,
+    ListBackendsRequest, ListTasksRequest, SyncState, TaskState, UpdateVclTemplateRequest,
+    VarnishServer, VclTemplate,
 };
 use vaas_testkit::{HttpOrigin, http_get};
 use vaas_tests::{StoreKind, System, backend_for, on_both_stores};
@@ -147,6 +147,13 @@ async fn compile_error_fails_the_task_and_the_old_vcl_keeps_serving(
         })
         .await?;
     assert_served_by(&system, &origin).await?;
+    let server = system.server(setup.server_id).await?;
+    assert_eq!(server.sync_state, SyncState::Synced as i32, "{server:?}");
+    assert_eq!(
+        server.synced_timestamp,
+        system.cluster(setup.cluster_id).await?.reload_timestamp,
+        "the server runs the cluster's newest change"
+    );
 
     let broken = VclTemplate {
         id: setup.template_id,
@@ -184,6 +191,17 @@ async fn compile_error_fails_the_task_and_the_old_vcl_keeps_serving(
     assert_eq!(cluster.error_timestamp, task.timestamp);
     assert_ne!(cluster.reload_timestamp, task.timestamp);
     assert_served_by(&system, &origin).await?;
+    let failed_server = system.server(setup.server_id).await?;
+    assert_eq!(failed_server.sync_state, SyncState::Error as i32);
+    assert!(
+        failed_server.sync_error.contains("x-broken"),
+        "{}",
+        failed_server.sync_error
+    );
+    assert_eq!(
+        failed_server.synced_timestamp, server.synced_timestamp,
+        "it still runs the configuration before the failed change"
+    );
 
     let failed = system
         .tasks()

@@ -10,7 +10,7 @@ use tonic::{Code, Request};
 use tonic_types::StatusExt;
 use vaas_agent::varnish_cli::{CliTimeouts, VarnishCli};
 use vaas_proto::v1::{
-    CreateBackendRequest, CreateVarnishServerRequest, ServerStatus, Task, TaskState,
+    CreateBackendRequest, CreateVarnishServerRequest, ServerStatus, SyncState, Task, TaskState,
     UpdateVarnishServerRequest, UpdateVclTemplateRequest, VarnishServer, VclTemplate,
 };
 use vaas_testkit::{HttpOrigin, free_port, http_get};
@@ -287,10 +287,15 @@ async fn a_change_made_while_the_agent_is_away_is_retried_until_it_is_back(
         "{}",
         retrying.error
     );
+    let away = system.server(setup.server_id).await?;
+    assert_eq!(away.sync_state, SyncState::Disconnected as i32, "{away:?}");
 
     system.restart_agent(0).await?;
     let ended = watch_to_end(&system, task_id).await?;
     assert_eq!(ended.state, TaskState::Success as i32, "{ended:?}");
+    let back = system.server(setup.server_id).await?;
+    assert_eq!(back.sync_state, SyncState::Synced as i32, "{back:?}");
+    assert_eq!(back.synced_timestamp, ended.timestamp);
     let page = http_get(system.varnishd(0).http_addr(), "/", "demo.example").await?;
     assert_eq!(page.header("x-origin"), Some(origin.name()));
     system.ensure_running()

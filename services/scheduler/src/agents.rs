@@ -147,17 +147,34 @@ impl AgentRegistry {
         self.changes.send_modify(|generation| *generation += 1);
     }
 
-    fn remove(&self, key: &AgentKey, generation: u64) {
+    /// Removes the agent's stream `generation`; returns false when a newer stream of the same
+    /// agent replaced it already (the agent is still attached).
+    fn remove(&self, key: &AgentKey, generation: u64) -> bool {
+        let mut removed = false;
         if let Ok(mut agents) = self.agents.lock() {
-            // A newer stream of the same agent may have replaced this one already.
             if agents
                 .get(key)
                 .is_some_and(|link| link.generation == generation)
             {
                 agents.remove(key);
+                removed = true;
             }
         }
         self.changes.send_modify(|generation| *generation += 1);
+        removed
+    }
+
+    /// Returns the identities of the attached agents.
+    pub fn attached(&self) -> Vec<(String, u32)> {
+        self.agents
+            .lock()
+            .map(|agents| {
+                agents
+                    .keys()
+                    .map(|key| (key.address.clone(), key.admin_port))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -336,7 +353,11 @@ impl AgentService for AgentApi {
                     None => break,
                 }
             }
-            registry.remove(&key, generation);
+            if registry.remove(&key, generation) {
+                if let Err(error) = store.record_agent_attached(&key.address, key.admin_port, false).await {
+                    warn!(%error, "cannot record that an agent detached");
+                }
+            }
             info!(address = %key.address, admin_port = key.admin_port, "agent detached");
         });
         let outbound = ReceiverStream::new(command_receiver).map(Ok);

@@ -106,7 +106,7 @@ pub async fn reload_cluster(
     let started = context.store.start_tasks(cluster_id, version).await?;
     announce(&context.nats, &started).await;
     let reload_id = format!("{cluster_id}-{version}");
-    let failures = run_two_phases(context, &snapshot, &reload_id).await;
+    let (failures, syncs) = run_two_phases(context, &snapshot, &reload_id).await;
     let transient = failures.iter().all(|failure| failure.transient);
     let message = capped(
         failures
@@ -125,6 +125,16 @@ pub async fn reload_cluster(
         TaskOutcome::Success => info!(version, "reload succeeded"),
         TaskOutcome::Failure(error) => warn!(version, ?error, "reload failed"),
         TaskOutcome::Retry(error) => warn!(version, ?error, "reload failed; retrying later"),
+    }
+    // What a reload cut short by a lost leadership saw is not what the servers run.
+    for sync in syncs.iter().filter(|_| !context.term.is_cancelled()) {
+        let recorded = context
+            .store
+            .record_server_sync(sync.server_id, version, sync.error.as_deref())
+            .await;
+        if let Err(error) = recorded {
+            warn!(server = sync.server_id, %error, "cannot record what the server runs");
+        }
     }
     if context.term.is_cancelled() {
         // What the agents answered may be a side effect of losing leadership (streams closed):
@@ -159,7 +169,7 @@ async fn run_two_phases(
     context: &ReloadContext,
     snapshot: &ClusterSnapshot,
     reload_id: &str,
-) -> Vec<Failure> {
+) -> (Vec<Failure>, Vec<ServerSync>) {
     let partial_reload = snapshot
         .cluster
         .as_ref()
@@ -173,6 +183,7 @@ async fn run_two_phases(
     .await;
 
     let mut failures = Vec::new();
+    let mut syncs = Vec::new();
     for entry in &prepared {
         let (error, transient) = match &entry.result {
             Ok(result) if result.ok => continue,
@@ -180,6 +191,10 @@ async fn run_two_phases(
             Ok(result) => (result.error.clone(), false),
             Err(error) => (error.clone(), true),
         };
+        syncs.push(ServerSync {
+            server_id: entry.server.id,
+            error: Some(capped(error.clone())),
+        });
         let maintenance = entry.server.status == ServerStatus::Maintenance as i32;
         let unreachable = entry.link.is_none() || entry.result.is_err();
         if maintenance || (partial_reload && unreachable) {
@@ -193,16 +208,51 @@ async fn run_two_phases(
     }
 
     if !failures.is_empty() {
+        // Nothing changed on the servers that prepared: they keep what they ran.
         abort_all(context, &prepared, reload_id).await;
-        return failures;
+        return (failures, syncs);
     }
 
-    let commits = join_all(prepared.iter().filter_map(|entry| {
-        let (link, vcl_name) = entry.loaded_vcl()?;
-        Some(commit(context, entry, link, vcl_name, reload_id))
+    let commits = join_all(prepared.iter().map(|entry| async move {
+        match (&entry.result, entry.loaded_vcl()) {
+            (Ok(_), Some((link, vcl_name))) => (
+                entry,
+                commit(context, entry, link, vcl_name, reload_id).await,
+            ),
+            // Already running this VCL (unchanged): in sync without a commit.
+            (Ok(result), None) if result.ok => (entry, Ok(())),
+            // Failed to prepare (a server that may fail): recorded above.
+            _ => (entry, Err(None)),
+        }
     }))
     .await;
-    commits.into_iter().flatten().collect()
+    for (entry, committed) in commits {
+        match committed {
+            Ok(()) => syncs.push(ServerSync {
+                server_id: entry.server.id,
+                error: None,
+            }),
+            Err(None) => {}
+            Err(Some(failure)) => {
+                syncs.push(ServerSync {
+                    server_id: entry.server.id,
+                    error: Some(capped(failure.message.clone())),
+                });
+                if entry.server.status == ServerStatus::Maintenance as i32 {
+                    warn!(server = entry.server.id, error = ?failure.message, "ignoring a commit failure of a maintenance server");
+                } else {
+                    failures.push(failure);
+                }
+            }
+        }
+    }
+    (failures, syncs)
+}
+
+/// What one server runs after a reload: its version (no error) or why it failed.
+struct ServerSync {
+    server_id: i64,
+    error: Option<String>,
 }
 
 async fn prepare(
@@ -253,14 +303,14 @@ async fn prepare(
     }
 }
 
-/// Activates a prepared VCL; returns the failure to report, if it counts.
+/// Activates a prepared VCL; returns the failure, if any (`Err(Some(..))`).
 async fn commit(
     context: &ReloadContext,
     entry: &Prepared,
     link: &Arc<AgentLink>,
     vcl_name: &str,
     reload_id: &str,
-) -> Option<Failure> {
+) -> Result<(), Option<Failure>> {
     let command = AttachResponse {
         command: Some(Command::Commit(CommitCommand {
             reload_id: reload_id.to_owned(),
@@ -287,28 +337,20 @@ async fn commit(
             {
                 warn!(server = entry.server.id, %error, "cannot record the running vcl version");
             }
-            return None;
+            return Ok(());
         }
         Ok(AgentMessage::CommitResult(result)) => (result.error, false),
         Ok(_) => ("unexpected answer to commit".to_owned(), true),
         Err(error) => (error.to_string(), true),
     };
     let (error, transient) = error;
-    if entry.server.status == ServerStatus::Maintenance as i32 {
-        warn!(
-            server = entry.server.id,
-            ?error,
-            "ignoring a commit failure of a maintenance server"
-        );
-        return None;
-    }
-    Some(Failure {
+    Err(Some(Failure {
         message: format!(
             "{}: activating {vcl_name} failed: {error}",
             entry.describe()
         ),
         transient,
-    })
+    }))
 }
 
 /// Discards what the prepare phase loaded, so nothing half-applied stays behind.

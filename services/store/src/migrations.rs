@@ -70,6 +70,12 @@ const STEPS: &[Step] = &[
         postgres: include_str!("../migrations/postgres/0007_leader_lease.sql"),
         sqlite: include_str!("../migrations/sqlite/0007_leader_lease.sql"),
     },
+    Step {
+        version: 8,
+        description: "server sync",
+        postgres: include_str!("../migrations/postgres/0008_server_sync.sql"),
+        sqlite: include_str!("../migrations/sqlite/0008_server_sync.sql"),
+    },
 ];
 
 /// Returns sqlx's migrator for `dialect`. It is built here rather than with `sqlx::migrate!`,

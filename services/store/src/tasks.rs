@@ -289,6 +289,67 @@ impl Store {
         Ok(())
     }
 
+    /// Records what a reload left a server running: the configuration of store timestamp
+    /// `version` (no error), or why it failed (the version it runs stays).
+    pub async fn record_server_sync(
+        &self,
+        server_id: i64,
+        version: i64,
+        error: Option<&str>,
+    ) -> Result<()> {
+        let query = match error {
+            None => sqlx::query(
+                "UPDATE varnish_servers SET synced_version = $1, sync_error = '' WHERE id = $2",
+            )
+            .bind(version)
+            .bind(server_id),
+            Some(error) => sqlx::query("UPDATE varnish_servers SET sync_error = $1 WHERE id = $2")
+                .bind(error.chars().take(LAST_ERROR_MAX_CHARS).collect::<String>())
+                .bind(server_id),
+        };
+        query.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Records whether the agent of the server at (`address`, `admin_port`) is attached to the
+    /// leading scheduler.
+    pub async fn record_agent_attached(
+        &self,
+        address: &str,
+        admin_port: u32,
+        attached: bool,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE varnish_servers SET agent_attached = $1 WHERE address = $2 AND admin_port = $3",
+        )
+        .bind(i64::from(attached))
+        .bind(address)
+        .bind(i64::from(admin_port))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks every server's agent detached but those of `attached` (address, admin port): a new
+    /// leader's view, since agents of a previous leader may be gone.
+    pub async fn reset_agents_attached(&self, attached: &[(String, u32)]) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("UPDATE varnish_servers SET agent_attached = 0")
+            .execute(&mut *transaction)
+            .await?;
+        for (address, admin_port) in attached {
+            sqlx::query(
+                "UPDATE varnish_servers SET agent_attached = 1 WHERE address = $1 AND admin_port = $2",
+            )
+            .bind(address)
+            .bind(i64::from(*admin_port))
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
     /// Records what the agent of the server at (`address`, `admin_port`) reports it runs;
     /// returns the server's id, or `None` when no such server is registered.
     pub async fn record_agent_report(
@@ -300,7 +361,7 @@ impl Store {
     ) -> Result<Option<i64>> {
         let now = now_micros_sql(self.dialect);
         let id: Option<i64> = sqlx::query_scalar(&format!(
-            "UPDATE varnish_servers SET running_vcl_version = $1, agent_seen_time = {now}, \
+            "UPDATE varnish_servers SET running_vcl_version = $1, agent_seen_time = {now}, agent_attached = 1, \
              unsafe_settings = $4 WHERE address = $2 AND admin_port = $3 RETURNING id"
         ))
         .bind(running_vcl_version)

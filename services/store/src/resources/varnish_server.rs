@@ -2,15 +2,33 @@
 //! The agent's reports (running VCL version, last seen) are kept here but never written by a
 //! configuration change.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
-use vaas_proto::v1::{Cluster, Dc, ListVarnishServersRequest, VarnishServer, VclTemplate};
+use vaas_proto::v1::{
+    Cluster, Dc, ListVarnishServersRequest, ServerStatus, SyncState, VarnishServer, VclTemplate,
+};
 
 use crate::resource::{Condition, Resource, Tx, Value, ensure_reference};
 use crate::rows::{flag, port, split_list, timestamp};
 use crate::{Error, Result};
+
+/// The sync state a row tells by itself: DISCONNECTED, ERROR, or SYNCED until compared with
+/// the cluster's newest change.
+fn provisional_sync_state(row: &AnyRow) -> Result<SyncState> {
+    let status: i64 = row.try_get("status")?;
+    if status == i64::from(ServerStatus::Disabled as i32) || status == 0 {
+        return Ok(SyncState::Unspecified);
+    }
+    if !flag(row, "agent_attached")? {
+        return Ok(SyncState::Disconnected);
+    }
+    if !row.try_get::<String, _>("sync_error")?.is_empty() {
+        return Ok(SyncState::Error);
+    }
+    Ok(SyncState::Synced)
+}
 
 impl Resource for VarnishServer {
     const TABLE: &'static str = "varnish_servers";
@@ -59,7 +77,44 @@ impl Resource for VarnishServer {
                 .try_get::<Option<i64>, _>("agent_seen_time")?
                 .map(timestamp),
             unsafe_settings: split_list(row.try_get("unsafe_settings")?),
+            sync_state: provisional_sync_state(row)? as i32,
+            synced_timestamp: match row.try_get::<i64, _>("synced_version")? {
+                0 => None,
+                micros => Some(timestamp(micros)),
+            },
+            sync_error: row.try_get("sync_error")?,
         })
+    }
+
+    /// Servers that seem in sync are OUTDATED when their cluster has a newer change.
+    async fn load_links(tx: &mut Tx<'_>, servers: &mut [VarnishServer]) -> Result<()> {
+        let clusters: BTreeSet<i64> = servers.iter().map(|server| server.cluster_id).collect();
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        let list = clusters
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let newest: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(&format!(
+            "SELECT cluster_id, MAX(timestamp) FROM tasks WHERE cluster_id IN ({list}) \
+             GROUP BY cluster_id"
+        ))
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+        for server in servers {
+            let newest = newest.get(&server.cluster_id).copied().unwrap_or_default();
+            let synced = server.synced_timestamp.map_or(0, |time| {
+                time.seconds * 1_000_000 + i64::from(time.nanos / 1000)
+            });
+            if server.sync_state == SyncState::Synced as i32 && synced < newest {
+                server.sync_state = SyncState::Outdated as i32;
+            }
+        }
+        Ok(())
     }
 
     fn conditions(filter: &ListVarnishServersRequest) -> Vec<Condition> {
