@@ -105,14 +105,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     // Checked first: a TLS mistake is reported before any connection is made.
-    let tls = config.tls.server_config()?;
-    let tls_on = tls.is_some();
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server
-            .tls_config(tls)
-            .map_err(vaas_runtime::tls::TlsError::Refused)?;
-    }
+    let (server, tls_on) = config.tls.server_builder()?;
     let store = Store::connect(&config.database_url).await?;
     let (nats, jetstream) =
         vaas_bus::connect(&config.nats_url, "vaas-api", &config.nats_auth).await?;

@@ -36,6 +36,16 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
+    /// Returns a gRPC server builder that speaks TLS as configured (plaintext when no TLS flag
+    /// is set), and whether it does.
+    pub fn server_builder(&self) -> Result<(tonic::transport::Server, bool), TlsError> {
+        let server = tonic::transport::Server::builder();
+        match self.server_config()? {
+            Some(tls) => Ok((server.tls_config(tls).map_err(TlsError::Refused)?, true)),
+            None => Ok((server, false)),
+        }
+    }
+
     /// Reads and checks the files into a server TLS configuration; returns `None` when no TLS
     /// flag is set (plaintext).
     pub fn server_config(&self) -> Result<Option<ServerTlsConfig>, TlsError> {
