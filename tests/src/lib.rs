@@ -405,6 +405,13 @@ impl System {
         &self.varnishds[index]
     }
 
+    /// Restarts varnishd `index` while its agent keeps running: same ports, `-n` directory and
+    /// secret, and no VCL, as an operator's restart leaves it. Returns once its admin port
+    /// answers; bringing its VCL back is the agent's job.
+    pub async fn restart_varnishd(&mut self, index: usize) -> Result<()> {
+        self.varnishds[index].restart().await
+    }
+
     /// Fails unless the API, the scheduler and every agent are still running.
     pub fn ensure_running(&mut self) -> Result<()> {
         self.api.ensure_running().context("vaas-api")?;
