@@ -2,7 +2,8 @@
 //!
 //! A crash between commit and publish loses nothing (the row stays until it is published), and
 //! a publish repeated after a crash or by another replica is dropped by JetStream as a duplicate
-//! (the message id is the task id).
+//! (the message id is the task id). After any NATS error the next pass first makes sure the
+//! stream exists, so a NATS that restarted without its data gets it back with the next publish.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,10 @@ pub async fn run(
                 poll_interval
             }
             Err(error) => {
+                if matches!(error, RelayError::Bus(_)) {
+                    // The stream may be gone (NATS lost its data): create it before publishing.
+                    stream_ready = false;
+                }
                 failures = failures.saturating_add(1);
                 warn!(error = %error, failures, "outbox relay pass failed; retrying");
                 Duration::from_millis(100 * 2u64.pow(failures.min(6))).min(poll_interval * 5)

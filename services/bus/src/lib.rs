@@ -6,7 +6,9 @@
 //! duplicate). Task events are plain NATS messages: a hint to re-read the task from the store,
 //! which stays the source of truth, so a lost event delays a watcher but never misleads it.
 //! Services authenticate with a user and a password read from a file ([`NatsAuth`]).
-//! This crate knows nothing of the store or of gRPC.
+//! NATS only speeds things up: the services start and keep working while it is away, and
+//! whoever finds the stream missing creates it again. This crate knows nothing of the store or
+//! of gRPC.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,6 +27,10 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// Time allowed to connect to NATS and for each JetStream request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest pause between two attempts to reach a NATS that went away, so that the services
+/// are back on it about as soon as it is.
+pub const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
 /// Returns the subject of one cluster's reload intents.
 pub fn intent_subject(cluster_id: i64) -> String {
@@ -71,9 +77,6 @@ pub enum Error {
     /// Publishing a core NATS message failed.
     #[error("cannot publish to nats")]
     CorePublish(#[from] async_nats::PublishError),
-    /// The leader lease bucket could not be created or opened.
-    #[error("cannot set up the key-value bucket {LEADER_BUCKET}")]
-    LeaderBucket(#[from] Box<jetstream::context::CreateKeyValueError>),
     /// A message could not be encoded or decoded.
     #[error("malformed message")]
     Format(#[from] serde_json::Error),
@@ -170,8 +173,9 @@ async fn read_password(path: &Path) -> Result<String, Error> {
 /// Connects to NATS at `url` with bounded timeouts, as the user of `auth` when it names one,
 /// and returns the client and its JetStream.
 ///
-/// A server that cannot be reached yet is retried in the background, but one that refuses the
-/// credentials fails the call at once: retrying would not help.
+/// A server that cannot be reached yet is retried in the background (the call returns without
+/// waiting for it), but one that refuses the credentials fails the call at once: retrying would
+/// not help. A lost connection is retried at most [`MAX_RECONNECT_DELAY`] apart, forever.
 pub async fn connect(
     url: &str,
     name: &str,
@@ -188,7 +192,8 @@ pub async fn connect(
     let options = options
         .name(name)
         .connection_timeout(REQUEST_TIMEOUT)
-        .request_timeout(Some(REQUEST_TIMEOUT));
+        .request_timeout(Some(REQUEST_TIMEOUT))
+        .reconnect_delay_callback(reconnect_delay);
     let client = match options.clone().connect(url).await {
         Ok(client) => client,
         Err(error)
@@ -210,7 +215,15 @@ pub async fn connect(
     Ok((client, jetstream))
 }
 
-/// Creates the intents stream if it does not exist yet and returns it.
+/// Returns the pause before reconnection attempt `attempts`: doubling from 10 ms, at most
+/// [`MAX_RECONNECT_DELAY`].
+fn reconnect_delay(attempts: usize) -> Duration {
+    let doublings = u32::try_from(attempts).unwrap_or(u32::MAX).min(10);
+    Duration::from_millis(10 * 2u64.pow(doublings)).min(MAX_RECONNECT_DELAY)
+}
+
+/// Creates the intents stream if it does not exist yet (NATS may have restarted without its
+/// data) and returns it.
 pub async fn intents_stream(jetstream: &jetstream::Context) -> Result<stream::Stream, Error> {
     let stream = jetstream
         .get_or_create_stream(stream::Config {
@@ -257,32 +270,6 @@ pub async fn publish_task_event(
 /// Decodes a message payload of this crate's formats.
 pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Error> {
     Ok(serde_json::from_slice(payload)?)
-}
-
-/// Name of the key-value bucket holding the scheduler leader's lease.
-pub const LEADER_BUCKET: &str = "VAAS_SCHEDULER_LEADER";
-
-/// Creates (or opens) the bucket of the scheduler leader's lease; an entry not renewed within
-/// `lease_ttl` expires, which lets a standby replica take over.
-pub async fn leader_bucket(
-    jetstream: &jetstream::Context,
-    lease_ttl: Duration,
-) -> Result<jetstream::kv::Store, Error> {
-    // Replicas share the bucket as it was first created; only a missing one is created.
-    if let Ok(store) = jetstream.get_key_value(LEADER_BUCKET).await {
-        return Ok(store);
-    }
-    let store = jetstream
-        .create_key_value(jetstream::kv::Config {
-            bucket: LEADER_BUCKET.to_owned(),
-            description: "the lease of the vaas-scheduler replica that drives reloads".to_owned(),
-            history: 1,
-            max_age: lease_ttl,
-            ..Default::default()
-        })
-        .await
-        .map_err(Box::new)?;
-    Ok(store)
 }
 
 #[cfg(test)]
@@ -390,6 +377,36 @@ mod tests {
             assert_eq!(error.to_string(), expected);
         }
         Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_nats_does_not_hold_up_the_caller() -> anyhow::Result<()> {
+        // A port nobody listens on: the client keeps trying in the background.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let (client, _) = tokio::time::timeout(
+            Duration::from_secs(3),
+            connect(
+                &format!("nats://127.0.0.1:{port}"),
+                "test",
+                &NatsAuth::default(),
+            ),
+        )
+        .await??;
+        assert_ne!(
+            client.connection_state(),
+            async_nats::connection::State::Connected
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn reconnection_attempts_are_soon_and_at_most_a_second_apart() {
+        let delays: Vec<_> = (0..40).map(super::reconnect_delay).collect();
+        assert_eq!(delays[0], Duration::from_millis(10));
+        assert!(delays.windows(2).all(|pair| pair[0] <= pair[1]));
+        assert_eq!(delays[39], super::MAX_RECONNECT_DELAY);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 use vaas_proto::v1::agent_service_server::AgentServiceServer;
 use vaas_store::Store;
 
@@ -39,6 +39,14 @@ pub const CONSUMER_NAME: &str = "vaas-scheduler";
 
 /// Intents queued between the JetStream reader and the reload loop.
 const INTENT_QUEUE: usize = 1024;
+
+/// How often the store is scanned for unfinished tasks while intents cannot be read from
+/// JetStream (instead of `--reconcile-interval`): a NATS outage delays a reload by about its
+/// own length, not more.
+const SCAN_INTERVAL_WITHOUT_INTENTS: Duration = Duration::from_secs(1);
+
+/// How often the intent reader checks that its connection to NATS is up.
+const NATS_CONNECTION_CHECK: Duration = Duration::from_millis(250);
 
 /// Why the reload loop should look at a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,18 +148,23 @@ pub async fn run(
             .map_err(vaas_runtime::tls::TlsError::Refused)?;
     }
     let store = Store::connect(&config.database_url).await?;
+    // Returns at once when NATS cannot be reached yet (the client keeps trying in the
+    // background): leadership lives in the store, and work is found there until NATS is back.
     let (nats, jetstream) =
         vaas_bus::connect(&config.nats_url, "vaas-scheduler", &config.nats_auth).await?;
-    let lease = vaas_bus::leader_bucket(&jetstream, config.lease_ttl).await?;
     let replica = config.replica_id.clone().unwrap_or_else(default_replica_id);
     let registry = Arc::new(AgentRegistry::default());
     let background = TaskTracker::new();
     let (term_sender, terms) = watch::channel(None);
+    let (term_number_sender, term_numbers) = watch::channel(0);
     background.spawn(leader::run_election(
-        lease,
-        replica,
-        config.lease_ttl,
+        leader::Candidate {
+            store: store.clone(),
+            replica,
+            lease_ttl: config.lease_ttl,
+        },
         term_sender,
+        term_number_sender,
         shutdown.clone(),
     ));
 
@@ -171,6 +184,7 @@ pub async fn run(
     );
     let leader_work = LeaderWork {
         jetstream,
+        term_numbers,
         requests,
         request_sender,
         health,
@@ -225,6 +239,8 @@ fn default_replica_id() -> String {
 /// What this replica does while it leads: read intents and drive reloads.
 struct LeaderWork {
     jetstream: async_nats::jetstream::Context,
+    /// The number of the newest term, which fences the term's work.
+    term_numbers: watch::Receiver<i64>,
     requests: mpsc::Receiver<ReloadRequest>,
     request_sender: mpsc::Sender<ReloadRequest>,
     health: tonic_health::server::HealthReporter,
@@ -242,7 +258,11 @@ impl LeaderWork {
     ) {
         loop {
             let term = loop {
-                if let Some(term) = terms.borrow_and_update().clone() {
+                // A cancelled token is a term that is ending: waiting for the next one instead
+                // of starting work that ends at once keeps the loop from spinning.
+                if let Some(term) = terms.borrow_and_update().clone()
+                    && !term.is_cancelled()
+                {
                     break term;
                 }
                 tokio::select! {
@@ -257,20 +277,31 @@ impl LeaderWork {
                 term: term.clone(),
                 ..self.context.clone()
             };
-            tokio::join!(
-                read_intents(
-                    self.jetstream.clone(),
-                    self.request_sender.clone(),
-                    term.clone()
-                ),
-                drive_reloads(
-                    context,
-                    &mut self.requests,
-                    self.reconcile_interval,
-                    self.retries,
-                    term
-                ),
-            );
+            let (intents_flowing, intents_flowing_watch) = watch::channel(false);
+            let span = info_span!("term", number = *self.term_numbers.borrow());
+            async {
+                tokio::join!(
+                    read_intents(
+                        self.jetstream.clone(),
+                        self.request_sender.clone(),
+                        intents_flowing,
+                        term.clone()
+                    ),
+                    drive_reloads(
+                        context,
+                        &mut self.requests,
+                        ScanIntervals {
+                            intents_flowing: self.reconcile_interval,
+                            without_intents: SCAN_INTERVAL_WITHOUT_INTENTS,
+                        },
+                        intents_flowing_watch,
+                        self.retries,
+                        term
+                    ),
+                )
+            }
+            .instrument(span)
+            .await;
             self.health
                 .set_not_serving::<AgentServiceServer<AgentApi>>()
                 .await;
@@ -281,34 +312,56 @@ impl LeaderWork {
     }
 }
 
-/// Forwards intents from the JetStream stream to the reload loop, reconnecting on failure.
+/// Forwards intents from the JetStream stream to the reload loop until `shutdown`; `flowing`
+/// says whether intents are being read. Whenever the connection to NATS drops, reading starts
+/// over once it is back, creating the stream and the consumer when they are missing (a NATS that
+/// lost its data).
 async fn read_intents(
     jetstream: async_nats::jetstream::Context,
     sender: mpsc::Sender<ReloadRequest>,
+    flowing: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
+    let client = jetstream.client();
     let mut failures: u32 = 0;
     while !shutdown.is_cancelled() {
         let outcome = tokio::select! {
-            outcome = read_intents_once(&jetstream, &sender) => outcome,
+            outcome = read_intents_once(&jetstream, &sender, &flowing) => outcome,
             () = shutdown.cancelled() => return,
         };
+        flowing.send_replace(false);
         if let Err(error) = outcome {
             failures = failures.saturating_add(1);
-            warn!(%error, failures, "reading intents failed; reconnecting");
+            warn!(
+                %error,
+                failures,
+                scan_every = ?SCAN_INTERVAL_WITHOUT_INTENTS,
+                "reading intents failed; finding work in the store until they flow again"
+            );
         }
-        let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+        // A quick retry (the store is scanned meanwhile), but never a tight loop.
+        let pause = Duration::from_millis(100 * 2u64.pow(failures.min(4)));
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             () = shutdown.cancelled() => return,
         }
+        // Requests sent while disconnected would only wait for their timeout.
+        while client.connection_state() != async_nats::connection::State::Connected {
+            tokio::select! {
+                () = tokio::time::sleep(NATS_CONNECTION_CHECK) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
     }
 }
 
+/// Reads intents until an error, a dropped connection or the end of the reload loop.
 async fn read_intents_once(
     jetstream: &async_nats::jetstream::Context,
     sender: &mpsc::Sender<ReloadRequest>,
+    flowing: &watch::Sender<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // Both are created when missing, on every (re)start of reading.
     let stream = vaas_bus::intents_stream(jetstream).await?;
     let consumer: consumer::PullConsumer = stream
         .get_or_create_consumer(
@@ -324,8 +377,24 @@ async fn read_intents_once(
         )
         .await?;
     let mut messages = consumer.messages().await?;
+    let client = jetstream.client();
+    let mut connection_check = tokio::time::interval(NATS_CONNECTION_CHECK);
+    flowing.send_replace(true);
     info!("reading reload intents");
-    while let Some(message) = messages.next().await {
+    loop {
+        let message = tokio::select! {
+            message = messages.next() => message,
+            // The pull stream would only notice a lost connection after its idle heartbeats.
+            _ = connection_check.tick() => {
+                if client.connection_state() != async_nats::connection::State::Connected {
+                    return Err("the connection to nats dropped".into());
+                }
+                continue;
+            }
+        };
+        let Some(message) = message else {
+            return Ok(());
+        };
         let message = message?;
         match vaas_bus::decode::<vaas_bus::Intent>(&message.payload) {
             Ok(intent) => {
@@ -341,16 +410,36 @@ async fn read_intents_once(
         // Acked once handed over: the store reconciliation covers a crash after this point.
         message.ack().await?;
     }
-    Ok(())
+}
+
+/// How often the reload loop scans the store for unfinished tasks.
+#[derive(Clone, Copy, Debug)]
+struct ScanIntervals {
+    /// While intents are read from JetStream: a safety net for a lost message.
+    intents_flowing: Duration,
+    /// While they are not (NATS down or being reconnected to): the only way work is found.
+    without_intents: Duration,
+}
+
+impl ScanIntervals {
+    /// Returns the interval that fits whether intents flow.
+    fn current(&self, intents_flowing: bool) -> Duration {
+        if intents_flowing {
+            self.intents_flowing
+        } else {
+            self.without_intents.min(self.intents_flowing)
+        }
+    }
 }
 
 /// The reload loop: feeds intents, resync requests and reload ends to the machine and runs the reloads it asks
-/// for, one per cluster at a time; scans the store for unfinished tasks at start and every
-/// `reconcile_interval`.
+/// for, one per cluster at a time; scans the store for unfinished tasks at start and then at
+/// the interval that fits whether `intents_flowing`.
 async fn drive_reloads(
     context: ReloadContext,
     requests: &mut mpsc::Receiver<ReloadRequest>,
-    reconcile_interval: Duration,
+    scans: ScanIntervals,
+    mut intents_flowing: watch::Receiver<bool>,
     retries: RetryPolicy,
     shutdown: CancellationToken,
 ) {
@@ -358,8 +447,7 @@ async fn drive_reloads(
     let reloads = TaskTracker::new();
     let (end_sender, mut ends) = mpsc::channel::<(i64, ReloadEnd)>(INTENT_QUEUE);
     let (retry_sender, mut retries_due) = mpsc::channel::<i64>(INTENT_QUEUE);
-    let mut reconcile = tokio::time::interval(reconcile_interval);
-    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_scan = tokio::time::Instant::now();
     loop {
         let actions = tokio::select! {
             Some(request) = requests.recv() => match request {
@@ -368,16 +456,25 @@ async fn drive_reloads(
             },
             Some((cluster_id, end)) = ends.recv() => machine.on_reload_end(cluster_id, end),
             Some(cluster_id) = retries_due.recv() => machine.on_retry_due(cluster_id),
-            _ = reconcile.tick() => match context.store.unfinished_clusters().await {
-                Ok(unfinished) => unfinished
-                    .into_iter()
-                    .flat_map(|(cluster_id, newest)| machine.on_intent(cluster_id, newest))
-                    .collect(),
-                Err(error) => {
-                    warn!(%error, "cannot scan the store for unfinished tasks");
-                    Vec::new()
+            Ok(()) = intents_flowing.changed() => {
+                // Intents stopped (or came back): scan on the schedule that fits from now on.
+                let interval = scans.current(*intents_flowing.borrow_and_update());
+                next_scan = next_scan.min(tokio::time::Instant::now() + interval);
+                Vec::new()
+            }
+            () = tokio::time::sleep_until(next_scan) => {
+                next_scan = tokio::time::Instant::now() + scans.current(*intents_flowing.borrow());
+                match context.store.unfinished_clusters().await {
+                    Ok(unfinished) => unfinished
+                        .into_iter()
+                        .flat_map(|(cluster_id, newest)| machine.on_intent(cluster_id, newest))
+                        .collect(),
+                    Err(error) => {
+                        warn!(%error, "cannot scan the store for unfinished tasks");
+                        Vec::new()
+                    }
                 }
-            },
+            }
             () = shutdown.cancelled() => break,
         };
         for action in actions {
