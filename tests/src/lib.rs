@@ -347,6 +347,11 @@ impl System {
         &self.nats
     }
 
+    /// Returns the system's NATS server to stop and start again.
+    pub fn nats_mut(&mut self) -> &mut Nats {
+        &mut self.nats
+    }
+
     /// Returns the number of subscriptions NATS holds, from its monitoring endpoint.
     pub async fn nats_subscriptions(&self) -> Result<u64> {
         let response =

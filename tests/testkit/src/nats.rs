@@ -53,23 +53,7 @@ impl Nats {
             .context("cannot write the password file")?;
         let port = crate::free_port();
         let monitor_port = crate::free_port();
-        let binary = std::env::var_os("VAAS_NATS_SERVER").unwrap_or_else(|| "nats-server".into());
-        let mut command = Command::new(binary);
-        command
-            .arg("-c")
-            .arg(&config)
-            .arg("-js")
-            .args(["-a", "127.0.0.1"])
-            .args(["-p", &port.to_string()])
-            .args(["-m", &monitor_port.to_string()])
-            .arg("-sd")
-            .arg(dir.path().join("jetstream"));
-        let process = ManagedProcess::spawn(
-            format!("nats-server :{port}"),
-            command,
-            &dir.path().join("nats.log"),
-            "TERM",
-        )?;
+        let process = spawn(dir.path(), port, monitor_port)?;
         let mut nats = Nats {
             process,
             port,
@@ -77,15 +61,47 @@ impl Nats {
             password,
             dir,
         };
-        let monitor = nats.monitor_addr();
-        nats.process
+        nats.wait_ready().await?;
+        Ok(nats)
+    }
+
+    /// Waits until `/healthz?js-enabled=true` answers 200.
+    async fn wait_ready(&mut self) -> Result<(), StartFailure> {
+        let monitor = self.monitor_addr();
+        self.process
             .wait_ready("healthz?js-enabled=true answers 200", || async move {
                 healthz(monitor)
                     .await
                     .is_ok_and(|(status, _)| status == 200)
             })
-            .await?;
-        Ok(nats)
+            .await
+    }
+
+    /// Stops the server (SIGTERM, SIGKILL after a grace period); its clients lose their
+    /// connections. [`Nats::start_again`] brings it back on the same port.
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+
+    /// Starts a stopped server again on the same ports with the same password and waits until
+    /// it is healthy. With `wipe_data`, its JetStream store is deleted first: a NATS that comes
+    /// back without its streams and consumers, as after losing its disk.
+    pub async fn start_again(&mut self, wipe_data: bool) -> anyhow::Result<()> {
+        self.process.stop();
+        if wipe_data {
+            match std::fs::remove_dir_all(self.store_dir()) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(error).context("cannot delete the JetStream store");
+                }
+                _ => {}
+            }
+        }
+        self.process = spawn(self.dir.path(), self.port, self.monitor_port)?;
+        self.wait_ready().await.map_err(|failure| match failure {
+            StartFailure::PortTaken(error) | StartFailure::Fatal(error) => {
+                error.context("cannot start nats-server again")
+            }
+        })
     }
 
     /// Returns the client URL, `nats://127.0.0.1:PORT` (without credentials).
@@ -138,6 +154,27 @@ impl Nats {
     pub fn log(&self) -> String {
         self.process.log()
     }
+}
+
+/// Spawns `nats-server` with the configuration and store in `dir`, appending to its log there.
+fn spawn(dir: &Path, port: u16, monitor_port: u16) -> anyhow::Result<ManagedProcess> {
+    let binary = std::env::var_os("VAAS_NATS_SERVER").unwrap_or_else(|| "nats-server".into());
+    let mut command = Command::new(binary);
+    command
+        .arg("-c")
+        .arg(dir.join("nats.conf"))
+        .arg("-js")
+        .args(["-a", "127.0.0.1"])
+        .args(["-p", &port.to_string()])
+        .args(["-m", &monitor_port.to_string()])
+        .arg("-sd")
+        .arg(dir.join("jetstream"));
+    ManagedProcess::spawn(
+        format!("nats-server :{port}"),
+        command,
+        &dir.join("nats.log"),
+        "TERM",
+    )
 }
 
 /// Name of the password file in the server's directory.
@@ -217,6 +254,38 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let other = Nats::start().await?;
         assert_ne!(nats.password(), other.password());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_server_started_again_keeps_its_streams_unless_its_data_is_wiped()
+    -> anyhow::Result<()> {
+        let mut nats = Nats::start().await?;
+        let connect = |nats: &Nats| {
+            ConnectOptions::with_user_and_password(nats.user().into(), nats.password().into())
+                .connect(nats.url())
+        };
+        let jetstream = async_nats::jetstream::new(connect(&nats).await?);
+        jetstream
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: "KEPT".to_owned(),
+                subjects: vec!["kept.>".to_owned()],
+                ..Default::default()
+            })
+            .await?;
+        let url = nats.url();
+
+        nats.stop();
+        assert!(nats.healthz().await.is_err(), "stopped");
+        nats.start_again(false).await?;
+        assert_eq!(nats.url(), url, "same port");
+        let jetstream = async_nats::jetstream::new(connect(&nats).await?);
+        jetstream.get_stream("KEPT").await?;
+
+        nats.stop();
+        nats.start_again(true).await?;
+        let jetstream = async_nats::jetstream::new(connect(&nats).await?);
+        assert!(jetstream.get_stream("KEPT").await.is_err(), "wiped");
         Ok(())
     }
 
