@@ -183,10 +183,13 @@ async fn a_nats_restarted_without_its_data_gets_its_stream_back_and_reloads_go_o
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    intents
-        .consumer_info(CONSUMER_NAME)
-        .await
-        .context("the scheduler's consumer was not created again")?;
+    while let Err(error) = intents.consumer_info(CONSUMER_NAME).await {
+        ensure!(
+            Instant::now() < deadline,
+            "the scheduler's consumer was not created again: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let log = system.scheduler_log();
     assert_eq!(log.matches(LEADING).count(), 1, "{log}");
     system.ensure_running()

@@ -14,6 +14,7 @@ pub mod machine;
 pub mod reload;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, pull};
@@ -329,7 +330,10 @@ async fn read_intents(
             outcome = read_intents_once(&jetstream, &sender, &flowing) => outcome,
             () = shutdown.cancelled() => return,
         };
-        flowing.send_replace(false);
+        if flowing.send_replace(false) {
+            // Intents flowed since the last failure: this one starts a new count.
+            failures = 0;
+        }
         if let Err(error) = outcome {
             failures = failures.saturating_add(1);
             warn!(
@@ -361,6 +365,9 @@ async fn read_intents_once(
     sender: &mpsc::Sender<ReloadRequest>,
     flowing: &watch::Sender<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let client = jetstream.client();
+    // Counted before anything is read, so that a reconnection from here on restarts reading.
+    let connects = client.statistics().connects.load(Ordering::Relaxed);
     // Both are created when missing, on every (re)start of reading.
     let stream = vaas_bus::intents_stream(jetstream).await?;
     let consumer: consumer::PullConsumer = stream
@@ -377,16 +384,18 @@ async fn read_intents_once(
         )
         .await?;
     let mut messages = consumer.messages().await?;
-    let client = jetstream.client();
     let mut connection_check = tokio::time::interval(NATS_CONNECTION_CHECK);
     flowing.send_replace(true);
     info!("reading reload intents");
     loop {
         let message = tokio::select! {
             message = messages.next() => message,
-            // The pull stream would only notice a lost connection after its idle heartbeats.
+            // The pull stream would notice a lost connection only after its idle heartbeats, and
+            // a NATS that restarted (perhaps without its stream) only after several retries.
             _ = connection_check.tick() => {
-                if client.connection_state() != async_nats::connection::State::Connected {
+                if client.connection_state() != async_nats::connection::State::Connected
+                    || client.statistics().connects.load(Ordering::Relaxed) != connects
+                {
                     return Err("the connection to nats dropped".into());
                 }
                 continue;
