@@ -140,14 +140,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     // Checked first: a TLS mistake is reported before any connection is made.
-    let tls = config.tls.server_config()?;
-    let tls_on = tls.is_some();
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server
-            .tls_config(tls)
-            .map_err(vaas_runtime::tls::TlsError::Refused)?;
-    }
+    let (server, tls_on) = config.tls.server_builder()?;
     let store = Store::connect(&config.database_url).await?;
     // Returns at once when NATS cannot be reached yet (the client keeps trying in the
     // background): leadership lives in the store, and work is found there until NATS is back.
@@ -452,6 +445,14 @@ async fn drive_reloads(
     retries: RetryPolicy,
     shutdown: CancellationToken,
 ) {
+    // Agents of an earlier leader may be gone: only those attached here count as attached.
+    if let Err(error) = context
+        .store
+        .reset_agents_attached(&context.agents.attached())
+        .await
+    {
+        warn!(%error, "cannot record which agents are attached");
+    }
     let mut machine = ReloadMachine::with_retries(retries);
     let reloads = TaskTracker::new();
     let (end_sender, mut ends) = mpsc::channel::<(i64, ReloadEnd)>(INTENT_QUEUE);
