@@ -151,14 +151,13 @@ impl AgentRegistry {
     /// agent replaced it already (the agent is still attached).
     fn remove(&self, key: &AgentKey, generation: u64) -> bool {
         let mut removed = false;
-        if let Ok(mut agents) = self.agents.lock() {
-            if agents
+        if let Ok(mut agents) = self.agents.lock()
+            && agents
                 .get(key)
                 .is_some_and(|link| link.generation == generation)
-            {
-                agents.remove(key);
-                removed = true;
-            }
+        {
+            agents.remove(key);
+            removed = true;
         }
         self.changes.send_modify(|generation| *generation += 1);
         removed
@@ -353,10 +352,12 @@ impl AgentService for AgentApi {
                     None => break,
                 }
             }
-            if registry.remove(&key, generation) {
-                if let Err(error) = store.record_agent_attached(&key.address, key.admin_port, false).await {
-                    warn!(%error, "cannot record that an agent detached");
-                }
+            if registry.remove(&key, generation)
+                && let Err(error) = store
+                    .record_agent_attached(&key.address, key.admin_port, false)
+                    .await
+            {
+                warn!(%error, "cannot record that an agent detached");
             }
             info!(address = %key.address, admin_port = key.admin_port, "agent detached");
         });
