@@ -189,6 +189,8 @@ pub(crate) struct Executor {
     unrepaired: Option<Finding>,
     /// Set by any CLI failure: the session checks varnishd's health at once.
     check_soon: bool,
+    /// The newest scheduler term seen on a command: commands of older terms are refused.
+    newest_term: i64,
 }
 
 /// File names of the last good VCL in the state directory.
@@ -205,7 +207,21 @@ impl Executor {
             expected: None,
             unrepaired: None,
             check_soon: false,
+            newest_term: 0,
         }
+    }
+
+    /// Admits a command of scheduler term `term`, or says why not: a leader whose term is older
+    /// than one already seen has lost its lease, and must not act any more (fencing).
+    pub(crate) fn admit_term(&mut self, term: i64) -> Result<(), String> {
+        if term < self.newest_term {
+            return Err(format!(
+                "refused: the command is of scheduler term {term}, older than term {} already seen",
+                self.newest_term
+            ));
+        }
+        self.newest_term = term;
+        Ok(())
     }
 
     /// Records the VCL active at attach (the hello's): the scheduler now knows varnishd runs

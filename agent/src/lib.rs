@@ -37,6 +37,8 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How many results may wait to be sent to the scheduler (one command runs at a time, so one
 /// would do; a few absorb a slow stream).
 const OUTBOUND_CAPACITY: usize = 8;
+/// The longest delay before trying the next replica after one that stands by.
+const STANDBY_RETRY: Duration = Duration::from_millis(500);
 /// First reconnect delay.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -179,6 +181,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             Err(SessionError { attached, error }) => {
                 if attached {
                     backoff = INITIAL_BACKOFF;
+                }
+                // A replica standing by: the leader is elsewhere or about to be elected, so the
+                // next replica is tried soon (a new leader must not wait for a long backoff).
+                if matches!(&error, Error::Rpc(status) if status.code() == tonic::Code::Unavailable)
+                {
+                    backoff = backoff.min(STANDBY_RETRY);
                 }
                 warn!(error = %chain(&error), retry_in_ms = backoff.as_millis() as u64, "agent session failed");
             }
@@ -354,6 +362,22 @@ async fn session(
             return Ok(Attached::Ended);
         };
         let mut committed = false;
+        if let Err(refusal) = executor.admit_term(message.term) {
+            warn!(term = message.term, %refusal, "refusing a command of an older scheduler term");
+            let Some(reply) = refused(message.command, refusal) else {
+                continue;
+            };
+            if outbound
+                .send(AttachRequest {
+                    message: Some(reply),
+                })
+                .await
+                .is_err()
+            {
+                return Ok(Attached::Ended);
+            }
+            continue;
+        }
         let reply = match message.command {
             Some(attach_response::Command::Prepare(command)) => {
                 attach_request::Message::PrepareResult(executor.prepare(command).await)
@@ -393,6 +417,37 @@ async fn session(
         };
         health_check.as_mut().reset(next_check);
     }
+}
+
+/// The answer to a command refused without running it (`None` for an empty command).
+fn refused(
+    command: Option<attach_response::Command>,
+    error: String,
+) -> Option<attach_request::Message> {
+    use vaas_proto::v1::{AbortResult, CommitResult, PrepareResult};
+    Some(match command? {
+        attach_response::Command::Prepare(command) => {
+            attach_request::Message::PrepareResult(PrepareResult {
+                reload_id: command.reload_id,
+                error,
+                ..Default::default()
+            })
+        }
+        attach_response::Command::Commit(command) => {
+            attach_request::Message::CommitResult(CommitResult {
+                reload_id: command.reload_id,
+                error,
+                ..Default::default()
+            })
+        }
+        attach_response::Command::Abort(command) => {
+            attach_request::Message::AbortResult(AbortResult {
+                reload_id: command.reload_id,
+                error,
+                ..Default::default()
+            })
+        }
+    })
 }
 
 /// Reads the token file into an `authorization` metadata value.

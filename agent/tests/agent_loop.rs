@@ -145,9 +145,15 @@ impl Setup {
 
 impl Session {
     async fn send(&self, command: attach_response::Command) {
+        self.send_in_term(command, 1).await;
+    }
+
+    /// Sends a command as the scheduler leader of `term` would.
+    async fn send_in_term(&self, command: attach_response::Command, term: i64) {
         self.commands
             .send(Ok(AttachResponse {
                 command: Some(command),
+                term,
             }))
             .await
             .expect("stream open");
@@ -326,6 +332,57 @@ async fn prepare_commit_garbage_collection_and_reconnect() {
     assert_eq!(session.hello.active_vcl_name, first.vcl_name);
     assert_eq!(session.hello.active_vcl_version, first.vcl_version);
 
+    setup.stop().await;
+}
+
+/// Fencing: once a command of a newer scheduler term came, an older leader's commands are
+/// refused without touching varnishd.
+#[tokio::test]
+async fn commands_of_an_older_scheduler_term_are_refused() {
+    let mut setup = setup().await;
+    let mut session = setup.next_session().await;
+    session
+        .send_in_term(
+            attach_response::Command::Prepare(PrepareCommand {
+                reload_id: "new-leader".into(),
+                server_id: fixtures::SERVER_ID,
+                snapshot: Some(fixtures::one_director("10.1.0.1", 80)),
+            }),
+            7,
+        )
+        .await;
+    let attach_request::Message::PrepareResult(prepared) = session.result().await else {
+        panic!("a prepare result");
+    };
+    assert!(prepared.ok, "{prepared:?}");
+
+    session
+        .send_in_term(
+            attach_response::Command::Commit(CommitCommand {
+                reload_id: "old-leader".into(),
+                vcl_name: prepared.vcl_name.clone(),
+            }),
+            6,
+        )
+        .await;
+    let attach_request::Message::CommitResult(refused) = session.result().await else {
+        panic!("a commit result");
+    };
+    assert!(!refused.ok);
+    assert_eq!(refused.reload_id, "old-leader");
+    assert!(
+        refused.error.contains("older than term 7"),
+        "{}",
+        refused.error
+    );
+    assert!(
+        setup
+            .vaas_vcls()
+            .await
+            .iter()
+            .all(|(_, status, _)| status != "active"),
+        "the old leader's commit changed nothing"
+    );
     setup.stop().await;
 }
 

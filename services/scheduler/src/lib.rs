@@ -197,6 +197,7 @@ pub async fn run(
                 commit: config.commit_timeout,
             },
             term: CancellationToken::new(),
+            term_number: 0,
         },
     };
     background.spawn(leader_work.run_terms(terms, shutdown.clone()));
@@ -269,6 +270,7 @@ impl LeaderWork {
                 .await;
             let context = ReloadContext {
                 term: term.clone(),
+                term_number: *self.term_numbers.borrow(),
                 ..self.context.clone()
             };
             let (intents_flowing, intents_flowing_watch) = watch::channel(false);

@@ -41,7 +41,14 @@ pub struct ReloadContext {
     /// This replica's term of leadership: once cancelled, reloads leave their tasks unfinished
     /// for the next leader.
     pub term: tokio_util::sync::CancellationToken,
+    /// The number of that term, sent with every command: agents refuse commands of a term
+    /// older than one they have seen.
+    pub term_number: i64,
 }
+
+/// Numbers reloads within this process, so that a reload id never repeats (a late answer to an
+/// earlier reload of the same snapshot cannot pass for an answer to this one).
+static RELOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A failure that stops a reload before it could finish its tasks.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +112,8 @@ pub async fn reload_cluster(
     let version = snapshot.version;
     let started = context.store.start_tasks(cluster_id, version).await?;
     announce(&context.nats, &started).await;
-    let reload_id = format!("{cluster_id}-{version}");
+    let sequence = RELOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let reload_id = format!("{cluster_id}-{version}-t{}-{sequence}", context.term_number);
     let (failures, syncs) = run_two_phases(context, &snapshot, &reload_id).await;
     let transient = failures.iter().all(|failure| failure.transient);
     let message = capped(
@@ -280,6 +288,7 @@ async fn prepare(
         }
     };
     let command = AttachResponse {
+        term: context.term_number,
         command: Some(Command::Prepare(PrepareCommand {
             reload_id: reload_id.to_owned(),
             server_id: server.id,
@@ -312,6 +321,7 @@ async fn commit(
     reload_id: &str,
 ) -> Result<(), Option<Failure>> {
     let command = AttachResponse {
+        term: context.term_number,
         command: Some(Command::Commit(CommitCommand {
             reload_id: reload_id.to_owned(),
             vcl_name: vcl_name.to_owned(),
@@ -358,6 +368,7 @@ async fn abort_all(context: &ReloadContext, prepared: &[Prepared], reload_id: &s
     join_all(prepared.iter().filter_map(|entry| {
         let (link, vcl_name) = entry.loaded_vcl()?;
         let command = AttachResponse {
+            term: context.term_number,
             command: Some(Command::Abort(AbortCommand {
                 reload_id: reload_id.to_owned(),
                 vcl_name: vcl_name.to_owned(),
