@@ -178,7 +178,10 @@ impl From<ApiError> for Status {
                 Status::unavailable("the store is unavailable, nothing was saved; try again")
             }
             ApiError::Store(
-                StoreError::UnsupportedUrl | StoreError::Migrate(_) | StoreError::Random(_),
+                StoreError::UnsupportedUrl
+                | StoreError::Migrate(_)
+                | StoreError::Random(_)
+                | StoreError::Fenced { .. },
             ) => Status::internal(message),
             ApiError::ReloadFailed { resource, tasks } => Status::with_error_details(
                 Code::FailedPrecondition,

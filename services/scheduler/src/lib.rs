@@ -271,6 +271,7 @@ impl LeaderWork {
             let context = ReloadContext {
                 term: term.clone(),
                 term_number: *self.term_numbers.borrow(),
+                store: self.context.store.fenced(*self.term_numbers.borrow()),
                 ..self.context.clone()
             };
             let (intents_flowing, intents_flowing_watch) = watch::channel(false);

@@ -67,6 +67,14 @@ pub enum Error {
     /// The schema could not be brought up to date.
     #[error("cannot migrate the store schema")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A task write of a scheduler term that no longer holds the leader lease.
+    #[error("scheduler term {term} no longer leads (term {current} holds the lease)")]
+    Fenced {
+        /// The term of the refused write.
+        term: i64,
+        /// The term holding the lease.
+        current: i64,
+    },
     /// The operating system could not provide random bytes for a secret.
     #[error("cannot generate a secret: {0}")]
     Random(String),

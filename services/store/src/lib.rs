@@ -51,6 +51,9 @@ pub struct Store {
     dialect: Dialect,
     /// Who the writes of this handle are recorded as in the audit history.
     actor: Arc<str>,
+    /// The scheduler term this handle finishes tasks for, if fenced: a task write is refused
+    /// once another term holds the leader lease.
+    fence: Option<i64>,
 }
 
 impl Store {
@@ -90,6 +93,7 @@ impl Store {
             pool,
             dialect,
             actor: Arc::from("vaas-store"),
+            fence: None,
         };
         migrations::apply(&store).await?;
         Ok(store)
@@ -99,6 +103,16 @@ impl Store {
     pub fn acting_as(&self, actor: &str) -> Store {
         Store {
             actor: Arc::from(actor),
+            ..self.clone()
+        }
+    }
+
+    /// Returns a handle that starts and finishes tasks only while scheduler term `term` holds
+    /// the leader lease (a fencing token): a leader that lost its lease without noticing cannot
+    /// record anything any more.
+    pub fn fenced(&self, term: i64) -> Store {
+        Store {
+            fence: Some(term),
             ..self.clone()
         }
     }

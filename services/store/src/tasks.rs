@@ -166,6 +166,7 @@ impl Store {
     pub async fn start_tasks(&self, cluster_id: i64, up_to: i64) -> Result<Vec<Task>> {
         let now = now_micros_sql(self.dialect);
         let mut transaction = self.pool.begin().await?;
+        self.check_fence(&mut transaction).await?;
         let ids: Vec<i64> = sqlx::query_scalar(&format!(
             "UPDATE tasks SET state = $1, start_time = COALESCE(start_time, {now}) \
              WHERE cluster_id = $2 AND timestamp <= $3 AND state IN ($4, $5) RETURNING id"
@@ -209,6 +210,7 @@ impl Store {
             now.to_owned()
         };
         let mut transaction = self.pool.begin().await?;
+        self.check_fence(&mut transaction).await?;
         let ids: Vec<i64> = sqlx::query_scalar(&format!(
             "UPDATE tasks SET state = $1, error = $2, finish_time = {finish_time}, \
              start_time = COALESCE(start_time, {now}) \
@@ -287,6 +289,28 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Refuses the transaction's task writes when this handle is fenced to a term that no longer
+    /// holds the leader lease. On PostgreSQL the lease row stays share-locked until the
+    /// transaction ends, so a new leader takes the lease only after this write; on SQLite a take
+    /// committed meanwhile makes this transaction's first write fail.
+    async fn check_fence(&self, transaction: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<()> {
+        let Some(term) = self.fence else {
+            return Ok(());
+        };
+        let lock = match self.dialect {
+            crate::Dialect::Postgres => " FOR SHARE",
+            crate::Dialect::Sqlite => "",
+        };
+        let current: Option<i64> =
+            sqlx::query_scalar(&format!("SELECT term FROM leader_lease WHERE id = 1{lock}"))
+                .fetch_optional(&mut **transaction)
+                .await?;
+        match current {
+            Some(current) if current != term => Err(crate::Error::Fenced { term, current }),
+            _ => Ok(()),
+        }
     }
 
     /// Records what a reload left a server running: the configuration of store timestamp

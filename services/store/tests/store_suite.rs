@@ -73,6 +73,7 @@ on_both_stores!(
     a_huge_compiler_message_is_capped_before_it_is_stored,
     a_transient_failure_leaves_tasks_in_retry_for_the_next_attempt,
     tokens_are_kept_hashed_and_stop_working_when_revoked_or_expired,
+    a_leader_that_lost_its_lease_cannot_finish_tasks,
 );
 
 struct World {
@@ -1214,5 +1215,47 @@ async fn tokens_are_kept_hashed_and_stop_working_when_revoked_or_expired(
     assert!(stored.iter().all(|entry| entry.actor == "bootstrap"));
     let (listed, _) = store.list_tokens(0, "").await?;
     assert_eq!(listed.len(), 3);
+    Ok(())
+}
+
+async fn a_leader_that_lost_its_lease_cannot_finish_tasks(store: &Store) -> Result<()> {
+    let world = world(store).await?;
+    store.create(&backend(&world, "10.0.0.1")).await?;
+    let (cluster_id, newest) = store.unfinished_clusters().await?[0];
+    let ttl = std::time::Duration::from_secs(60);
+    let old_term = store
+        .acquire_leader_lease("old", ttl)
+        .await?
+        .expect("a free lease");
+    let old_leader = store.fenced(old_term);
+    assert!(!old_leader.start_tasks(cluster_id, newest).await?.is_empty());
+
+    // The old leader is paused; its lease ends and another replica takes it.
+    store.release_leader_lease("old", old_term).await?;
+    let new_term = store
+        .acquire_leader_lease("new", ttl)
+        .await?
+        .expect("a released lease");
+    let refused = old_leader
+        .finish_tasks(cluster_id, newest, &TaskOutcome::Failure("late".into()))
+        .await;
+    assert!(
+        matches!(refused, Err(Error::Fenced { term, current }) if term == old_term && current == new_term),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.unfinished_clusters().await?,
+        vec![(cluster_id, newest)],
+        "nothing was finished by the old leader"
+    );
+    let finished = store
+        .fenced(new_term)
+        .finish_tasks(cluster_id, newest, &TaskOutcome::Success)
+        .await?;
+    assert!(
+        finished
+            .iter()
+            .all(|task| task.state == TaskState::Success as i32)
+    );
     Ok(())
 }
