@@ -81,6 +81,16 @@ impl Interceptor for Bearer {
     }
 }
 
+/// Wraps `message` in a request that asks for an answer as soon as the change is saved
+/// (`prefer: respond-async`).
+pub fn respond_async<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("prefer", MetadataValue::from_static("respond-async"));
+    request
+}
+
 /// Which store the system runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreKind {
@@ -834,12 +844,9 @@ impl System {
             cluster_id,
             ..Default::default()
         };
-        let mut create = tonic::Request::new(CreateVarnishServerRequest {
+        let create = respond_async(CreateVarnishServerRequest {
             varnish_server: Some(registered),
         });
-        create
-            .metadata_mut()
-            .insert("prefer", MetadataValue::from_static("respond-async"));
         let server = config
             .create_varnish_server(create)
             .await?

@@ -17,7 +17,7 @@ use vaas_proto::v1::{
     TimeProfile, UpdateBackendRequest, UpdateBackendsRequest, UpdateDirectorRequest, VarnishServer,
 };
 use vaas_testkit::{HttpOrigin, http_get};
-use vaas_tests::{StoreKind, System, backend_for, on_both_stores};
+use vaas_tests::{StoreKind, System, backend_for, on_both_stores, respond_async};
 
 on_both_stores!(
     a_partial_update_changes_only_the_named_fields,
@@ -598,16 +598,6 @@ async fn a_cluster_of_ten_thousand_backends_reloads() -> Result<()> {
         "the server runs it"
     );
     system.ensure_running()
-}
-
-/// Wraps `message` in a request that asks for an answer as soon as the change is saved.
-fn respond_async<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "prefer",
-        tonic::metadata::MetadataValue::from_static("respond-async"),
-    );
-    request
 }
 
 async fn a_reverted_template_revision_serves_the_old_behaviour(store: StoreKind) -> Result<()> {

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use async_nats::ConnectOptions;
-use tonic::Request;
-use tonic::metadata::MetadataValue;
 use vaas_proto::v1::{CreateBackendRequest, Task, TaskState};
 use vaas_testkit::{HttpOrigin, http_get};
 use vaas_tests::{Setup, StoreKind, System, backend_for, on_both_stores};
@@ -41,12 +39,9 @@ async fn write_async(
     setup: &Setup,
     origin: &HttpOrigin,
 ) -> Result<(i64, Instant)> {
-    let mut request = Request::new(CreateBackendRequest {
+    let request = vaas_tests::respond_async(CreateBackendRequest {
         backend: Some(backend_for(setup, origin.addr())),
     });
-    request
-        .metadata_mut()
-        .insert("prefer", MetadataValue::from_static("respond-async"));
     let created = system.config().create_backend(request).await?.into_inner();
     let answered = Instant::now();
     let task = created.tasks.first().context("the write made no task")?;

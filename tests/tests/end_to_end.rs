@@ -3,8 +3,7 @@
 //! and lose nothing.
 
 use anyhow::{Context, Result, ensure};
-use tonic::metadata::MetadataValue;
-use tonic::{Code, Request};
+use tonic::Code;
 use tonic_types::StatusExt;
 use vaas_proto::v1::{
     Backend, CreateBackendRequest, CreateDirectorRequest, CreateVarnishServerRequest, Director,
@@ -82,12 +81,9 @@ async fn asynchronous_write_answers_at_once_and_the_watch_follows_the_task(
     let setup = system.set_up().await?;
     let origin = HttpOrigin::start("origin-async").await?;
 
-    let mut request = Request::new(CreateBackendRequest {
+    let request = vaas_tests::respond_async(CreateBackendRequest {
         backend: Some(backend_for(&setup, origin.addr())),
     });
-    request
-        .metadata_mut()
-        .insert("prefer", MetadataValue::from_static("respond-async"));
     let response = system.config().create_backend(request).await?;
     let location = response
         .metadata()

@@ -5,8 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use tonic::metadata::MetadataValue;
-use tonic::{Code, Request};
+use tonic::Code;
 use tonic_types::StatusExt;
 use vaas_agent::varnish_cli::{CliTimeouts, VarnishCli};
 use vaas_proto::v1::{
@@ -137,12 +136,9 @@ async fn a_burst_of_changes_is_applied_by_a_few_reloads(store: StoreKind) -> Res
     for index in 1..=10u8 {
         let mut backend = backend_for(&setup, origin.addr());
         backend.address = format!("127.0.0.{index}");
-        let mut request = Request::new(CreateBackendRequest {
+        let request = vaas_tests::respond_async(CreateBackendRequest {
             backend: Some(backend),
         });
-        request
-            .metadata_mut()
-            .insert("prefer", MetadataValue::from_static("respond-async"));
         let created = system.config().create_backend(request).await?.into_inner();
         task_ids.extend(created.tasks.iter().map(|task| task.id));
     }
@@ -173,12 +169,9 @@ async fn tasks_saved_while_the_scheduler_is_down_finish_after_it_restarts(
     let origin = HttpOrigin::start("origin-after-restart").await?;
     system.stop_scheduler(0);
 
-    let mut request = Request::new(CreateBackendRequest {
+    let request = vaas_tests::respond_async(CreateBackendRequest {
         backend: Some(backend_for(&setup, origin.addr())),
     });
-    request
-        .metadata_mut()
-        .insert("prefer", MetadataValue::from_static("respond-async"));
     let created = system.config().create_backend(request).await?.into_inner();
     let task_id = created.tasks.first().context("a task")?.id;
     let still_pending = system.task(task_id).await?;
@@ -253,12 +246,9 @@ async fn a_change_made_while_the_agent_is_away_is_retried_until_it_is_back(
     let setup = system.set_up().await?;
     system.stop_agent(0);
     let origin = HttpOrigin::start("origin-retried").await?;
-    let mut request = Request::new(CreateBackendRequest {
+    let request = vaas_tests::respond_async(CreateBackendRequest {
         backend: Some(backend_for(&setup, origin.addr())),
     });
-    request
-        .metadata_mut()
-        .insert("prefer", MetadataValue::from_static("respond-async"));
     let task_id = system
         .config()
         .create_backend(request)

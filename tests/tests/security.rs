@@ -120,16 +120,12 @@ async fn watchers_that_leave_release_their_subscriptions() -> Result<()> {
     let setup = system.set_up().await?;
     // Without a scheduler the task stays PENDING, so every watch stays open.
     system.stop_scheduler(0);
-    let mut request = tonic::Request::new(CreateBackendRequest {
+    let request = vaas_tests::respond_async(CreateBackendRequest {
         backend: Some(vaas_tests::backend_for(
             &setup,
             "127.0.0.1:9".parse().context("address")?,
         )),
     });
-    request.metadata_mut().insert(
-        "prefer",
-        tonic::metadata::MetadataValue::from_static("respond-async"),
-    );
     let task = system
         .config()
         .create_backend(request)
@@ -392,7 +388,7 @@ async fn an_agent_token_attaches_only_as_its_own_server_and_calls_no_api() -> Re
     // Server A with its real agent, attached with A's token.
     let setup = system.set_up().await?;
     let server_a = system.server(setup.server_id).await?;
-    let mut request = tonic::Request::new(CreateVarnishServerRequest {
+    let request = vaas_tests::respond_async(CreateVarnishServerRequest {
         varnish_server: Some(VarnishServer {
             id: 0,
             admin_port: Some(u32::from(free_port())),
@@ -400,10 +396,6 @@ async fn an_agent_token_attaches_only_as_its_own_server_and_calls_no_api() -> Re
             ..server_a.clone()
         }),
     });
-    request.metadata_mut().insert(
-        "prefer",
-        tonic::metadata::MetadataValue::from_static("respond-async"),
-    );
     let server_b = system
         .config()
         .create_varnish_server(request)
