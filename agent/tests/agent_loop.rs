@@ -439,27 +439,8 @@ async fn an_empty_varnishd_gets_the_last_committed_vcl_back_without_a_scheduler(
     config.max_backoff = Duration::from_millis(500);
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn(vaas_agent::run(config, shutdown.clone()));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let mut cli = empty.cli().await;
-        let active = cli
-            .vcl_list()
-            .await
-            .expect("vcl.list")
-            .into_iter()
-            .find(|vcl| vcl.is_active())
-            .map(|vcl| vcl.name);
-        // The child may still be starting right after the restore.
-        let child = cli.status().await.expect("status");
-        if active.as_deref() == Some(prepared.vcl_name.as_str()) && child == ChildState::Running {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not restored: {active:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The child may still be starting right after the restore: waits for both.
+    wait_until_serving(&empty, &prepared.vcl_name).await;
     shutdown.cancel();
     let outcome = tokio::time::timeout(WAIT, agent)
         .await

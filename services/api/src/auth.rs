@@ -8,9 +8,9 @@
 //! and manage tokens. A method this table does not know needs admin.
 
 use tonic::Status;
-use vaas_proto::v1::{AccessToken, Role};
+use vaas_proto::v1::Role;
 use vaas_runtime::auth::{Authenticator, Caller};
-use vaas_store::Store;
+use vaas_store::{Authentication, Store};
 
 /// Resources only admins may change.
 const ADMIN_RESOURCES: &[&str] = &["VclTemplate", "VclTemplateBlock", "VarnishServer"];
@@ -97,7 +97,13 @@ impl Authenticator for ApiAuthenticator {
         let Some(needed) = required_role(&path) else {
             return Ok(None);
         };
-        let token = valid_token(&self.store, bearer).await?;
+        let token = vaas_runtime::auth::check_token(bearer, |secret| async move {
+            self.store
+                .authenticate(&secret)
+                .await
+                .map(Authentication::valid)
+        })
+        .await?;
         let held = Role::try_from(token.role).unwrap_or(Role::Unspecified);
         if !allows(held, needed) {
             return Err(Status::permission_denied(format!(
@@ -109,20 +115,6 @@ impl Authenticator for ApiAuthenticator {
         }
         Ok(Some(Caller { token }))
     }
-}
-
-/// Returns the token of a presented secret if it works; UNAUTHENTICATED says why not.
-pub async fn valid_token(store: &Store, bearer: Option<String>) -> Result<AccessToken, Status> {
-    let Some(secret) = bearer else {
-        return Err(Status::unauthenticated(
-            "this call needs a token: send the metadata \"authorization: Bearer <token>\"",
-        ));
-    };
-    let authentication = store.authenticate(&secret).await.map_err(|error| {
-        tracing::warn!(%error, "cannot check a token");
-        Status::unavailable("cannot check the token now: the store is unavailable")
-    })?;
-    authentication.valid().map_err(Status::unauthenticated)
 }
 
 #[cfg(test)]

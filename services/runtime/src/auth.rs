@@ -123,6 +123,33 @@ fn bearer(headers: &http::HeaderMap) -> Result<Option<String>, Status> {
     Ok(Some(token.to_owned()))
 }
 
+/// Returns the token of a presented `bearer` secret if `look_up` finds a working one:
+/// UNAUTHENTICATED without a secret (the message tells how to send one) or with one that does
+/// not work (`look_up`'s reason), UNAVAILABLE when the lookup itself fails.
+pub async fn check_token<F, E>(
+    bearer: Option<String>,
+    look_up: impl FnOnce(String) -> F,
+) -> Result<AccessToken, Status>
+where
+    F: Future<Output = Result<Result<AccessToken, String>, E>>,
+    E: std::fmt::Display,
+{
+    let Some(secret) = bearer else {
+        return Err(Status::unauthenticated(
+            "this call needs a token: send the metadata \"authorization: Bearer <token>\"",
+        ));
+    };
+    match look_up(secret).await {
+        Ok(checked) => checked.map_err(Status::unauthenticated),
+        Err(error) => {
+            tracing::warn!(%error, "cannot check a token");
+            Err(Status::unavailable(
+                "cannot check the token now: the store is unavailable",
+            ))
+        }
+    }
+}
+
 /// Whether a method is open to every caller: gRPC health and reflection, which load balancers,
 /// probes and tools such as grpcurl call before they have a credential.
 pub fn is_open(path: &str) -> bool {

@@ -5,7 +5,7 @@
 use tonic::Status;
 use vaas_proto::v1::{AccessToken, AgentHello, Role, ServerStatus, VarnishServer};
 use vaas_runtime::auth::{Authenticator, Caller};
-use vaas_store::Store;
+use vaas_store::{Authentication, Store};
 
 /// The one method that needs a credential.
 const ATTACH: &str = "/vaas.v1.AgentService/Attach";
@@ -37,16 +37,13 @@ impl Authenticator for AgentAuthenticator {
                 "{path} is not served to anyone"
             )));
         }
-        let Some(secret) = bearer else {
-            return Err(Status::unauthenticated(
-                "attach needs the agent's token: send the metadata \"authorization: Bearer <token>\"",
-            ));
-        };
-        let authentication = self.store.authenticate(&secret).await.map_err(|error| {
-            tracing::warn!(%error, "cannot check an agent token");
-            Status::unavailable("cannot check the token now: the store is unavailable")
-        })?;
-        let token = authentication.valid().map_err(Status::unauthenticated)?;
+        let token = vaas_runtime::auth::check_token(bearer, |secret| async move {
+            self.store
+                .authenticate(&secret)
+                .await
+                .map(Authentication::valid)
+        })
+        .await?;
         if token.role != Role::Agent as i32 {
             return Err(Status::permission_denied(format!(
                 "token {:?} is not an agent token; only agents attach",

@@ -196,21 +196,12 @@ mod tests {
     -> anyhow::Result<()> {
         let (store, _dir) = store().await?;
         let lease_ttl = Duration::from_millis(600);
-        let shutdowns = [CancellationToken::new(), CancellationToken::new()];
+        let mut shutdowns = Vec::new();
         let mut watches = Vec::new();
-        for (index, shutdown) in shutdowns.iter().enumerate() {
-            let (term, terms) = watch::channel(None);
-            let (number, numbers) = watch::channel(0);
-            tokio::spawn(run_election(
-                Candidate {
-                    store: store.clone(),
-                    replica: format!("scheduler-{index}"),
-                    lease_ttl,
-                },
-                term,
-                number,
-                shutdown.clone(),
-            ));
+        for index in 0..2 {
+            let (terms, numbers, shutdown) =
+                elect(&format!("scheduler-{index}"), &store, lease_ttl);
+            shutdowns.push(shutdown);
             watches.push((terms, numbers));
             // The first one leads before the second starts.
             if index == 0 {
@@ -239,23 +230,38 @@ mod tests {
         Ok(())
     }
 
-    #[tokio::test]
-    async fn a_leader_whose_lease_was_taken_steps_down_once() -> anyhow::Result<()> {
-        let (store, _dir) = store().await?;
-        let lease_ttl = Duration::from_millis(600);
+    /// Runs the election of `replica` in the background; returns its term and term-number
+    /// watches and the token that stops it.
+    fn elect(
+        replica: &str,
+        store: &Store,
+        lease_ttl: Duration,
+    ) -> (
+        watch::Receiver<Option<CancellationToken>>,
+        watch::Receiver<i64>,
+        CancellationToken,
+    ) {
         let shutdown = CancellationToken::new();
-        let (term, mut terms) = watch::channel(None);
+        let (term, terms) = watch::channel(None);
         let (number, numbers) = watch::channel(0);
         tokio::spawn(run_election(
             Candidate {
                 store: store.clone(),
-                replica: "scheduler-0".to_owned(),
+                replica: replica.to_owned(),
                 lease_ttl,
             },
             term,
             number,
             shutdown.clone(),
         ));
+        (terms, numbers, shutdown)
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_lease_was_taken_steps_down_once() -> anyhow::Result<()> {
+        let (store, _dir) = store().await?;
+        let lease_ttl = Duration::from_millis(600);
+        let (mut terms, numbers, shutdown) = elect("scheduler-0", &store, lease_ttl);
         let token = wait_for(&mut terms, true).await?.expect("leading");
         // Another replica's term, as if this one had been paused past its lease.
         let taken = *numbers.borrow();
@@ -286,19 +292,7 @@ mod tests {
     -> anyhow::Result<()> {
         let (store, _dir) = store().await?;
         let lease_ttl = Duration::from_millis(900);
-        let shutdown = CancellationToken::new();
-        let (term, mut terms) = watch::channel(None);
-        let (number, _numbers) = watch::channel(0);
-        tokio::spawn(run_election(
-            Candidate {
-                store: store.clone(),
-                replica: "scheduler-0".to_owned(),
-                lease_ttl,
-            },
-            term,
-            number,
-            shutdown.clone(),
-        ));
+        let (mut terms, _numbers, shutdown) = elect("scheduler-0", &store, lease_ttl);
         let token = wait_for(&mut terms, true).await?.expect("leading");
         // Every statement fails from now on.
         store.close().await;
