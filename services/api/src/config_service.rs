@@ -91,10 +91,22 @@ impl ConfigApi {
         let wait = caller_timeout(metadata)
             .map(|timeout| timeout.saturating_sub(DEADLINE_MARGIN))
             .map_or(self.sync_timeout, |timeout| timeout.min(self.sync_timeout));
-        let tasks = self
+        let tasks = match self
             .follower
             .wait_until_finished(&task_ids, Instant::now() + wait)
-            .await?;
+            .await
+        {
+            Ok(tasks) => tasks,
+            Err(error) => {
+                // The change is committed: "nothing was saved" would be a lie.
+                tracing::error!(%resource, %error, "cannot follow the reload of a saved change");
+                return Err(ApiError::ReloadUnknown {
+                    resource,
+                    tasks,
+                    reason: error.to_string(),
+                });
+            }
+        };
         if tasks
             .iter()
             .any(|task| task.state == TaskState::Failure as i32)

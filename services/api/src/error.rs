@@ -34,6 +34,17 @@ pub enum ApiError {
         /// The tasks of the write as they were at the deadline.
         tasks: Vec<Task>,
     },
+    /// The change was saved, but its reloads could not be followed (the store or NATS failed
+    /// while the write waited): the caller must not take it for a rejected write.
+    #[error("{resource} was saved, but its reload could not be followed ({reason}): watch {}", task_names(.tasks))]
+    ReloadUnknown {
+        /// The saved resource.
+        resource: String,
+        /// The tasks of the write, as created.
+        tasks: Vec<Task>,
+        /// What failed while following them, already logged.
+        reason: String,
+    },
     /// The update mask of a partial update names no writable field, or the merge failed.
     #[error(transparent)]
     UpdateMask(#[from] crate::field_mask::MaskError),
@@ -193,6 +204,13 @@ impl From<ApiError> for Status {
                 message,
                 reload_info("RELOAD_PENDING", &resource, &tasks),
             ),
+            ApiError::ReloadUnknown {
+                resource, tasks, ..
+            } => Status::with_error_details(
+                Code::Unavailable,
+                message,
+                reload_info("RELOAD_UNKNOWN", &resource, &tasks),
+            ),
             ApiError::UpdateMask(ref mask_error) if mask_error.path().is_some() => {
                 Status::with_error_details(
                     Code::InvalidArgument,
@@ -238,5 +256,30 @@ mod tests {
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert!(status.message().len() < 4200, "{}", status.message().len());
         assert!(status.message().ends_with("GetTask has each task's error)"));
+    }
+
+    #[test]
+    fn a_write_whose_reload_cannot_be_followed_says_it_was_saved() {
+        let status = Status::from(ApiError::ReloadUnknown {
+            resource: "backends/1".into(),
+            tasks: vec![Task {
+                id: 9,
+                name: "tasks/9".into(),
+                ..Default::default()
+            }],
+            reason: "the store is unavailable".into(),
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("backends/1 was saved"),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().contains("tasks/9"), "{}", status.message());
+        let details = status.get_error_details();
+        let info = details.error_info().expect("an ErrorInfo");
+        assert_eq!(info.reason, "RELOAD_UNKNOWN");
+        assert_eq!(info.metadata.get("saved").map(String::as_str), Some("true"));
+        assert_eq!(info.metadata.get("task_ids").map(String::as_str), Some("9"));
     }
 }
