@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # THE test command: installs what is missing, then runs every check CI runs — the installer's own
-# regression test (deploy/tests/install_test.sh), buf lint, rustfmt, clippy (warnings are errors)
-# and the whole test suite with cargo-nextest (unit, in-process integration and end-to-end tests
-# against real nats-server, PostgreSQL and varnishd processes).
+# regression test (deploy/tests/install_test.sh), buf lint, rustfmt, clippy (warnings are errors),
+# a build of the binaries, and the whole test suite with cargo-nextest (unit, in-process
+# integration and end-to-end tests against real nats-server, PostgreSQL and varnishd processes).
 # Every check runs even when an earlier one fails; the exit status is non-zero if any failed.
 # Extra arguments go to `cargo nextest run` (for example a test name filter).
 set -euo pipefail
@@ -32,6 +32,8 @@ check "installer" deploy/tests/install_test.sh
 check "buf lint" buf lint
 check "rustfmt" cargo fmt --all --check
 check "clippy" cargo clippy --workspace --all-targets -- -D warnings
+# The end-to-end suites run these binaries; they do not build them themselves.
+check "build" cargo build --workspace --bins
 check "tests" cargo nextest run --workspace "$@"
 
 echo

@@ -2,8 +2,11 @@
 //! binaries beside real `nats-server`, SQLite or PostgreSQL, and `varnishd` processes, each on
 //! free ports with its own directory, and hands tests gRPC clients to drive them as a user would.
 //!
-//! Every process's log is printed when a test fails. The binaries are built (incrementally) with
-//! cargo the first time a test process needs them, so a test never runs stale binaries.
+//! Every process's log is printed when a test fails. The binaries are not built here: the harness
+//! finds them in the cargo target directory beside the test executable (`deploy/test.sh` builds
+//! them first with `cargo build --workspace --bins`) and refuses to run binaries older than the
+//! sources. Readiness is what a client sees: gRPC health of the API and the scheduler (the
+//! leader's `vaas.v1.AgentService` SERVING), and an agent's report in the API, never a log line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,14 +20,17 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use vaas_proto::v1::config_service_client::ConfigServiceClient;
 use vaas_proto::v1::task_service_client::TaskServiceClient;
 use vaas_proto::v1::token_service_client::TokenServiceClient;
 use vaas_proto::v1::{
     Backend, Cluster, CreateClusterRequest, CreateDcRequest, CreateDirectorRequest,
     CreateTokenRequest, CreateVarnishServerRequest, CreateVclTemplateRequest, Dc, Director,
-    GetClusterRequest, GetTaskRequest, GetVarnishServerRequest, Role, ServerStatus, Task,
-    TaskState, UpdateVarnishServerRequest, VarnishServer, VclTemplate, WatchTaskRequest,
+    GetClusterRequest, GetTaskRequest, GetVarnishServerRequest, Role, ServerStatus, SyncState,
+    Task, TaskState, UpdateVarnishServerRequest, VarnishServer, VclTemplate, WatchTaskRequest,
 };
 use vaas_testkit::{Nats, Postgres, ServiceProcess, TlsFiles, Varnishd, free_port};
 
@@ -173,9 +179,11 @@ impl SystemBuilder {
                 ("--lease-ttl", "3s".to_owned()),
                 ("--replica-id", format!("scheduler-{index}")),
             ]);
-            let mut process = start_scheduler(&binaries, &flags, dir.path(), index, 1).await?;
+            let mut process =
+                start_scheduler(&binaries, &flags, dir.path(), index, 1, tls.as_ref(), port)
+                    .await?;
             if index == 0 {
-                process.wait_for_log(LEADING).await?;
+                wait_serving(&mut process, port, tls.as_ref(), LEADER_SERVICE).await?;
             }
             schedulers.push(SchedulerReplica {
                 flags,
@@ -191,28 +199,26 @@ impl SystemBuilder {
             .collect::<Vec<_>>()
             .join(",");
         let api_port = free_port();
+        let api_flags: Vec<(&'static str, String)> = [
+            ("--listen", format!("127.0.0.1:{api_port}")),
+            ("--database-url", database_url.clone()),
+            ("--nats-url", nats.url()),
+            ("--nats-user", nats.user().to_owned()),
+            (
+                "--nats-password-file",
+                nats.password_file().display().to_string(),
+            ),
+            ("--sync-timeout", "60s".to_owned()),
+        ]
+        .into_iter()
+        .chain(server_tls_flags(tls.as_ref(), false))
+        .collect();
         let mut api = ServiceProcess::spawn(
             "vaas-api",
-            service_command(
-                &binaries.api,
-                &[
-                    ("--listen", format!("127.0.0.1:{api_port}")),
-                    ("--database-url", database_url.clone()),
-                    ("--nats-url", nats.url()),
-                    ("--nats-user", nats.user().to_owned()),
-                    (
-                        "--nats-password-file",
-                        nats.password_file().display().to_string(),
-                    ),
-                    ("--sync-timeout", "60s".to_owned()),
-                ]
-                .into_iter()
-                .chain(server_tls_flags(tls.as_ref(), false))
-                .collect::<Vec<_>>(),
-            ),
-            &dir.path().join("api.log"),
+            service_command(&binaries.api, &api_flags),
+            &dir.path().join("api-1.log"),
         )?;
-        api.wait_for_log("vaas-api serving").await?;
+        wait_serving(&mut api, api_port, tls.as_ref(), "").await?;
         let admin_token = create_token(&binaries, &database_url, "harness-admin", "admin")?;
         let mut varnishds = Vec::with_capacity(self.agents);
         for _ in 0..self.agents {
@@ -234,6 +240,9 @@ impl SystemBuilder {
             binaries,
             scheduler_urls,
             agent_starts: vec![0; self.agents],
+            api_flags,
+            api_starts: 1,
+            server_ids: vec![None; self.agents],
             agents,
             api,
             schedulers,
@@ -254,6 +263,10 @@ pub struct System {
     binaries: Binaries,
     scheduler_urls: String,
     agent_starts: Vec<usize>,
+    api_flags: Vec<(&'static str, String)>,
+    api_starts: usize,
+    /// The server each varnishd is registered as, once it is.
+    server_ids: Vec<Option<i64>>,
     // Fields drop in order: agents before varnishd, services before NATS and the store.
     agents: Vec<Option<ServiceProcess>>,
     api: ServiceProcess,
@@ -465,10 +478,10 @@ impl System {
     }
 
     /// Starts scheduler replica `index` again with the same flags. With a single replica, also
-    /// waits until it leads and every agent re-attached.
+    /// waits until it leads and every agent re-attached (reported to it).
     pub async fn restart_scheduler(&mut self, index: usize) -> Result<()> {
         let single = self.schedulers.len() == 1;
-        let agents = self.agents.iter().flatten().count();
+        let seen_before = self.agents_seen().await?;
         let replica = &mut self.schedulers[index];
         replica.process.stop();
         replica.starts += 1;
@@ -478,23 +491,144 @@ impl System {
             self._dir.path(),
             index,
             replica.starts,
+            self.tls.as_ref(),
+            replica.port,
         )
         .await?;
         replica.stopped = false;
         if single {
-            replica.process.wait_for_log(LEADING).await?;
-            // The new scheduler logs each agent that attaches to it.
-            replica
-                .process
-                .wait_for_log_count("agent attached", agents)
-                .await?;
+            self.wait_until_leading(index).await?;
+            for (agent_index, seen) in seen_before {
+                self.wait_agent_reported(agent_index, seen).await?;
+            }
         }
         Ok(())
     }
 
-    /// Waits until scheduler replica `index` leads.
+    /// Waits until scheduler replica `index` leads: its `vaas.v1.AgentService` health is
+    /// SERVING (a standby answers NOT_SERVING).
     pub async fn wait_until_leading(&mut self, index: usize) -> Result<()> {
-        self.schedulers[index].process.wait_for_log(LEADING).await
+        let replica = &mut self.schedulers[index];
+        wait_serving(
+            &mut replica.process,
+            replica.port,
+            self.tls.as_ref(),
+            LEADER_SERVICE,
+        )
+        .await
+    }
+
+    /// Kills scheduler replica `index` at once (SIGKILL), as a crash would; its lease stays
+    /// until it expires.
+    pub fn kill_scheduler(&mut self, index: usize) {
+        self.schedulers[index].process.kill();
+        self.schedulers[index].stopped = true;
+    }
+
+    /// Freezes scheduler replica `index` (SIGSTOP) until [`System::resume_scheduler`].
+    pub fn pause_scheduler(&self, index: usize) {
+        self.schedulers[index].process.pause();
+    }
+
+    /// Lets a paused scheduler replica run again.
+    pub fn resume_scheduler(&self, index: usize) {
+        self.schedulers[index].process.resume();
+    }
+
+    /// Returns the index of the replica that leads now, if one does (by gRPC health).
+    pub async fn leader(&self) -> Option<usize> {
+        for (index, replica) in self.schedulers.iter().enumerate() {
+            if replica.stopped {
+                continue;
+            }
+            if health_status(replica.port, self.tls.as_ref(), LEADER_SERVICE).await
+                == Some(ServingStatus::Serving)
+            {
+                return Some(index);
+            }
+        }
+        None
+    }
+
+    /// Kills the API at once (SIGKILL), as a crash would.
+    pub fn kill_api(&mut self) {
+        self.api.kill();
+    }
+
+    /// Starts the API again (after [`System::kill_api`]) with the same flags and port, and
+    /// waits until it serves.
+    pub async fn restart_api(&mut self) -> Result<()> {
+        self.api.stop();
+        self.api_starts += 1;
+        self.api = ServiceProcess::spawn(
+            "vaas-api",
+            service_command(&self.binaries.api, &self.api_flags),
+            &self
+                ._dir
+                .path()
+                .join(format!("api-{}.log", self.api_starts)),
+        )?;
+        wait_serving(&mut self.api, self.api_port, self.tls.as_ref(), "").await
+    }
+
+    /// Kills the agent of varnishd `index` at once (SIGKILL), as a crash would.
+    pub fn kill_agent(&mut self, index: usize) {
+        if let Some(agent) = &mut self.agents[index] {
+            agent.kill();
+        }
+    }
+
+    /// Kills varnishd `index` (and whatever it runs) at once; [`System::restart_varnishd`]
+    /// starts it again, empty.
+    pub fn kill_varnishd(&mut self, index: usize) {
+        self.varnishds[index].kill();
+    }
+
+    /// Returns, for every agent that runs and whose server is known, when the API last saw it
+    /// report (`agentSeenTime`, microseconds).
+    async fn agents_seen(&self) -> Result<Vec<(usize, i64)>> {
+        let mut seen = Vec::new();
+        for (index, server_id) in self.server_ids.iter().enumerate() {
+            if let (Some(server_id), Some(_)) = (server_id, &self.agents[index]) {
+                seen.push((index, self.agent_seen_micros(*server_id).await?));
+            }
+        }
+        Ok(seen)
+    }
+
+    async fn agent_seen_micros(&self, server_id: i64) -> Result<i64> {
+        let server = self.server(server_id).await?;
+        Ok(server.agent_seen_time.map_or(0, |time| {
+            time.seconds * 1_000_000 + i64::from(time.nanos) / 1_000
+        }))
+    }
+
+    /// Waits until the agent of varnishd `index` reported to the leading scheduler after
+    /// `seen_before` (microseconds): the API shows a newer `agentSeenTime` and the server is not
+    /// DISCONNECTED.
+    async fn wait_agent_reported(&mut self, index: usize, seen_before: i64) -> Result<()> {
+        let server_id = self.server_ids[index].context("the varnishd is registered")?;
+        let config = self.config();
+        let agent = self.agents[index].as_mut().context("the agent runs")?;
+        agent
+            .wait_until("its server's report in the API", || {
+                let mut config = config.clone();
+                async move {
+                    let Ok(response) = config
+                        .get_varnish_server(GetVarnishServerRequest { id: server_id })
+                        .await
+                    else {
+                        return false;
+                    };
+                    response.into_inner().varnish_server.is_some_and(|server| {
+                        let seen = server.agent_seen_time.map_or(0, |time| {
+                            time.seconds * 1_000_000 + i64::from(time.nanos) / 1_000
+                        });
+                        seen > seen_before && server.sync_state != SyncState::Disconnected as i32
+                    })
+                }
+            })
+            .await
     }
 
     /// Stops the agent of Varnish server `index`.
@@ -505,9 +639,12 @@ impl System {
     }
 
     /// Starts the agent of varnishd `index` (again) with the token file written by
-    /// [`System::attach_agent`] and waits until it attached.
+    /// [`System::attach_agent`] and waits until it attached: the API shows its report.
     pub async fn restart_agent(&mut self, index: usize) -> Result<()> {
         self.stop_agent(index);
+        let server_id = self.server_ids[index]
+            .context("restart_agent needs a registered server: call attach_agent first")?;
+        let seen_before = self.agent_seen_micros(server_id).await?;
         self.agent_starts[index] += 1;
         let agent = start_agent(
             &self.binaries,
@@ -517,10 +654,9 @@ impl System {
             self._dir.path(),
             index,
             self.agent_starts[index],
-        )
-        .await?;
+        )?;
         self.agents[index] = Some(agent);
-        Ok(())
+        self.wait_agent_reported(index, seen_before).await
     }
 
     /// Gives varnishd `index`, registered as server `server_id`, its agent: creates an agent
@@ -539,6 +675,7 @@ impl System {
             .into_inner()
             .secret;
         std::fs::write(agent_token_file(self._dir.path(), index), secret)?;
+        self.server_ids[index] = Some(server_id);
         self.restart_agent(index).await
     }
 
@@ -565,8 +702,44 @@ impl System {
     }
 }
 
-/// The log line of a scheduler replica that takes the leader lease.
-const LEADING: &str = "leading: this replica drives reloads";
+/// The gRPC health service name that only the leading scheduler replica reports SERVING.
+const LEADER_SERVICE: &str = "vaas.v1.AgentService";
+
+/// Returns the gRPC health of `service` ("" for the server as a whole) at 127.0.0.1:`port`, or
+/// `None` when the server cannot be reached.
+async fn health_status(port: u16, tls: Option<&TlsFiles>, service: &str) -> Option<ServingStatus> {
+    let endpoint = Channel::from_shared(format!("{}://127.0.0.1:{port}", scheme(tls)))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(2));
+    let endpoint = match tls {
+        Some(files) => endpoint.tls_config(client_tls(files, true).ok()?).ok()?,
+        None => endpoint,
+    };
+    let channel = endpoint.connect().await.ok()?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .ok()?;
+    Some(response.into_inner().status())
+}
+
+/// Waits until `process` answers gRPC health SERVING for `service` on `port`.
+async fn wait_serving(
+    process: &mut ServiceProcess,
+    port: u16,
+    tls: Option<&TlsFiles>,
+    service: &str,
+) -> Result<()> {
+    let what = format!("gRPC health of {service:?} on port {port} is SERVING");
+    process
+        .wait_until(&what, || async move {
+            health_status(port, tls, service).await == Some(ServingStatus::Serving)
+        })
+        .await
+}
 
 /// One scheduler replica and how to start it again.
 struct SchedulerReplica {
@@ -578,25 +751,27 @@ struct SchedulerReplica {
 }
 
 /// Starts scheduler replica `index` (its `run`-th start, for the log file's name) and waits
-/// until it serves.
+/// until its gRPC server answers health checks.
 async fn start_scheduler(
     binaries: &Binaries,
     flags: &[(&str, String)],
     dir: &std::path::Path,
     index: usize,
     run: usize,
+    tls: Option<&TlsFiles>,
+    port: u16,
 ) -> Result<ServiceProcess> {
     let mut scheduler = ServiceProcess::spawn(
         &format!("vaas-scheduler-{index}"),
         service_command(&binaries.scheduler, flags),
         &dir.join(format!("scheduler-{index}-{run}.log")),
     )?;
-    scheduler.wait_for_log("vaas-scheduler serving").await?;
+    wait_serving(&mut scheduler, port, tls, "").await?;
     Ok(scheduler)
 }
 
-/// Starts the agent of `varnishd` (its `run`-th start) and waits until it attached.
-async fn start_agent(
+/// Starts the agent of `varnishd` (its `run`-th start); the caller waits for its report.
+fn start_agent(
     binaries: &Binaries,
     scheduler_urls: &str,
     tls: Option<&TlsFiles>,
@@ -625,13 +800,11 @@ async fn start_agent(
                 .to_string(),
         ),
     ]);
-    let mut agent = ServiceProcess::spawn(
+    ServiceProcess::spawn(
         &format!("vaas-agent-{index}"),
         service_command(&binaries.agent, &flags),
         &dir.join(format!("agent-{index}-{run}.log")),
-    )?;
-    agent.wait_for_log("attached to scheduler").await?;
-    Ok(agent)
+    )
 }
 
 /// Returns where the token of agent `index` is kept.
@@ -712,53 +885,121 @@ struct Binaries {
     agent: PathBuf,
 }
 
-/// Builds the binaries once per test process (a no-op when they are fresh) and returns them.
+/// Finds the binaries once per test process and returns them. A benchmark (built without debug
+/// assertions, one process) first builds the release binaries itself, so that `cargo bench`
+/// stays one command.
 fn binaries() -> Result<Binaries> {
-    static BUILT: OnceLock<Result<Binaries, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| build_binaries().map_err(|error| format!("{error:#}")))
+    if !cfg!(debug_assertions) {
+        static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+        BUILT
+            .get_or_init(|| build_release_binaries().map_err(|error| format!("{error:#}")))
+            .clone()
+            .map_err(|error| anyhow!(error))?;
+    }
+    static FOUND: OnceLock<Result<Binaries, String>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| find_binaries().map_err(|error| format!("{error:#}")))
         .clone()
         .map_err(|error| anyhow!(error))
 }
 
-fn build_binaries() -> Result<Binaries> {
+/// Where a fresh build of the binaries is made (and what to run when they are missing or stale).
+const BUILD_COMMAND: &str = "cargo build --workspace --bins";
+
+/// Returns the binaries of the profile this test executable was built with (release for
+/// benchmarks), from `VAAS_BIN_DIR` when set, else from the target directory beside the test
+/// executable (`target/<profile>/deps/<test>` → `target/<profile>`). Fails when one is missing or
+/// older than a source file of the workspace: a test must never run stale binaries.
+fn find_binaries() -> Result<Binaries> {
+    let directory = match std::env::var_os("VAAS_BIN_DIR") {
+        Some(directory) => PathBuf::from(directory),
+        None => {
+            let executable = std::env::current_exe().context("cannot find the test executable")?;
+            executable
+                .parent()
+                .and_then(std::path::Path::parent)
+                .context("the test executable is not in a cargo target directory")?
+                .to_owned()
+        }
+    };
+    let release = if cfg!(debug_assertions) {
+        ""
+    } else {
+        " --release"
+    };
+    let binaries = Binaries {
+        api: directory.join("vaas-api"),
+        scheduler: directory.join("vaas-scheduler"),
+        agent: directory.join("vaas-agent"),
+    };
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("tests/ has a parent")?
         .to_owned();
+    let newest_source = newest_modification(
+        &["services", "agent", "proto", "Cargo.lock"].map(|part| workspace.join(part)),
+    );
+    for binary in [&binaries.api, &binaries.scheduler, &binaries.agent] {
+        let built = std::fs::metadata(binary)
+            .and_then(|metadata| metadata.modified())
+            .with_context(|| {
+                format!(
+                    "{} is missing: run `{BUILD_COMMAND}{release}` first (deploy/test.sh does)",
+                    binary.display()
+                )
+            })?;
+        if let Some((source, modified)) = &newest_source {
+            ensure!(
+                built >= *modified,
+                "{} is older than {}: run `{BUILD_COMMAND}{release}` first (deploy/test.sh does)",
+                binary.display(),
+                source.display()
+            );
+        }
+    }
+    Ok(binaries)
+}
+
+/// Builds the release binaries (incrementally) for a benchmark.
+fn build_release_binaries() -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    // Benchmarks (built without debug assertions) measure release binaries.
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    let mut command = Command::new(cargo);
-    command.current_dir(&workspace).args(["build", "--quiet"]);
-    for binary in ["vaas-api", "vaas-scheduler", "vaas-agent"] {
-        command.args(["--bin", binary]);
-    }
-    if profile == "release" {
-        command.arg("--release");
-    }
-    let output = command
+    let output = Command::new(cargo)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args(["build", "--quiet", "--release", "--workspace", "--bins"])
         .output()
         .context("cannot run cargo build for the VaaS binaries")?;
-    if !output.status.success() {
-        return Err(anyhow!(
-            "cargo build of the VaaS binaries failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
+    ensure!(
+        output.status.success(),
+        "cargo build of the VaaS binaries failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// Returns the most recently modified file under `roots` (skipping `target` directories).
+fn newest_modification(roots: &[PathBuf]) -> Option<(PathBuf, std::time::SystemTime)> {
+    let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
+    let mut pending: Vec<PathBuf> = roots.to_vec();
+    while let Some(path) = pending.pop() {
+        let Ok(metadata) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if metadata.is_dir() {
+            if path.file_name().is_some_and(|name| name == "target") {
+                continue;
+            }
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                pending.extend(entries.flatten().map(|entry| entry.path()));
+            }
+            continue;
+        }
+        if let Ok(modified) = metadata.modified()
+            && newest.as_ref().is_none_or(|(_, time)| modified > *time)
+        {
+            newest = Some((path, modified));
+        }
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"))
-        .join(profile);
-    Ok(Binaries {
-        api: target.join("vaas-api"),
-        scheduler: target.join("vaas-scheduler"),
-        agent: target.join("vaas-agent"),
-    })
+    newest
 }
 
 fn service_command(binary: &PathBuf, flags: &[(&str, String)]) -> Command {

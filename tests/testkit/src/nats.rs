@@ -83,6 +83,12 @@ impl Nats {
         self.process.stop();
     }
 
+    /// Kills the server at once (SIGKILL), as a crash would; [`Nats::start_again`] brings it
+    /// back on the same port.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
     /// Starts a stopped server again on the same ports with the same password and waits until
     /// it is healthy. With `wipe_data`, its JetStream store is deleted first: a NATS that comes
     /// back without its streams and consumers, as after losing its disk.

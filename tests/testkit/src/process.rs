@@ -195,6 +195,8 @@ impl ManagedProcess {
         let pid = self.pid();
         if self.exit_status().is_none() {
             signal_group(pid, self.stop_signal);
+            // A paused (SIGSTOP) group acts on the stop signal only once it runs again.
+            signal_group(pid, "CONT");
             let deadline = Instant::now() + STOP_GRACE;
             while self.exit_status().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
@@ -207,6 +209,25 @@ impl ManagedProcess {
         signal_group(pid, "KILL");
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Kills the process group at once (SIGKILL, no grace period), as a crash would, and reaps it.
+    pub(crate) fn kill(&mut self) {
+        self.stopped = true;
+        signal_group(self.pid(), "KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Freezes the whole process group (SIGSTOP), as a hung machine or a long pause would;
+    /// [`ManagedProcess::resume`] lets it go on.
+    pub(crate) fn pause(&self) {
+        signal_group(self.pid(), "STOP");
+    }
+
+    /// Lets a paused process group run again (SIGCONT).
+    pub(crate) fn resume(&self) {
+        signal_group(self.pid(), "CONT");
     }
 }
 

@@ -33,19 +33,26 @@ impl ServiceProcess {
     pub async fn wait_for_log_count(&mut self, line: &str, count: usize) -> anyhow::Result<()> {
         let log = self.process.log_path().to_owned();
         let wanted = line.to_owned();
-        let outcome = self
-            .process
-            .wait_ready(line, || {
-                let log = log.clone();
-                let wanted = wanted.clone();
-                async move {
-                    tokio::fs::read_to_string(&log)
-                        .await
-                        .is_ok_and(|text| text.matches(&wanted).count() >= count)
-                }
-            })
-            .await;
-        match outcome {
+        self.wait_until(line, || {
+            let log = log.clone();
+            let wanted = wanted.clone();
+            async move {
+                tokio::fs::read_to_string(&log)
+                    .await
+                    .is_ok_and(|text| text.matches(&wanted).count() >= count)
+            }
+        })
+        .await
+    }
+
+    /// Waits until `probe` answers true (a gRPC health check, say), the program exits, or
+    /// [`crate::READY_TIMEOUT`] passes; `what` names the condition in the error.
+    pub async fn wait_until<F, Fut>(&mut self, what: &str, probe: F) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        match self.process.wait_ready(what, probe).await {
             Ok(()) => Ok(()),
             Err(StartFailure::PortTaken(error) | StartFailure::Fatal(error)) => Err(error),
         }
@@ -76,6 +83,21 @@ impl ServiceProcess {
     /// Stops the program now (SIGTERM, grace period, SIGKILL).
     pub fn stop(&mut self) {
         self.process.stop();
+    }
+
+    /// Kills the program at once (SIGKILL to its process group), as a crash would.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Freezes the program (SIGSTOP to its process group) until [`ServiceProcess::resume`].
+    pub fn pause(&self) {
+        self.process.pause();
+    }
+
+    /// Lets a paused program run again (SIGCONT).
+    pub fn resume(&self) {
+        self.process.resume();
     }
 
     /// Fails unless the program is still running.

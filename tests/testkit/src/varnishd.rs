@@ -89,6 +89,23 @@ impl Varnishd {
         })
     }
 
+    /// Kills varnishd (manager, cache child and any compiler it runs) at once, as a crash
+    /// would; [`Varnishd::restart`] starts it again, empty.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Freezes varnishd and whatever it runs (a VCL compile included) until
+    /// [`Varnishd::resume`]: its admin port and HTTP listener stop answering.
+    pub fn pause(&self) {
+        self.process.pause();
+    }
+
+    /// Lets a paused varnishd run again.
+    pub fn resume(&self) {
+        self.process.resume();
+    }
+
     /// Waits until the admin port sends the 107 challenge.
     async fn wait_ready(&mut self) -> Result<(), StartFailure> {
         let admin = self.admin_addr();
