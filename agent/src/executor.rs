@@ -345,7 +345,8 @@ impl Executor {
             }
             Err(error) => {
                 result.error = describe(&error);
-                warn!(reload_id, vcl_version = result.vcl_version, error = %result.error, "prepare failed");
+                result.transient = may_pass(&error);
+                warn!(reload_id, vcl_version = result.vcl_version, error = %result.error, transient = result.transient, "prepare failed");
             }
         }
         result
@@ -425,7 +426,8 @@ impl Executor {
             }
             Err(error) => {
                 result.error = describe(&error);
-                warn!(reload_id = command.reload_id, vcl_name = command.vcl_name, error = %result.error, "commit failed");
+                result.transient = may_pass(&error);
+                warn!(reload_id = command.reload_id, vcl_name = command.vcl_name, error = %result.error, transient = result.transient, "commit failed");
             }
         }
         result
@@ -687,6 +689,22 @@ fn describe(error: &Error) -> String {
         return body.trim_end().to_owned();
     }
     vaas_runtime::error_chain(error)
+}
+
+/// Tells whether a failure talking to varnishd may pass by itself: it could not be reached,
+/// the connection broke (varnishd restarting) or it answered too late. An answer of varnishd's
+/// (a compile error, a refused command) or a bad secret would come again.
+fn may_pass(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Cli(
+            CliError::Connect { .. }
+                | CliError::Io(_)
+                | CliError::Timeout { .. }
+                | CliError::Protocol(_)
+                | CliError::Broken
+        )
+    )
 }
 
 fn proto_duration(duration: std::time::Duration) -> Option<prost_types::Duration> {

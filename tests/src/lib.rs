@@ -936,10 +936,12 @@ fn find_binaries() -> Result<Binaries> {
         .parent()
         .context("tests/ has a parent")?
         .to_owned();
-    let newest_source = newest_modification(
-        &["services", "agent", "proto", "Cargo.lock"].map(|part| workspace.join(part)),
-    );
-    for binary in [&binaries.api, &binaries.scheduler, &binaries.agent] {
+    let crates = workspace_crates(&workspace)?;
+    for (binary, package) in [
+        (&binaries.api, "vaas-api"),
+        (&binaries.scheduler, "vaas-scheduler"),
+        (&binaries.agent, "vaas-agent"),
+    ] {
         let built = std::fs::metadata(binary)
             .and_then(|metadata| metadata.modified())
             .with_context(|| {
@@ -948,13 +950,16 @@ fn find_binaries() -> Result<Binaries> {
                     binary.display()
                 )
             })?;
-        if let Some((source, modified)) = &newest_source {
-            ensure!(
-                built >= *modified,
+        let mut roots = crate_closure(&crates, package);
+        roots.push(workspace.join("Cargo.lock"));
+        if let Some((source, modified)) = newest_modification(&roots)
+            && built < modified
+        {
+            return Err(anyhow!(
                 "{} is older than {}: run `{BUILD_COMMAND}{release}` first (deploy/test.sh does)",
                 binary.display(),
                 source.display()
-            );
+            ));
         }
     }
     Ok(binaries)
@@ -976,7 +981,61 @@ fn build_release_binaries() -> Result<()> {
     Ok(())
 }
 
-/// Returns the most recently modified file under `roots` (skipping `target` directories).
+/// Returns our crates (`vaas-*`) by name: their directory and the `vaas-*` crates they depend on
+/// (not counting dev-dependencies), read from the workspace's and each crate's `Cargo.toml`.
+fn workspace_crates(
+    workspace: &std::path::Path,
+) -> Result<std::collections::BTreeMap<String, (PathBuf, Vec<String>)>> {
+    let root = std::fs::read_to_string(workspace.join("Cargo.toml"))?;
+    let mut crates = std::collections::BTreeMap::new();
+    for line in root.lines() {
+        let Some((name, rest)) = line.split_once(" = { path = \"") else {
+            continue;
+        };
+        let (Some(path), true) = (rest.split('"').next(), name.starts_with("vaas-")) else {
+            continue;
+        };
+        let directory = workspace.join(path);
+        let manifest = std::fs::read_to_string(directory.join("Cargo.toml"))?;
+        let mut dependencies = Vec::new();
+        let mut section = "";
+        for line in manifest.lines() {
+            if line.starts_with('[') {
+                section = line;
+            } else if section == "[dependencies]"
+                && let Some(dependency) = line.strip_suffix(".workspace = true")
+                && dependency.starts_with("vaas-")
+            {
+                dependencies.push(dependency.to_owned());
+            }
+        }
+        crates.insert(name.to_owned(), (directory, dependencies));
+    }
+    Ok(crates)
+}
+
+/// Returns the directories of `package` and of every crate of ours it depends on.
+fn crate_closure(
+    crates: &std::collections::BTreeMap<String, (PathBuf, Vec<String>)>,
+    package: &str,
+) -> Vec<PathBuf> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut pending = vec![package.to_owned()];
+    let mut directories = Vec::new();
+    while let Some(name) = pending.pop() {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        if let Some((directory, dependencies)) = crates.get(&name) {
+            directories.push(directory.clone());
+            pending.extend(dependencies.iter().cloned());
+        }
+    }
+    directories
+}
+
+/// Returns the most recently modified file under `roots`, skipping `target`, `tests` and
+/// `benches` directories (which no binary is built from).
 fn newest_modification(roots: &[PathBuf]) -> Option<(PathBuf, std::time::SystemTime)> {
     let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
     let mut pending: Vec<PathBuf> = roots.to_vec();
@@ -985,7 +1044,10 @@ fn newest_modification(roots: &[PathBuf]) -> Option<(PathBuf, std::time::SystemT
             continue;
         };
         if metadata.is_dir() {
-            if path.file_name().is_some_and(|name| name == "target") {
+            if path
+                .file_name()
+                .is_some_and(|name| name == "target" || name == "tests" || name == "benches")
+            {
                 continue;
             }
             if let Ok(entries) = std::fs::read_dir(&path) {

@@ -6,8 +6,11 @@
 //! and a burst of changes costs one reload plus at most one more for what arrived meanwhile.
 //!
 //! A reload that failed for a transient reason (an agent unreachable, gone or too slow) is tried
-//! again after a growing delay, up to a number of attempts; a newer change or an agent that
-//! attaches starts the next attempt at once. A deterministic failure (a compile error) is final.
+//! again after a growing delay, up to a number of attempts; an agent that attaches (the news a
+//! retry waits for) starts the next attempt at once. A newer change waits for the delay too: in
+//! a burst during an outage, changes arrive every few milliseconds, and letting each start an
+//! attempt would spend every attempt before the outage could pass. A deterministic failure (a
+//! compile error) is final.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -98,13 +101,10 @@ impl ReloadMachine {
         }
     }
 
-    /// Records that the cluster has a change up to `timestamp` to apply. A change newer than
-    /// any heard of ends a wait for a retry: it is applied at once.
+    /// Records that the cluster has a change up to `timestamp` to apply. During the wait for a
+    /// retry it is applied by the next attempt, when the delay has passed.
     pub fn on_intent(&mut self, cluster_id: i64, timestamp: i64) -> Vec<Action> {
         let state = self.clusters.entry(cluster_id).or_default();
-        if timestamp > state.newest_intent {
-            state.retry_waiting = false;
-        }
         state.newest_intent = state.newest_intent.max(timestamp);
         Self::next(cluster_id, state)
     }
@@ -359,12 +359,19 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_change_or_an_agent_coming_back_ends_the_wait_for_a_retry() {
+    fn a_newer_change_waits_for_the_retry_but_an_agent_coming_back_ends_the_wait() {
         let mut machine = ReloadMachine::new();
         machine.on_intent(PROD, 10);
         machine.on_reload_end(PROD, ReloadEnd::Retry);
+        for timestamp in 11..100 {
+            assert!(
+                machine.on_intent(PROD, timestamp).is_empty(),
+                "a burst during an outage does not spend the attempts"
+            );
+        }
+        assert!(!machine.is_last_attempt(PROD));
         assert_eq!(
-            machine.on_intent(PROD, 11),
+            machine.on_retry_due(PROD),
             vec![Action::StartReload { cluster_id: PROD }]
         );
         machine.on_reload_end(PROD, ReloadEnd::Retry);

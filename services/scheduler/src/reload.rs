@@ -195,8 +195,9 @@ async fn run_two_phases(
     for entry in &prepared {
         let (error, transient) = match &entry.result {
             Ok(result) if result.ok => continue,
-            // The agent answered: the VCL does not compile or load, which trying again won't fix.
-            Ok(result) => (result.error.clone(), false),
+            // The agent answered: the VCL does not compile, which trying again won't fix, or
+            // its varnishd could not be reached, which may pass.
+            Ok(result) => (result.error.clone(), result.transient),
             Err(error) => (error.clone(), true),
         };
         syncs.push(ServerSync {
@@ -349,7 +350,7 @@ async fn commit(
             }
             return Ok(());
         }
-        Ok(AgentMessage::CommitResult(result)) => (result.error, false),
+        Ok(AgentMessage::CommitResult(result)) => (result.error, result.transient),
         Ok(_) => ("unexpected answer to commit".to_owned(), true),
         Err(error) => (error.to_string(), true),
     };

@@ -106,6 +106,27 @@ impl Varnishd {
         self.process.resume();
     }
 
+    /// Tells whether varnishd is compiling a VCL right now: a C compiler (`cc1`, `gcc`, `cc`)
+    /// runs in its process group, as `vcl.inline` and `vcl.load` start one.
+    pub fn compiling(&self) -> bool {
+        let group = self.process.pid().to_string();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return false;
+        };
+        entries.flatten().any(|entry| {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                return false;
+            };
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after the ')'.
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let command = head.split_once('(').map_or("", |(_, command)| command);
+            let process_group = rest.split_whitespace().nth(2);
+            process_group == Some(group.as_str()) && matches!(command, "cc1" | "gcc" | "cc")
+        })
+    }
+
     /// Waits until the admin port sends the 107 challenge.
     async fn wait_ready(&mut self) -> Result<(), StartFailure> {
         let admin = self.admin_addr();
