@@ -8,7 +8,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, info, warn};
 use vaas_proto::v1::{
-    AbortCommand, AbortResult, CommitCommand, CommitResult, PrepareCommand, PrepareResult,
+    AbortCommand, AbortResult, CommitCommand, CommitResult, PrepareCommand, PrepareProgress,
+    PrepareResult,
 };
 
 use crate::varnish_cli::{
@@ -301,7 +302,11 @@ impl Executor {
     }
 
     /// Renders and loads the VCL of a prepare command.
-    pub(crate) async fn prepare(&mut self, command: PrepareCommand) -> PrepareResult {
+    pub(crate) async fn prepare(
+        &mut self,
+        command: PrepareCommand,
+        on_rendered: impl FnOnce(PrepareProgress),
+    ) -> PrepareResult {
         let reload_id = command.reload_id.clone();
         let mut result = PrepareResult {
             reload_id: reload_id.clone(),
@@ -329,6 +334,11 @@ impl Executor {
             }
         };
         result.vcl_version = vcl.version.clone();
+        on_rendered(PrepareProgress {
+            reload_id: reload_id.clone(),
+            render_duration: result.render_duration,
+            vcl_version: vcl.version.clone(),
+        });
 
         match self.load(&vcl, &mut result).await {
             Ok(()) => {

@@ -380,7 +380,14 @@ async fn session(
         }
         let reply = match message.command {
             Some(attach_response::Command::Prepare(command)) => {
-                attach_request::Message::PrepareResult(executor.prepare(command).await)
+                // Progress is for watchers: when the stream is full it is skipped, never waited for.
+                let progress = outbound.clone();
+                let on_rendered = move |update| {
+                    let _ = progress.try_send(AttachRequest {
+                        message: Some(attach_request::Message::PrepareProgress(update)),
+                    });
+                };
+                attach_request::Message::PrepareResult(executor.prepare(command, on_rendered).await)
             }
             Some(attach_response::Command::Commit(command)) => {
                 let result = executor.commit(&command).await;

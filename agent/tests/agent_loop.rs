@@ -159,7 +159,7 @@ impl Session {
             .expect("stream open");
     }
 
-    async fn result(&mut self) -> attach_request::Message {
+    async fn message(&mut self) -> attach_request::Message {
         tokio::time::timeout(WAIT, self.results.message())
             .await
             .expect("result in time")
@@ -167,6 +167,23 @@ impl Session {
             .expect("stream open")
             .message
             .expect("a message")
+    }
+
+    /// The next result; a prepare's progress report before it must name its reload.
+    async fn result(&mut self) -> attach_request::Message {
+        match self.message().await {
+            attach_request::Message::PrepareProgress(progress) => {
+                let result = self.message().await;
+                let attach_request::Message::PrepareResult(prepared) = &result else {
+                    panic!("a prepare result after progress, got {result:?}");
+                };
+                assert_eq!(progress.reload_id, prepared.reload_id);
+                assert_eq!(progress.vcl_version, prepared.vcl_version);
+                assert!(progress.render_duration.is_some());
+                result
+            }
+            result => result,
+        }
     }
 
     async fn prepare(&mut self, reload_id: &str, snapshot: ClusterSnapshot) -> PrepareResult {

@@ -24,6 +24,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use vaas_proto::v1::config_service_client::ConfigServiceClient;
+use vaas_proto::v1::status_service_client::StatusServiceClient;
 use vaas_proto::v1::task_service_client::TaskServiceClient;
 use vaas_proto::v1::token_service_client::TokenServiceClient;
 use vaas_proto::v1::{
@@ -329,6 +330,14 @@ impl System {
     /// Returns a TaskService client calling with the admin token.
     pub fn tasks(&self) -> TaskServiceClient<Authed> {
         TaskServiceClient::with_interceptor(
+            self.channel.clone(),
+            Bearer::new(Some(&self.admin_token)),
+        )
+    }
+
+    /// Returns a StatusService client calling with the admin token.
+    pub fn status(&self) -> StatusServiceClient<Authed> {
+        StatusServiceClient::with_interceptor(
             self.channel.clone(),
             Bearer::new(Some(&self.admin_token)),
         )

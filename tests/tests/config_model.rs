@@ -535,7 +535,7 @@ async fn bulk_backend_changes_reload_each_cluster_once(store: StoreKind) -> Resu
 
 /// A large but legitimate cluster: 10,000 backends in 100 directors (a snapshot of several MiB)
 /// reload. Not on both stores: the store does not change what is sent, and the compile is slow.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_of_ten_thousand_backends_reloads() -> Result<()> {
     let mut system = System::builder(StoreKind::Sqlite).start().await?;
     let setup = system.set_up().await?;

@@ -97,12 +97,14 @@ async fn asynchronous_write_answers_at_once_and_the_watch_follows_the_task(
     assert_eq!(task.state, TaskState::Pending as i32);
     assert_eq!(location, format!("tasks/{}", task.id));
 
-    let states: Vec<i32> = system
+    let mut states: Vec<i32> = system
         .watch(task.id)
         .await?
         .iter()
         .map(|update| update.state)
         .collect();
+    // The watch also sends an update when a server's phase changes, in the same state.
+    states.dedup();
     // The write answered before the reload (compiling takes far longer than answering), so the
     // watch starts before the end and walks forward to SUCCESS, never backwards.
     let expected = [

@@ -77,7 +77,7 @@ async fn a_template_that_reads_files_or_runs_code_is_refused_and_nothing_is_save
     system.ensure_running()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deploys_varnishd_keeps_inline_c_off_and_refuses_absolute_includes() -> Result<()> {
     // The test kit starts varnishd with deploy/varnishd.params, as deploy/start.sh does.
     let varnishd = Varnishd::start().await?;
@@ -110,7 +110,7 @@ async fn the_deploys_varnishd_keeps_inline_c_off_and_refuses_absolute_includes()
 
 /// A watch whose caller went away releases its NATS subscription at once (3,000 cancelled watches
 /// used to keep 3,000 subscriptions until their task changed).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchers_that_leave_release_their_subscriptions() -> Result<()> {
     use std::time::Duration;
     use tokio::time::Instant;
@@ -171,7 +171,7 @@ async fn watchers_that_leave_release_their_subscriptions() -> Result<()> {
 /// The agent reports at attach what makes its varnishd unsafe, and the API shows it per server.
 /// The test kit's varnishd runs the deploy's parameters except that `cc_command` stays writable
 /// (the reload benchmark changes it), so exactly that is reported.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_server_shows_what_makes_its_varnishd_unsafe() -> Result<()> {
     let mut system = System::builder(StoreKind::Sqlite).start().await?;
     let setup = system.set_up().await?;
@@ -232,7 +232,7 @@ fn assert_refused(status: &tonic::Status, code: Code, words: &str) {
     assert!(status.message().contains(words), "{}", status.message());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_need_a_valid_token_and_each_role_reaches_only_its_share() -> Result<()> {
     let mut system = System::builder(StoreKind::Sqlite).start().await?;
     let setup = system.set_up().await?;
@@ -382,7 +382,7 @@ async fn attach_as(
         .map(|_| ()))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_token_attaches_only_as_its_own_server_and_calls_no_api() -> Result<()> {
     let mut system = System::builder(StoreKind::Sqlite).start().await?;
     // Server A with its real agent, attached with A's token.

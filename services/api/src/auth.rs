@@ -28,7 +28,7 @@ pub fn required_role(path: &str) -> Option<Role> {
         .and_then(|path| path.split_once('/'))
         .unwrap_or((path, ""));
     match service {
-        "vaas.v1.TaskService" => Some(Role::Reader),
+        "vaas.v1.TaskService" | "vaas.v1.StatusService" => Some(Role::Reader),
         "vaas.v1.TokenService" if method == "WhoAmI" => Some(Role::Reader),
         "vaas.v1.ConfigService" => Some(config_role(method)),
         _ => Some(Role::Admin),

@@ -1,6 +1,7 @@
-//! Following tasks until they finish: subscribe to their events first, then read the store, so
-//! no change between the two is missed; re-read on every event and at a steady interval in
-//! case an event was lost (task events are plain NATS messages, at most once).
+//! Following tasks until they finish (and clusters as their reloads go): subscribe to their
+//! events first, then read the store, so no change between the two is missed; re-read on every
+//! event and at a steady interval in case an event was lost (events are plain NATS messages, at
+//! most once).
 
 use std::time::Duration;
 
@@ -65,6 +66,21 @@ impl TaskFollower {
         Ok(TaskEvents {
             events: futures::stream::select_all(subscribers),
         })
+    }
+
+    /// Adds the reload progress events of a cluster to `events`; read the store only after this
+    /// returns.
+    pub async fn follow_cluster(
+        &self,
+        events: &mut TaskEvents,
+        cluster_id: i64,
+    ) -> Result<(), ApiError> {
+        events.events.push(
+            self.nats
+                .subscribe(vaas_bus::cluster_event_subject(cluster_id))
+                .await?,
+        );
+        Ok(())
     }
 
     /// Returns when the next re-read is due: after an event, or the recheck interval, or the

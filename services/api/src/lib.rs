@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 use vaas_proto::v1::config_service_server::ConfigServiceServer;
+use vaas_proto::v1::status_service_server::StatusServiceServer;
 use vaas_proto::v1::task_service_server::TaskServiceServer;
 use vaas_proto::v1::token_service_server::TokenServiceServer;
 use vaas_store::Store;
@@ -131,6 +132,7 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ConfigServiceServer<ConfigApi>>().await;
     health.set_serving::<TaskServiceServer<TaskApi>>().await;
+    health.set_serving::<StatusServiceServer<TaskApi>>().await;
     health.set_serving::<TokenServiceServer<TokenApi>>().await;
     let reflection = vaas_runtime::reflection()?;
 
@@ -145,6 +147,7 @@ pub async fn run(
             ConfigServiceServer::new(config_api)
                 .max_decoding_message_size(vaas_proto::MAX_API_REQUEST_BYTES),
         )
+        .add_service(StatusServiceServer::new(task_api.clone()))
         .add_service(TaskServiceServer::new(task_api))
         .add_service(TokenServiceServer::new(TokenApi::new(store.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())

@@ -1,4 +1,5 @@
-//! The TaskService: reads tasks and streams their state changes.
+//! The TaskService (reads tasks and streams their state changes) and the StatusService (streams
+//! what a cluster's servers run and how its reloads go).
 
 use std::pin::Pin;
 
@@ -10,10 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{debug, instrument};
+use vaas_proto::v1::status_service_server::StatusService;
 use vaas_proto::v1::task_service_server::TaskService;
 use vaas_proto::v1::{
-    GetTaskRequest, GetTaskResponse, ListTasksRequest, ListTasksResponse, Task, WatchTaskRequest,
-    WatchTaskResponse,
+    Cluster, GetTaskRequest, GetTaskResponse, ListTasksRequest, ListTasksResponse,
+    ListVarnishServersRequest, VarnishServer, WatchClusterRequest, WatchClusterResponse,
+    WatchTaskRequest, WatchTaskResponse,
 };
 use vaas_store::Store;
 
@@ -22,6 +25,9 @@ use crate::follow::{TaskFollower, is_terminal};
 
 /// How many updates a slow watcher may have queued before the watch waits for it.
 const WATCH_QUEUE: usize = 16;
+
+/// The largest page the store hands out, used to read all of a cluster's servers.
+const MAX_PAGE_SIZE: i32 = 1000;
 
 /// The TaskService implementation.
 #[derive(Clone, Debug)]
@@ -49,39 +55,38 @@ impl TaskApi {
     }
 }
 
-/// Sends the task whenever it changes until it is terminal, the watcher leaves, or shutdown.
-async fn watch(
-    store: Store,
+/// Sends what `read` returns now and whenever it changes (re-read after every event and at the
+/// follower's interval) until `is_final` holds for what was sent, the watcher leaves, or
+/// shutdown. A failed read ends the watch with its error.
+async fn send_changes<T, Read, Reading>(
+    mut read: Read,
+    is_final: impl Fn(&T) -> bool,
     follower: TaskFollower,
     mut events: crate::follow::TaskEvents,
-    task_id: i64,
-    sender: mpsc::Sender<Result<WatchTaskResponse, Status>>,
+    sender: mpsc::Sender<Result<T, Status>>,
     shutdown: CancellationToken,
-) {
-    let mut last_sent: Option<Task> = None;
+) where
+    T: Clone + PartialEq,
+    Read: FnMut() -> Reading,
+    Reading: Future<Output = Result<T, ApiError>>,
+{
+    let mut last_sent: Option<T> = None;
     loop {
-        let task = match store.get_task(task_id).await {
-            Ok(task) => task,
+        let now = match read().await {
+            Ok(now) => now,
             Err(error) => {
-                let _ = sender.send(Err(ApiError::from(error).into())).await;
+                let _ = sender.send(Err(error.into())).await;
                 return;
             }
         };
-        let changed = last_sent
-            .as_ref()
-            .is_none_or(|last| last.state != task.state || last.error != task.error);
-        if changed {
-            let terminal = is_terminal(&task);
-            last_sent = Some(task.clone());
-            if sender
-                .send(Ok(WatchTaskResponse { task: Some(task) }))
-                .await
-                .is_err()
-            {
-                debug!(task = task_id, "watcher left");
+        if last_sent.as_ref() != Some(&now) {
+            let finished = is_final(&now);
+            last_sent = Some(now.clone());
+            if sender.send(Ok(now)).await.is_err() {
+                debug!("watcher left");
                 return;
             }
-            if terminal {
+            if finished {
                 return;
             }
         }
@@ -90,7 +95,7 @@ async fn watch(
             () = follower.wait_for_change(&mut events, far_future) => {}
             // The caller went away: release its subscription now, not at the next change.
             () = sender.closed() => {
-                debug!(task = task_id, "watcher left");
+                debug!("watcher left");
                 return;
             }
             () = shutdown.cancelled() => {
@@ -98,6 +103,45 @@ async fn watch(
                 return;
             }
         }
+    }
+}
+
+/// A cluster as WatchCluster shows it: its servers and their progress in its newest reload.
+async fn cluster_status(store: &Store, cluster_id: i64) -> Result<WatchClusterResponse, ApiError> {
+    let cluster = store.get::<Cluster>(cluster_id).await?;
+    let filter = ListVarnishServersRequest {
+        cluster_id,
+        ..Default::default()
+    };
+    let mut servers = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let (page, next) = store
+            .list::<VarnishServer>(&filter, MAX_PAGE_SIZE, &page_token)
+            .await?;
+        servers.extend(page);
+        if next.is_empty() {
+            break;
+        }
+        page_token = next;
+    }
+    let (reload_timestamp, reload_servers) = match store.newest_reload_progress(cluster_id).await? {
+        Some((version, progress)) => (Some(timestamp(version)), progress),
+        None => (None, Vec::new()),
+    };
+    Ok(WatchClusterResponse {
+        cluster: Some(cluster),
+        servers,
+        reload_timestamp,
+        reload_servers,
+    })
+}
+
+/// Converts store microseconds to a protobuf timestamp.
+fn timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
     }
 }
 
@@ -146,15 +190,63 @@ impl TaskService for TaskApi {
         request: Request<WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         let task_id = request.into_inner().id;
-        let events = self.follower.subscribe(&[task_id]).await?;
+        let mut events = self.follower.subscribe(&[task_id]).await?;
         // Fails fast with NOT_FOUND instead of opening a stream for a task that does not exist.
-        self.store.get_task(task_id).await.map_err(ApiError::from)?;
+        let task = self.store.get_task(task_id).await.map_err(ApiError::from)?;
+        // Per-server progress changes without a task event.
+        self.follower
+            .follow_cluster(&mut events, task.cluster_id)
+            .await?;
         let (sender, receiver) = mpsc::channel(WATCH_QUEUE);
-        self.watches.spawn(watch(
-            self.store.clone(),
+        let store = self.store.clone();
+        self.watches.spawn(send_changes(
+            move || {
+                let store = store.clone();
+                async move {
+                    let task = store.get_task(task_id).await?;
+                    Ok(WatchTaskResponse { task: Some(task) })
+                }
+            },
+            |response: &WatchTaskResponse| response.task.as_ref().is_some_and(is_terminal),
             self.follower.clone(),
             events,
-            task_id,
+            sender,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+#[tonic::async_trait]
+impl StatusService for TaskApi {
+    type WatchClusterStream =
+        Pin<Box<dyn Stream<Item = Result<WatchClusterResponse, Status>> + Send>>;
+
+    #[instrument(skip_all, fields(rpc = "WatchCluster", cluster = request.get_ref().cluster_id))]
+    async fn watch_cluster(
+        &self,
+        request: Request<WatchClusterRequest>,
+    ) -> Result<Response<Self::WatchClusterStream>, Status> {
+        let cluster_id = request.into_inner().cluster_id;
+        let mut events = self.follower.subscribe(&[]).await?;
+        self.follower
+            .follow_cluster(&mut events, cluster_id)
+            .await?;
+        // Fails fast with NOT_FOUND instead of opening a stream for a cluster that does not exist.
+        self.store
+            .get::<Cluster>(cluster_id)
+            .await
+            .map_err(ApiError::from)?;
+        let (sender, receiver) = mpsc::channel(WATCH_QUEUE);
+        let store = self.store.clone();
+        self.watches.spawn(send_changes(
+            move || {
+                let store = store.clone();
+                async move { cluster_status(&store, cluster_id).await }
+            },
+            |_: &WatchClusterResponse| false,
+            self.follower.clone(),
+            events,
             sender,
             self.shutdown.clone(),
         ));

@@ -32,6 +32,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// are back on it about as soon as it is.
 pub const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
+/// How long publishing an event may wait for a NATS that is away.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Returns the subject of one cluster's reload intents.
 pub fn intent_subject(cluster_id: i64) -> String {
     format!("vaas.intents.{cluster_id}")
@@ -40,6 +43,11 @@ pub fn intent_subject(cluster_id: i64) -> String {
 /// Returns the subject on which state changes of one task are announced.
 pub fn task_event_subject(task_id: i64) -> String {
     format!("vaas.task_events.{task_id}")
+}
+
+/// Returns the subject on which changes of one cluster's reload progress are announced.
+pub fn cluster_event_subject(cluster_id: i64) -> String {
+    format!("vaas.cluster_events.{cluster_id}")
 }
 
 /// A reload intent: the cluster has a change up to `timestamp` that it does not serve yet.
@@ -77,6 +85,9 @@ pub enum Error {
     /// Publishing a core NATS message failed.
     #[error("cannot publish to nats")]
     CorePublish(#[from] async_nats::PublishError),
+    /// NATS did not take a message in time (it is away and the client's buffer is full).
+    #[error("nats did not take the message within {EVENT_TIMEOUT:?}")]
+    Timeout,
     /// A message could not be encoded or decoded.
     #[error("malformed message")]
     Format(#[from] serde_json::Error),
@@ -255,15 +266,33 @@ pub async fn publish_intent(jetstream: &jetstream::Context, intent: &Intent) -> 
     Ok(())
 }
 
-/// Announces a task's new state to watchers.
+/// Announces a task's new state to watchers; gives up after [`EVENT_TIMEOUT`].
 pub async fn publish_task_event(
     client: &async_nats::Client,
     event: &TaskEvent,
 ) -> Result<(), Error> {
     let payload = serde_json::to_vec(event)?;
-    client
-        .publish(task_event_subject(event.task_id), payload.into())
-        .await?;
+    tokio::time::timeout(
+        EVENT_TIMEOUT,
+        client.publish(task_event_subject(event.task_id), payload.into()),
+    )
+    .await
+    .map_err(|_| Error::Timeout)??;
+    Ok(())
+}
+
+/// Announces that the reload progress of a cluster's servers changed; receivers re-read it from
+/// the store. Gives up after [`EVENT_TIMEOUT`] so that a NATS outage never holds up a reload.
+pub async fn publish_cluster_event(
+    client: &async_nats::Client,
+    cluster_id: i64,
+) -> Result<(), Error> {
+    tokio::time::timeout(
+        EVENT_TIMEOUT,
+        client.publish(cluster_event_subject(cluster_id), Vec::new().into()),
+    )
+    .await
+    .map_err(|_| Error::Timeout)??;
     Ok(())
 }
 

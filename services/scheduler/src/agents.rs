@@ -77,6 +77,19 @@ impl AgentLink {
         timeout: Duration,
         is_answer: impl Fn(&AgentMessage) -> bool,
     ) -> Result<AgentMessage, AgentError> {
+        self.call_observing(command, timeout, is_answer, |_| {})
+            .await
+    }
+
+    /// Like [`AgentLink::call`], and shows every other message that arrives meanwhile (progress
+    /// reports, late answers) to `observe`.
+    pub async fn call_observing(
+        &self,
+        command: AttachResponse,
+        timeout: Duration,
+        is_answer: impl Fn(&AgentMessage) -> bool,
+        mut observe: impl FnMut(&AgentMessage),
+    ) -> Result<AgentMessage, AgentError> {
         // One command at a time per agent: the lock spans the send and the answer.
         let mut results = self.results.lock().await;
         self.commands
@@ -89,7 +102,7 @@ impl AgentLink {
                 Err(_) => return Err(AgentError::Timeout(timeout)),
                 Ok(None) => return Err(AgentError::Disconnected),
                 Ok(Some(message)) if is_answer(&message) => return Ok(message),
-                Ok(Some(_stale)) => continue,
+                Ok(Some(other)) => observe(&other),
             }
         }
     }
@@ -499,6 +512,10 @@ fn checked_result(message: AgentMessage) -> Result<AgentMessage, String> {
             vec![&result.reload_id, &result.active_vcl_version],
         ),
         AgentMessage::AbortResult(result) => ("abort_result", vec![&result.reload_id]),
+        AgentMessage::PrepareProgress(progress) => (
+            "prepare_progress",
+            vec![&progress.reload_id, &progress.vcl_version],
+        ),
     };
     if !names.into_iter().all(|name| name_ok(name)) {
         return Err(format!(
@@ -510,7 +527,7 @@ fn checked_result(message: AgentMessage) -> Result<AgentMessage, String> {
         AgentMessage::PrepareResult(result) => cap(&mut result.error),
         AgentMessage::CommitResult(result) => cap(&mut result.error),
         AgentMessage::AbortResult(result) => cap(&mut result.error),
-        AgentMessage::Hello(_) => {}
+        AgentMessage::Hello(_) | AgentMessage::PrepareProgress(_) => {}
     }
     Ok(message)
 }

@@ -11,6 +11,7 @@ pub mod agents;
 pub mod auth;
 pub mod leader;
 pub mod machine;
+pub mod progress;
 pub mod reload;
 
 use std::sync::Arc;
@@ -176,6 +177,8 @@ pub async fn run(
         terms.clone(),
         background.clone(),
     );
+    let progress = progress::ProgressRecorder::new(store.clone(), nats.clone());
+    background.spawn(progress.clone().run_writer(shutdown.clone()));
     let leader_work = LeaderWork {
         jetstream,
         term_numbers,
@@ -196,6 +199,7 @@ pub async fn run(
                 prepare: config.prepare_timeout,
                 commit: config.commit_timeout,
             },
+            progress,
             term: CancellationToken::new(),
             term_number: 0,
         },

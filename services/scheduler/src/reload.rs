@@ -10,11 +10,12 @@ use vaas_proto::v1::attach_request::Message as AgentMessage;
 use vaas_proto::v1::attach_response::Command;
 use vaas_proto::v1::{
     AbortCommand, AttachResponse, ClusterSnapshot, CommitCommand, PrepareCommand, PrepareResult,
-    ServerStatus, Task, VarnishServer,
+    ServerPhase, ServerReloadProgress, ServerStatus, Task, VarnishServer,
 };
 use vaas_store::{Store, TaskOutcome};
 
 use crate::agents::{AgentKey, AgentLink, AgentRegistry};
+use crate::progress::{self, ProgressRecorder};
 
 /// Time limits of a reload.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +39,8 @@ pub struct ReloadContext {
     pub nats: async_nats::Client,
     /// Time limits.
     pub timeouts: ReloadTimeouts,
+    /// Where each server stands in the reloads, for watchers.
+    pub progress: Arc<ProgressRecorder>,
     /// This replica's term of leadership: once cancelled, reloads leave their tasks unfinished
     /// for the next leader.
     pub term: tokio_util::sync::CancellationToken,
@@ -65,6 +68,8 @@ struct Prepared {
     server: VarnishServer,
     link: Option<Arc<AgentLink>>,
     result: Result<PrepareResult, String>,
+    /// Where the server stands after the prepare phase.
+    progress: ServerReloadProgress,
 }
 
 impl Prepared {
@@ -115,6 +120,8 @@ pub async fn reload_cluster(
     let sequence = RELOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let reload_id = format!("{cluster_id}-{version}-t{}-{sequence}", context.term_number);
     let (failures, syncs) = run_two_phases(context, &snapshot, &reload_id).await;
+    // Watchers see every server's final phase before they see the tasks finish.
+    context.progress.flush().await;
     let transient = failures.iter().all(|failure| failure.transient);
     let message = capped(
         failures
@@ -218,7 +225,7 @@ async fn run_two_phases(
 
     if !failures.is_empty() {
         // Nothing changed on the servers that prepared: they keep what they ran.
-        abort_all(context, &prepared, reload_id).await;
+        abort_all(context, snapshot, &prepared, reload_id).await;
         return (failures, syncs);
     }
 
@@ -226,7 +233,7 @@ async fn run_two_phases(
         match (&entry.result, entry.loaded_vcl()) {
             (Ok(_), Some((link, vcl_name))) => (
                 entry,
-                commit(context, entry, link, vcl_name, reload_id).await,
+                commit(context, snapshot, entry, link, vcl_name, reload_id).await,
             ),
             // Already running this VCL (unchanged): in sync without a commit.
             (Ok(result), None) if result.ok => (entry, Ok(())),
@@ -274,6 +281,8 @@ async fn prepare(
         address: server.address.clone(),
         admin_port: server.admin_port.unwrap_or_default(),
     };
+    let mut progress = progress::initial(server.id, &server.address);
+    note(context, snapshot, &progress);
     let link = match context
         .agents
         .agent(&key, context.timeouts.agent_wait)
@@ -281,13 +290,19 @@ async fn prepare(
     {
         Ok(link) => link,
         Err(error) => {
+            progress.phase = ServerPhase::Failed as i32;
+            progress.error = error.to_string();
+            note(context, snapshot, &progress);
             return Prepared {
                 server: server.clone(),
                 link: None,
                 result: Err(error.to_string()),
+                progress,
             };
         }
     };
+    progress.phase = ServerPhase::Rendering as i32;
+    note(context, snapshot, &progress);
     let command = AttachResponse {
         term: context.term_number,
         command: Some(Command::Prepare(PrepareCommand {
@@ -297,25 +312,68 @@ async fn prepare(
         })),
     };
     let answer = link
-        .call(command, context.timeouts.prepare, |message| {
-            matches!(message, AgentMessage::PrepareResult(result) if result.reload_id == reload_id)
-        })
+        .call_observing(
+            command,
+            context.timeouts.prepare,
+            |message| {
+                matches!(message, AgentMessage::PrepareResult(result) if result.reload_id == reload_id)
+            },
+            |message| {
+                if let AgentMessage::PrepareProgress(update) = message
+                    && update.reload_id == reload_id
+                {
+                    progress.phase = ServerPhase::Compiling as i32;
+                    progress.render_duration = update.render_duration;
+                    note(context, snapshot, &progress);
+                }
+            },
+        )
         .await;
     let result = match answer {
         Ok(AgentMessage::PrepareResult(result)) => Ok(result),
         Ok(_) => Err("unexpected answer to prepare".to_owned()),
         Err(error) => Err(error.to_string()),
     };
+    match &result {
+        Ok(result) => {
+            progress.render_duration = result.render_duration;
+            progress.unchanged = result.unchanged;
+            if !result.unchanged {
+                progress.compile_duration = result.load_duration;
+            }
+            progress.phase = match (result.ok, result.unchanged) {
+                (true, true) => ServerPhase::Active,
+                (true, false) => ServerPhase::Loaded,
+                (false, _) => ServerPhase::Failed,
+            } as i32;
+            progress.error = result.error.clone();
+        }
+        Err(error) => {
+            progress.phase = ServerPhase::Failed as i32;
+            progress.error = error.clone();
+        }
+    }
+    note(context, snapshot, &progress);
     Prepared {
         server: server.clone(),
         link: Some(link),
         result,
+        progress,
     }
+}
+
+/// Notes a server's phase in this reload for watchers.
+fn note(context: &ReloadContext, snapshot: &ClusterSnapshot, progress: &ServerReloadProgress) {
+    let cluster_id = snapshot.cluster.as_ref().map_or(0, |cluster| cluster.id);
+    context
+        .progress
+        .record(cluster_id, snapshot.version, progress);
 }
 
 /// Activates a prepared VCL; returns the failure, if any (`Err(Some(..))`).
 async fn commit(
     context: &ReloadContext,
+    snapshot: &ClusterSnapshot,
     entry: &Prepared,
     link: &Arc<AgentLink>,
     vcl_name: &str,
@@ -333,8 +391,12 @@ async fn commit(
             matches!(message, AgentMessage::CommitResult(result) if result.reload_id == reload_id)
         })
         .await;
+    let mut progress = entry.progress.clone();
     let error = match answer {
         Ok(AgentMessage::CommitResult(result)) if result.ok => {
+            progress.phase = ServerPhase::Active as i32;
+            progress.activate_duration = result.use_duration;
+            note(context, snapshot, &progress);
             let hello = link.hello();
             if let Err(error) = context
                 .store
@@ -355,6 +417,9 @@ async fn commit(
         Err(error) => (error.to_string(), true),
     };
     let (error, transient) = error;
+    progress.phase = ServerPhase::Failed as i32;
+    progress.error = capped(error.clone());
+    note(context, snapshot, &progress);
     Err(Some(Failure {
         message: format!(
             "{}: activating {vcl_name} failed: {error}",
@@ -365,7 +430,12 @@ async fn commit(
 }
 
 /// Discards what the prepare phase loaded, so nothing half-applied stays behind.
-async fn abort_all(context: &ReloadContext, prepared: &[Prepared], reload_id: &str) {
+async fn abort_all(
+    context: &ReloadContext,
+    snapshot: &ClusterSnapshot,
+    prepared: &[Prepared],
+    reload_id: &str,
+) {
     join_all(prepared.iter().filter_map(|entry| {
         let (link, vcl_name) = entry.loaded_vcl()?;
         let command = AttachResponse {
@@ -384,6 +454,9 @@ async fn abort_all(context: &ReloadContext, prepared: &[Prepared], reload_id: &s
             if let Err(error) = answer {
                 warn!(server = entry.server.id, %error, "abort failed; the agent's VCL cleanup will discard it");
             }
+            let mut progress = entry.progress.clone();
+            progress.phase = ServerPhase::Discarded as i32;
+            note(context, snapshot, &progress);
         })
     }))
     .await;

@@ -13,6 +13,7 @@ mod clock;
 mod error;
 mod lease;
 mod migrations;
+mod progress;
 mod resource;
 mod resources;
 mod rows;
@@ -30,6 +31,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use error::{Error, Result};
 pub use lease::LeaderLease;
+pub use progress::{KEPT_RELOADS_PER_CLUSTER, ReloadProgressRow};
 pub use resource::{Change, Condition, Page, Resource, Tx, Value};
 pub use tasks::{LAST_ERROR_MAX_CHARS, OutboxEntry, TASK_ERROR_MAX_CHARS, TaskOutcome, TaskPage};
 pub use tokens::{Authentication, NewToken, SECRET_PREFIX};

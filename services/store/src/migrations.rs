@@ -76,6 +76,12 @@ const STEPS: &[Step] = &[
         postgres: include_str!("../migrations/postgres/0008_server_sync.sql"),
         sqlite: include_str!("../migrations/sqlite/0008_server_sync.sql"),
     },
+    Step {
+        version: 9,
+        description: "reload progress",
+        postgres: include_str!("../migrations/postgres/0009_reload_progress.sql"),
+        sqlite: include_str!("../migrations/sqlite/0009_reload_progress.sql"),
+    },
 ];
 
 /// Returns sqlx's migrator for `dialect`. It is built here rather than with `sqlx::migrate!`,

@@ -79,5 +79,6 @@ pub(crate) fn task(row: &AnyRow) -> Result<Task> {
         create_time: Some(timestamp(row.try_get("create_time")?)),
         start_time: row.try_get::<Option<i64>, _>("start_time")?.map(timestamp),
         finish_time: row.try_get::<Option<i64>, _>("finish_time")?.map(timestamp),
+        servers: Vec::new(),
     })
 }

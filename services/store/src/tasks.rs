@@ -101,16 +101,19 @@ fn id_list(ids: &[i64]) -> String {
 }
 
 impl Store {
-    /// Returns one task.
+    /// Returns one task, with each server's progress in the reload that last included it.
     pub async fn get_task(&self, id: i64) -> Result<Task> {
         let mut transaction = self.pool.begin().await?;
-        by_ids(&mut transaction, &[id])
+        let mut task = by_ids(&mut transaction, &[id])
             .await?
             .pop()
             .ok_or(Error::NotFound {
                 resource: "task",
                 id,
-            })
+            })?;
+        transaction.commit().await?;
+        task.servers = self.task_reload_progress(id).await?;
+        Ok(task)
     }
 
     /// Returns the tasks with these ids that exist, in id order.
@@ -162,20 +165,21 @@ impl Store {
         Ok(rows)
     }
 
-    /// Marks the PENDING (or RETRY) tasks of a cluster up to `up_to` as STARTED; returns them.
+    /// Marks the unfinished tasks of a cluster up to `up_to` as STARTED by the reload of
+    /// snapshot `up_to` (whose progress they show from now on); returns them.
     pub async fn start_tasks(&self, cluster_id: i64, up_to: i64) -> Result<Vec<Task>> {
         let now = now_micros_sql(self.dialect);
         let mut transaction = self.pool.begin().await?;
         self.check_fence(&mut transaction).await?;
         let ids: Vec<i64> = sqlx::query_scalar(&format!(
-            "UPDATE tasks SET state = $1, start_time = COALESCE(start_time, {now}) \
-             WHERE cluster_id = $2 AND timestamp <= $3 AND state IN ($4, $5) RETURNING id"
+            "UPDATE tasks SET state = $1, start_time = COALESCE(start_time, {now}), \
+             reload_version = $3 \
+             WHERE cluster_id = $2 AND timestamp <= $3 AND state IN ({UNFINISHED_STATES}) \
+             RETURNING id"
         ))
         .bind(TaskState::Started as i32 as i64)
         .bind(cluster_id)
         .bind(up_to)
-        .bind(TaskState::Pending as i32 as i64)
-        .bind(TaskState::Retry as i32 as i64)
         .fetch_all(&mut *transaction)
         .await?;
         let tasks = by_ids(&mut transaction, &ids).await?;

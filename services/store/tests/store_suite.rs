@@ -4,10 +4,13 @@ use anyhow::Result;
 use prost::Message;
 use vaas_proto::v1::AuditAction;
 use vaas_proto::v1::{
-    Backend, Cluster, Dc, Director, Probe, ServerStatus, TaskState, TimeProfile, VarnishServer,
-    VclTemplate, VclTemplateBlock, VclVariable,
+    Backend, Cluster, Dc, Director, Probe, ServerPhase, ServerReloadProgress, ServerStatus,
+    TaskState, TimeProfile, VarnishServer, VclTemplate, VclTemplateBlock, VclVariable,
 };
-use vaas_store::{Authentication, Error, NewToken, Store, TaskOutcome};
+use vaas_store::{
+    Authentication, Error, KEPT_RELOADS_PER_CLUSTER, NewToken, ReloadProgressRow, Store,
+    TaskOutcome,
+};
 
 /// Opens a fresh store of each kind.
 mod backends {
@@ -74,6 +77,7 @@ on_both_stores!(
     a_transient_failure_leaves_tasks_in_retry_for_the_next_attempt,
     tokens_are_kept_hashed_and_stop_working_when_revoked_or_expired,
     a_leader_that_lost_its_lease_cannot_finish_tasks,
+    a_task_shows_each_servers_progress_in_its_newest_reload_and_old_reloads_are_pruned,
 );
 
 struct World {
@@ -1256,6 +1260,88 @@ async fn a_leader_that_lost_its_lease_cannot_finish_tasks(store: &Store) -> Resu
         finished
             .iter()
             .all(|task| task.state == TaskState::Success as i32)
+    );
+    Ok(())
+}
+
+async fn a_task_shows_each_servers_progress_in_its_newest_reload_and_old_reloads_are_pruned(
+    store: &Store,
+) -> Result<()> {
+    let world = world(store).await?;
+    let created = store.create(&backend(&world, "10.0.0.1")).await?;
+    let task_id = created.tasks[0].id;
+    assert!(
+        store.get_task(task_id).await?.servers.is_empty(),
+        "no progress before the reload starts"
+    );
+    let (cluster_id, version) = store.unfinished_clusters().await?[0];
+    store.start_tasks(cluster_id, version).await?;
+    let row = |version: i64, phase: ServerPhase| ReloadProgressRow {
+        cluster_id,
+        version,
+        progress: ServerReloadProgress {
+            varnish_server_id: world.server.id,
+            address: world.server.address.clone(),
+            phase: phase as i32,
+            compile_duration: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 250_000_000,
+            }),
+            error: "x".repeat(10_000),
+            update_time: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 5000,
+            }),
+            ..Default::default()
+        },
+    };
+    store
+        .record_reload_progress(&[row(version, ServerPhase::Compiling)])
+        .await?;
+    store
+        .record_reload_progress(&[row(version, ServerPhase::Active)])
+        .await?;
+    let servers = store.get_task(task_id).await?.servers;
+    assert_eq!(
+        servers.len(),
+        1,
+        "one row per server and reload: {servers:?}"
+    );
+    assert_eq!(servers[0].phase, ServerPhase::Active as i32);
+    assert_eq!(
+        servers[0].compile_duration,
+        row(0, ServerPhase::Active).progress.compile_duration
+    );
+    assert_eq!(
+        servers[0].update_time,
+        row(0, ServerPhase::Active).progress.update_time
+    );
+    assert_eq!(
+        servers[0].render_duration, None,
+        "an unset duration stays unset"
+    );
+    assert_eq!(
+        servers[0].error.chars().count(),
+        vaas_store::LAST_ERROR_MAX_CHARS,
+        "a huge error is capped"
+    );
+
+    // Later reloads of the cluster: the task keeps showing its own, the cluster shows the newest,
+    // and only the newest reloads are kept.
+    for later in 1..=KEPT_RELOADS_PER_CLUSTER + 5 {
+        store
+            .record_reload_progress(&[row(version + later, ServerPhase::Rendering)])
+            .await?;
+    }
+    let (newest, progress) = store
+        .newest_reload_progress(cluster_id)
+        .await?
+        .expect("progress is kept");
+    assert_eq!(newest, version + KEPT_RELOADS_PER_CLUSTER + 5);
+    assert_eq!(progress[0].phase, ServerPhase::Rendering as i32);
+    assert!(
+        store.get_task(task_id).await?.servers.is_empty(),
+        "the task's reload is older than the newest {KEPT_RELOADS_PER_CLUSTER} and was pruned"
     );
     Ok(())
 }

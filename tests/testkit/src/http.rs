@@ -1,4 +1,4 @@
-//! A minimal HTTP/1.1 GET client over a raw TCP stream (no HTTP client crate needed in tests).
+//! A minimal HTTP/1.1 client over a raw TCP stream (no HTTP client crate needed in tests).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -34,16 +34,38 @@ impl HttpResponse {
 /// Sends `GET path` with `Host: host` and `Connection: close` to `addr`, and reads the whole
 /// response (within 10 seconds).
 pub async fn http_get(addr: SocketAddr, path: &str, host: &str) -> anyhow::Result<HttpResponse> {
-    tokio::time::timeout(REQUEST_TIMEOUT, get(addr, path, host))
-        .await
-        .map_err(|_| anyhow!("GET http://{addr}{path} timed out after {REQUEST_TIMEOUT:?}"))?
-        .with_context(|| format!("GET http://{addr}{path} (Host: {host})"))
+    http_request(addr, "GET", path, host, &[]).await
 }
 
-async fn get(addr: SocketAddr, path: &str, host: &str) -> anyhow::Result<HttpResponse> {
+/// Sends `method path` with `Host: host`, the extra `headers` and `Connection: close` to `addr`
+/// (no body), and reads the whole response (within 10 seconds).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<HttpResponse> {
+    tokio::time::timeout(REQUEST_TIMEOUT, send(addr, method, path, host, headers))
+        .await
+        .map_err(|_| anyhow!("{method} http://{addr}{path} timed out after {REQUEST_TIMEOUT:?}"))?
+        .with_context(|| format!("{method} http://{addr}{path} (Host: {host})"))
+}
+
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<HttpResponse> {
     let mut stream = TcpStream::connect(addr).await?;
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: vaas-testkit\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: vaas-testkit\r\n{extra}Connection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();

@@ -21,7 +21,7 @@ mod service;
 mod tls;
 mod varnishd;
 
-pub use http::{HttpResponse, http_get};
+pub use http::{HttpResponse, http_get, http_request};
 pub use nats::Nats;
 pub use origin::HttpOrigin;
 pub use postgres::Postgres;

@@ -15,7 +15,8 @@ use tracing::debug;
 const MAX_HEAD: usize = 64 * 1024;
 
 /// An HTTP/1.1 server on 127.0.0.1 answering every request `200` with the body `origin <name>`
-/// and the header `X-Origin: <name>`; stopped on drop.
+/// and the header `X-Origin: <name>` (and `X-Echo-Trail` with the value of a request's
+/// `X-Trail`); stopped on drop.
 ///
 /// It keeps connections alive (as varnishd expects from a backend) and counts requests, so a test
 /// can tell a cache hit from a miss.
@@ -129,7 +130,8 @@ async fn serve_connection(mut stream: TcpStream, answer: Answer, requests: Arc<A
         let Some(head_end) = read_head(&mut stream, &mut buffer).await else {
             return;
         };
-        let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+        let original_head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+        let head = original_head.to_ascii_lowercase();
         let body_length: usize = head
             .lines()
             .find_map(|line| line.strip_prefix("content-length:"))
@@ -159,8 +161,16 @@ async fn serve_connection(mut stream: TcpStream, answer: Answer, requests: Arc<A
             "200 OK"
         };
         let body = format!("origin {name}");
+        // What varnishd's VCL wrote into the request, for tests of paths (pipe) whose response
+        // varnishd does not touch.
+        let echo: String = original_head
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .filter(|(field, _)| field.eq_ignore_ascii_case("x-trail"))
+            .map(|(_, value)| format!("X-Echo-Trail: {}\r\n", value.trim()))
+            .collect();
         let response = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Origin: {name}\r\n{}\r\n{body}",
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Origin: {name}\r\n{echo}{}\r\n{body}",
             body.len(),
             if close { "Connection: close\r\n" } else { "" },
         );
