@@ -1219,3 +1219,18 @@ pub fn backend_for(setup: &Setup, origin: SocketAddr) -> Backend {
         ..Default::default()
     }
 }
+
+/// Returns an active server of the set-up cluster whose agent never attaches (a free admin port
+/// no varnishd listens on): every reload it takes part in fails for it.
+pub fn silent_server(setup: &Setup) -> VarnishServer {
+    VarnishServer {
+        address: "127.0.0.1".into(),
+        admin_port: Some(u32::from(free_port())),
+        http_port: Some(80),
+        status: ServerStatus::Active as i32,
+        dc_id: setup.dc_id,
+        template_id: setup.template_id,
+        cluster_id: setup.cluster_id,
+        ..Default::default()
+    }
+}

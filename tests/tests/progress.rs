@@ -10,10 +10,10 @@ use tokio::time::Instant;
 use vaas_proto::v1::{
     CreateBackendRequest, CreateVarnishServerRequest, GetTaskRequest, ServerPhase,
     ServerReloadProgress, ServerStatus, SyncState, TaskState, UpdateVarnishServerRequest,
-    VarnishServer, WatchClusterRequest, WatchClusterResponse,
+    WatchClusterRequest, WatchClusterResponse,
 };
-use vaas_testkit::{HttpOrigin, free_port};
-use vaas_tests::{StoreKind, System, backend_for, on_both_stores, respond_async};
+use vaas_testkit::HttpOrigin;
+use vaas_tests::{StoreKind, System, backend_for, on_both_stores, respond_async, silent_server};
 
 on_both_stores!(
     a_watched_task_shows_its_server_compiling_then_active_with_durations,
@@ -154,16 +154,7 @@ async fn a_watched_cluster_shows_a_failed_server_and_the_discarded_vcl_of_the_ot
 
     // An active server whose agent never attaches: the reachable server's new VCL is loaded,
     // then discarded, since a reload is all or nothing.
-    let silent = VarnishServer {
-        address: "127.0.0.1".into(),
-        admin_port: Some(u32::from(free_port())),
-        http_port: Some(80),
-        status: ServerStatus::Active as i32,
-        dc_id: setup.dc_id,
-        template_id: setup.template_id,
-        cluster_id: setup.cluster_id,
-        ..Default::default()
-    };
+    let silent = silent_server(&setup);
     let created = system
         .config()
         .create_varnish_server(respond_async(CreateVarnishServerRequest {

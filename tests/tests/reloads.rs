@@ -10,10 +10,10 @@ use tonic_types::StatusExt;
 use vaas_agent::varnish_cli::{CliTimeouts, VarnishCli};
 use vaas_proto::v1::{
     CreateBackendRequest, CreateVarnishServerRequest, ServerStatus, SyncState, Task, TaskState,
-    UpdateVarnishServerRequest, UpdateVclTemplateRequest, VarnishServer, VclTemplate,
+    UpdateVarnishServerRequest, UpdateVclTemplateRequest, VclTemplate,
 };
-use vaas_testkit::{HttpOrigin, free_port, http_get};
-use vaas_tests::{StoreKind, System, backend_for, on_both_stores};
+use vaas_testkit::{HttpOrigin, http_get};
+use vaas_tests::{StoreKind, System, backend_for, on_both_stores, silent_server};
 
 on_both_stores!(
     a_failing_active_server_stops_the_whole_cluster_but_a_maintenance_one_does_not,
@@ -54,16 +54,7 @@ async fn a_failing_active_server_stops_the_whole_cluster_but_a_maintenance_one_d
     assert_eq!(generation_header(&system).await?, None);
 
     // A second active server whose agent never attaches: every reload of the cluster fails.
-    let silent = VarnishServer {
-        address: "127.0.0.1".into(),
-        admin_port: Some(u32::from(free_port())),
-        http_port: Some(80),
-        status: ServerStatus::Active as i32,
-        dc_id: setup.dc_id,
-        template_id: setup.template_id,
-        cluster_id: setup.cluster_id,
-        ..Default::default()
-    };
+    let silent = silent_server(&setup);
     let status = system
         .config()
         .create_varnish_server(CreateVarnishServerRequest {

@@ -126,7 +126,7 @@ async fn cluster_status(store: &Store, cluster_id: i64) -> Result<WatchClusterRe
         page_token = next;
     }
     let (reload_timestamp, reload_servers) = match store.newest_reload_progress(cluster_id).await? {
-        Some((version, progress)) => (Some(timestamp(version)), progress),
+        Some((reloaded, progress)) => (Some(reloaded), progress),
         None => (None, Vec::new()),
     };
     Ok(WatchClusterResponse {
@@ -135,14 +135,6 @@ async fn cluster_status(store: &Store, cluster_id: i64) -> Result<WatchClusterRe
         reload_timestamp,
         reload_servers,
     })
-}
-
-/// Converts store microseconds to a protobuf timestamp.
-fn timestamp(micros: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
-    }
 }
 
 #[tonic::async_trait]

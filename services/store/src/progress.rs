@@ -5,7 +5,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use vaas_proto::v1::ServerReloadProgress;
 
-use crate::rows::{duration, duration_micros, timestamp};
+use crate::rows::{duration, duration_micros, timestamp, timestamp_micros};
 use crate::tasks::LAST_ERROR_MAX_CHARS;
 use crate::{Result, Store};
 
@@ -46,14 +46,6 @@ fn micros_of(duration: &Option<prost_types::Duration>) -> Option<i64> {
     duration.as_ref().map(duration_micros)
 }
 
-fn micros_of_timestamp(time: &Option<prost_types::Timestamp>) -> i64 {
-    time.as_ref().map_or(0, |time| {
-        time.seconds
-            .saturating_mul(1_000_000)
-            .saturating_add(i64::from(time.nanos / 1000))
-    })
-}
-
 impl Store {
     /// Writes these progress rows (each replacing the row of its cluster, version and server) in
     /// one transaction, and removes the progress of all but the newest reloads of each cluster.
@@ -89,7 +81,7 @@ impl Store {
                     .take(LAST_ERROR_MAX_CHARS)
                     .collect::<String>(),
             )
-            .bind(micros_of_timestamp(&progress.update_time))
+            .bind(progress.update_time.as_ref().map_or(0, timestamp_micros))
             .execute(&mut *transaction)
             .await?;
         }
@@ -111,27 +103,13 @@ impl Store {
         Ok(())
     }
 
-    /// Returns each server's progress in the reload that last included task `task_id`, in
-    /// server id order; empty before the task's first reload started.
-    pub async fn task_reload_progress(&self, task_id: i64) -> Result<Vec<ServerReloadProgress>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {columns} FROM reload_progress p JOIN tasks t \
-             ON t.cluster_id = p.cluster_id AND t.reload_version = p.version \
-             WHERE t.id = $1 ORDER BY p.server_id",
-            columns = prefixed("p.")
-        ))
-        .bind(task_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(progress).collect()
-    }
-
-    /// Returns the snapshot version of a cluster's newest reload and each server's progress in
-    /// it, in server id order; `None` when no reload progress is kept for the cluster.
+    /// Returns the store timestamp of a cluster's newest reload (its snapshot's version) and
+    /// each server's progress in it, in server id order; `None` when no reload progress is kept
+    /// for the cluster.
     pub async fn newest_reload_progress(
         &self,
         cluster_id: i64,
-    ) -> Result<Option<(i64, Vec<ServerReloadProgress>)>> {
+    ) -> Result<Option<(prost_types::Timestamp, Vec<ServerReloadProgress>)>> {
         let newest: Option<i64> =
             sqlx::query_scalar("SELECT MAX(version) FROM reload_progress WHERE cluster_id = $1")
                 .bind(cluster_id)
@@ -149,17 +127,24 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok(Some((
-            version,
+            timestamp(version),
             rows.iter().map(progress).collect::<Result<_>>()?,
         )))
     }
 }
 
-/// The progress columns, each with `prefix`.
-fn prefixed(prefix: &str) -> String {
-    PROGRESS_COLUMNS
-        .split(", ")
-        .map(|column| format!("{prefix}{column}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// Returns each server's progress in the reload that last included task `task_id`, in server
+/// id order; empty before the task's first reload started.
+pub(crate) async fn of_task(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
+    task_id: i64,
+) -> Result<Vec<ServerReloadProgress>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {PROGRESS_COLUMNS} FROM reload_progress WHERE (cluster_id, version) = \
+         (SELECT cluster_id, reload_version FROM tasks WHERE id = $1) ORDER BY server_id"
+    ))
+    .bind(task_id)
+    .fetch_all(&mut **transaction)
+    .await?;
+    rows.iter().map(progress).collect()
 }

@@ -19,6 +19,13 @@ pub(crate) fn timestamp(micros: i64) -> Timestamp {
     }
 }
 
+/// Converts a protobuf timestamp to whole microseconds since the Unix epoch, saturating.
+pub(crate) fn timestamp_micros(time: &Timestamp) -> i64 {
+    time.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(time.nanos / 1000))
+}
+
 /// Converts a protobuf duration to whole microseconds, saturating.
 pub(crate) fn duration_micros(duration: &Duration) -> i64 {
     duration

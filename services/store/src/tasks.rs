@@ -111,8 +111,8 @@ impl Store {
                 resource: "task",
                 id,
             })?;
+        task.servers = crate::progress::of_task(&mut transaction, id).await?;
         transaction.commit().await?;
-        task.servers = self.task_reload_progress(id).await?;
         Ok(task)
     }
 

@@ -1337,7 +1337,14 @@ async fn a_task_shows_each_servers_progress_in_its_newest_reload_and_old_reloads
         .newest_reload_progress(cluster_id)
         .await?
         .expect("progress is kept");
-    assert_eq!(newest, version + KEPT_RELOADS_PER_CLUSTER + 5);
+    let newest_version = version + KEPT_RELOADS_PER_CLUSTER + 5;
+    assert_eq!(
+        newest,
+        prost_types::Timestamp {
+            seconds: newest_version.div_euclid(1_000_000),
+            nanos: (newest_version.rem_euclid(1_000_000) * 1000) as i32,
+        }
+    );
     assert_eq!(progress[0].phase, ServerPhase::Rendering as i32);
     assert!(
         store.get_task(task_id).await?.servers.is_empty(),

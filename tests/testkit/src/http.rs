@@ -46,31 +46,24 @@ pub async fn http_request(
     host: &str,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<HttpResponse> {
-    tokio::time::timeout(REQUEST_TIMEOUT, send(addr, method, path, host, headers))
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let extra: String = headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .collect();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: vaas-testkit\r\n{extra}Connection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        parse_response(&raw)
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await
         .map_err(|_| anyhow!("{method} http://{addr}{path} timed out after {REQUEST_TIMEOUT:?}"))?
         .with_context(|| format!("{method} http://{addr}{path} (Host: {host})"))
-}
-
-async fn send(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    host: &str,
-    headers: &[(&str, &str)],
-) -> anyhow::Result<HttpResponse> {
-    let mut stream = TcpStream::connect(addr).await?;
-    let extra: String = headers
-        .iter()
-        .map(|(name, value)| format!("{name}: {value}\r\n"))
-        .collect();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: vaas-testkit\r\n{extra}Connection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
-    parse_response(&raw)
 }
 
 /// Parses a complete HTTP/1.x response.

@@ -107,9 +107,10 @@ impl Resource for VarnishServer {
         .collect();
         for server in servers {
             let newest = newest.get(&server.cluster_id).copied().unwrap_or_default();
-            let synced = server.synced_timestamp.map_or(0, |time| {
-                time.seconds * 1_000_000 + i64::from(time.nanos / 1000)
-            });
+            let synced = server
+                .synced_timestamp
+                .as_ref()
+                .map_or(0, crate::rows::timestamp_micros);
             if server.sync_state == SyncState::Synced as i32 && synced < newest {
                 server.sync_state = SyncState::Outdated as i32;
             }
