@@ -2,9 +2,12 @@
 
 use std::fmt::Write as _;
 
-use vaas_proto::v1::{DirectorHashingPolicy, DirectorMode, DirectorRouter};
+use vaas_proto::v1::{
+    DirectorHashingPolicy, DirectorMode, DirectorRouter, RouteAction, RouteOperator,
+};
 
 use crate::model::{DirectorPlan, Plan};
+use crate::routing::{CANARY_HEADER, CANARY_RANGE, ConditionRule, Left, RouteRule};
 use crate::template::Blocks;
 
 /// Name of the placeholder backend. Declared first, it is Varnish's default backend, so it counts
@@ -196,58 +199,128 @@ fn backend_call(director: &DirectorPlan, object_name: &str) -> String {
     }
 }
 
+/// Sets the backend hint to `director`'s own-DC group, falling back to the other DCs' groups
+/// while the chosen backend is sick; a director without backends answers a synthetic 404 naming
+/// it. Returns whether a backend was chosen.
+fn choose_backend(director: &DirectorPlan, out: &mut String) -> bool {
+    let Some((first, others)) = director.groups.split_first() else {
+        let _ = write!(
+            out,
+            "\n    return (synth(404, \"director {} has no backends\"));",
+            director.name
+        );
+        return false;
+    };
+    let _ = write!(
+        out,
+        "\n    set req.backend_hint = {};",
+        backend_call(director, &first.object_name)
+    );
+    for other in others {
+        let _ = write!(
+            out,
+            "\n    if (!std.healthy(req.backend_hint)) {{\n        \
+             set req.backend_hint = {};\n    }}",
+            backend_call(director, &other.object_name)
+        );
+    }
+    true
+}
+
+/// The VCL of one route condition. Values were checked: no control character and no `"}`, so
+/// they fit a long string; header names are letters, digits and "-"; canary numbers integers.
+fn condition_vcl(condition: &ConditionRule) -> String {
+    let subject = match &condition.left {
+        Left::Url => "req.url".to_owned(),
+        Left::Host => "req.http.host".to_owned(),
+        Left::Header(name) => format!("req.http.{name}"),
+        Left::CanaryRandom => format!("std.integer(req.http.{CANARY_HEADER}, 0)"),
+    };
+    let operator = match condition.operator {
+        RouteOperator::NotEqual => "!=",
+        RouteOperator::Matches => "~",
+        RouteOperator::NotMatches => "!~",
+        RouteOperator::Less => "<",
+        RouteOperator::Greater => ">",
+        RouteOperator::Equal | RouteOperator::Unspecified => "==",
+    };
+    if condition.left == Left::CanaryRandom {
+        format!("{subject} {operator} {}", condition.value)
+    } else {
+        format!("{subject} {operator} {{\"{}\"}}", condition.value)
+    }
+}
+
+/// The routes, by priority: the first whose conditions all hold chooses its director and passes
+/// or pipes the request. The canary random number is drawn once, before the first route.
+fn routes(plan: &Plan, out: &mut String) {
+    let routes = &plan.routing.routes;
+    let canary = routes.iter().any(RouteRule::uses_canary_random);
+    if canary {
+        let _ = write!(
+            out,
+            "set req.http.{CANARY_HEADER} = std.integer(real = std.random(0, {CANARY_RANGE}));\n"
+        );
+    }
+    for route in routes {
+        let Some(director) = plan.directors.iter().find(|d| d.name == route.director) else {
+            continue;
+        };
+        let conditions: Vec<String> = route.conditions.iter().map(condition_vcl).collect();
+        let _ = write!(
+            out,
+            "# route {}\nif ({}) {{",
+            route.id,
+            conditions.join(" && ")
+        );
+        if canary {
+            let _ = write!(out, "\n    unset req.http.{CANARY_HEADER};");
+        }
+        if choose_backend(director, out) {
+            let action = match route.action {
+                RouteAction::Pipe => "pipe",
+                _ => "pass",
+            };
+            let _ = write!(out, "\n    return ({action});");
+        }
+        out.push_str("\n}\n");
+    }
+    if canary {
+        let _ = write!(out, "unset req.http.{CANARY_HEADER};\n");
+    }
+}
+
 fn router(plan: &Plan) -> String {
     let mut out = String::new();
+    routes(plan, &mut out);
+    let mut chain = String::new();
     // Virtual directors are only declared, for custom templates to use.
     for director in plan.directors.iter().filter(|director| director.routed) {
         let by_path = director.router != DirectorRouter::Domain;
         let subject = if by_path { "req.url" } else { "req.http.host" };
-        let keyword = if out.is_empty() { "if" } else { " elsif" };
+        let keyword = if chain.is_empty() { "if" } else { " elsif" };
         // The expression was checked: it holds no `"}` and no control character.
         let _ = write!(
-            out,
+            chain,
             "{keyword} ({subject} ~ {{\"{}\"}}) {{",
             director.route_expression
         );
-        match director.groups.split_first() {
-            None => {
-                let _ = write!(
-                    out,
-                    "\n    return (synth(404, \"director {} has no backends\"));",
-                    director.name
-                );
-            }
-            Some((first, others)) => {
-                let _ = write!(
-                    out,
-                    "\n    set req.backend_hint = {};",
-                    backend_call(director, &first.object_name)
-                );
-                for other in others {
-                    let _ = write!(
-                        out,
-                        "\n    if (!std.healthy(req.backend_hint)) {{\n        \
-                         set req.backend_hint = {};\n    }}",
-                        backend_call(director, &other.object_name)
-                    );
-                }
-                // After the choice, so a hash director hashes the URL the client asked for.
-                if director.remove_path && by_path {
-                    let _ = write!(
-                        out,
-                        "\n    set req.url = regsub(req.url, {{\"{}\"}}, \"/\");",
-                        director.route_expression
-                    );
-                }
-            }
+        // After the choice, so a hash director hashes the URL the client asked for.
+        if choose_backend(director, &mut chain) && director.remove_path && by_path {
+            let _ = write!(
+                chain,
+                "\n    set req.url = regsub(req.url, {{\"{}\"}}, \"/\");",
+                director.route_expression
+            );
         }
-        out.push_str("\n}");
+        chain.push_str("\n}");
     }
     let no_route = "return (synth(404, \"no director matches the request\"));";
-    if out.is_empty() {
-        return no_route.to_owned();
+    if chain.is_empty() {
+        out.push_str(no_route);
+    } else {
+        let _ = write!(out, "{chain} else {{\n    {no_route}\n}}");
     }
-    let _ = write!(out, " else {{\n    {no_route}\n}}");
     out
 }
 

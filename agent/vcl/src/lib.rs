@@ -104,6 +104,7 @@
 mod emit;
 mod model;
 mod names;
+pub mod routing;
 pub mod rules;
 mod template;
 mod variables;
@@ -174,6 +175,14 @@ pub enum RenderError {
         /// The director's name.
         director: String,
         /// What is wrong, for example "contains \"}\"".
+        reason: String,
+    },
+    /// A route's condition cannot be rendered (the API refuses such a route).
+    #[error("route {route_id} {reason}")]
+    InvalidRoute {
+        /// The route.
+        route_id: i64,
+        /// What is wrong, for example "conditions[0].header must be ...".
         reason: String,
     },
     /// A backend address is not an IPv4 or IPv6 address.

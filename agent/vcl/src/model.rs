@@ -11,6 +11,7 @@ use vaas_proto::v1::{
 
 use crate::RenderError;
 use crate::names;
+use crate::routing::{self, RoutingTable};
 
 /// Default backend port.
 const DEFAULT_PORT: u32 = 80;
@@ -73,6 +74,8 @@ pub(crate) struct Plan {
     pub(crate) backends: Vec<BackendDef>,
     /// Directors in routing order: by host first, then by path; by id within each.
     pub(crate) directors: Vec<DirectorPlan>,
+    /// The routes, tried before the directors' route expressions.
+    pub(crate) routing: RoutingTable,
 }
 
 /// One `probe` declaration, validated.
@@ -157,16 +160,8 @@ impl Plan {
             _ => "4.1",
         };
 
-        let mut directors: Vec<_> = snapshot
-            .directors
-            .iter()
-            .filter(|director| director.enabled.unwrap_or(true))
-            .collect();
-        // Routing order: host routers before path routers, then by id.
-        directors.sort_by_key(|director| {
-            let by_path = director.router() != DirectorRouter::Domain;
-            (by_path, director.id)
-        });
+        let directors = routing::director_order(snapshot);
+        let routing = RoutingTable::build(snapshot)?;
 
         // VCL symbols are case-insensitive: "Api_fra" and "api_fra" are one name to varnishd.
         let mut seen_names = HashSet::new();
@@ -270,6 +265,7 @@ impl Plan {
             probes: probes_out.into_values().collect(),
             backends: backends_out,
             directors: directors_out,
+            routing,
         })
     }
 }

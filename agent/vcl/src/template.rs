@@ -327,6 +327,8 @@ mod tests {
             probes: vec![],
             backends: vec![],
             directors: vec![],
+            routing: crate::routing::RoutingTable::build(&Default::default())
+                .expect("an empty snapshot has an empty routing table"),
         }
     }
 

@@ -922,3 +922,116 @@ fn rendered_vcl_that_would_read_files_or_run_code_is_refused() {
         "{error}"
     );
 }
+
+#[test]
+fn routes() {
+    insta::assert_snapshot!(rendered(&fixtures::routes()));
+}
+
+#[test]
+fn routes_come_by_priority_before_the_directors_and_skip_unroutable_directors() {
+    let text = rendered(&fixtures::routes());
+    let position = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing from:\n{text}"))
+    };
+    // Priority 5 first; 40 and 42 share priority 10 and come by id; then the directors.
+    assert!(position("# route 41") < position("# route 40"));
+    assert!(position("# route 40") < position("# route 42"));
+    assert!(position("# route 42") < position("if (req.http.host ~"));
+    // Route 43 names a virtual director, 44 one the cluster does not have.
+    assert!(!text.contains("# route 43") && !text.contains("# route 44"));
+    // The empty director answers its 404 from the route as from its expression.
+    let route_42 = &text[position("# route 42")..position("if (req.http.host ~")];
+    assert!(
+        route_42.contains("director empty has no backends"),
+        "{route_42}"
+    );
+    assert!(!route_42.contains("return (pass)"), "{route_42}");
+}
+
+#[test]
+fn a_client_cannot_choose_the_canary_random_number() {
+    let text = rendered(&fixtures::routes());
+    let drawn = text
+        .find("set req.http.X-VaaS-Canary-Random = std.integer(real = std.random(0, 100));")
+        .expect("the number is drawn");
+    assert!(drawn < text.find("# route 41").expect("route 41"));
+    // Removed before the request goes on, whichever way it goes.
+    assert!(text.contains("unset req.http.X-VaaS-Canary-Random;\n        set req.backend_hint"));
+    assert!(text.contains("}\n    unset req.http.X-VaaS-Canary-Random;\n    if (req.http.host"));
+}
+
+#[test]
+fn route_conditions_are_revalidated() {
+    use vaas_proto::v1::{RouteLeft, RouteOperator};
+    let cases = [
+        (
+            RouteLeft::Header,
+            "X Bad",
+            RouteOperator::Equal,
+            "1",
+            "conditions[0].header",
+        ),
+        (
+            RouteLeft::Url,
+            "",
+            RouteOperator::Equal,
+            "a\"}b",
+            "conditions[0].value",
+        ),
+        (
+            RouteLeft::Url,
+            "",
+            RouteOperator::Matches,
+            "(",
+            "conditions[0].value",
+        ),
+        (
+            RouteLeft::Url,
+            "",
+            RouteOperator::Less,
+            "1",
+            "conditions[0].operator",
+        ),
+        (
+            RouteLeft::CanaryRandom,
+            "",
+            RouteOperator::Matches,
+            "1",
+            "conditions[0].operator",
+        ),
+        (
+            RouteLeft::CanaryRandom,
+            "",
+            RouteOperator::Less,
+            "101",
+            "conditions[0].value",
+        ),
+        (
+            RouteLeft::Host,
+            "X-A",
+            RouteOperator::Equal,
+            "a",
+            "conditions[0].header",
+        ),
+    ];
+    for (left, header, operator, value, field) in cases {
+        let mut snapshot = fixtures::routes();
+        snapshot.routes = vec![fixtures::route(
+            50,
+            1,
+            20,
+            vec![fixtures::condition(left, header, operator, value)],
+        )];
+        match render(&snapshot, SERVER_ID) {
+            Err(RenderError::InvalidRoute {
+                route_id: 50,
+                reason,
+            }) => {
+                assert!(reason.starts_with(field), "{field}: {reason}");
+            }
+            other => panic!("{field}: expected an invalid route, got {other:?}"),
+        }
+    }
+}

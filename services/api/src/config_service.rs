@@ -595,7 +595,7 @@ config_service! {
         plural: vcl_template_blocks,
         validate: validate::vcl_template_block,
         read_only: [],
-    },
+    },    Route { field: route, plural: routes, validate: validate::route, read_only: [] },
 }
 
 #[cfg(test)]

@@ -174,6 +174,11 @@ impl From<ApiError> for Status {
                 ErrorDetails::with_bad_request_violation(field, message),
             ),
             ApiError::Store(StoreError::InUse { .. }) => Status::failed_precondition(message),
+            ApiError::Store(StoreError::Invalid { field, .. }) => Status::with_error_details(
+                Code::InvalidArgument,
+                message.clone(),
+                ErrorDetails::with_bad_request_violation(field, message),
+            ),
             ApiError::Store(StoreError::InvalidPageToken) => Status::with_error_details(
                 Code::InvalidArgument,
                 message.clone(),

@@ -107,7 +107,11 @@ pub async fn run(
 ) -> Result<(), StartError> {
     // Checked first: a TLS mistake is reported before any connection is made.
     let (server, tls_on) = config.tls.server_builder()?;
-    let store = Store::connect(&config.database_url).await?;
+    let store = Store::connect(&config.database_url)
+        .await?
+        .with_routing_check(vaas_store::RoutingCheck::new(
+            vaas_vcl::routing::check_positive_urls,
+        ));
     let (nats, jetstream) =
         vaas_bus::connect(&config.nats_url, "vaas-api", &config.nats_auth).await?;
     let tasks = TaskTracker::new();

@@ -8,8 +8,8 @@ use prost_types::Duration;
 use tonic_types::FieldViolation;
 use vaas_proto::v1::{
     Backend, Cluster, Dc, Director, DirectorHashingPolicy, DirectorMode, DirectorProtocol,
-    DirectorRouter, Probe, ServerStatus, TimeProfile, VarnishServer, VclSyntax, VclTemplate,
-    VclTemplateBlock, VclVariable,
+    DirectorRouter, Probe, Route, RouteAction, ServerStatus, TimeProfile, VarnishServer, VclSyntax,
+    VclTemplate, VclTemplateBlock, VclVariable,
 };
 
 use crate::error::ApiError;
@@ -549,6 +549,75 @@ pub fn vcl_template_block(
         violations.forbidden_constructs("content", &block.content);
     }
     violations.finish(block)
+}
+
+/// Most conditions of a route.
+pub const MAX_ROUTE_CONDITIONS: usize = 8;
+
+/// Most positive URLs of a route.
+pub const MAX_POSITIVE_URLS: usize = 20;
+
+/// Longest positive URL, in bytes.
+pub const MAX_URL_BYTES: usize = 2048;
+
+/// Validates a route: every condition as the renderer writes it (so an accepted route compiles),
+/// the priority, the clusters or "in sync", and the positive URLs as absolute http(s) URLs.
+/// Whether those URLs reach the route's director is checked by the store, inside the write.
+pub fn route(mut route: Route, intent: Intent) -> Result<Route, ApiError> {
+    let mut violations = Violations::new("route");
+    violations.id(intent, &mut route.id);
+    if route.conditions.is_empty() {
+        violations.add("conditions", "must hold at least one condition");
+    } else if violations.list_length("conditions", route.conditions.len(), MAX_ROUTE_CONDITIONS) {
+        for (index, condition) in route.conditions.iter().enumerate() {
+            if let Err(reason) = vaas_vcl::routing::check_condition(condition) {
+                let (field, reason) = reason.split_once(' ').unwrap_or((&reason, ""));
+                violations.add(&format!("conditions[{index}].{field}"), reason);
+            }
+        }
+    }
+    violations.check(
+        (1..=500).contains(&route.priority),
+        "priority",
+        "must be from 1 (first) to 500",
+    );
+    if route.clusters_in_sync {
+        violations.check(
+            route.cluster_ids.is_empty(),
+            "cluster_ids",
+            "must be empty when clusters_in_sync is true",
+        );
+    } else if route.cluster_ids.is_empty() {
+        violations.add(
+            "cluster_ids",
+            "must name at least one cluster, or set clusters_in_sync",
+        );
+    } else if violations.list_length("cluster_ids", route.cluster_ids.len(), MAX_LIST_ITEMS) {
+        for (index, &cluster_id) in route.cluster_ids.iter().enumerate() {
+            violations.reference(&format!("cluster_ids[{index}]"), cluster_id);
+        }
+    }
+    violations.reference("director_id", route.director_id);
+    violations.enumeration("action", RouteAction::try_from(route.action).is_ok());
+    if route.action == RouteAction::Unspecified as i32 {
+        route.action = RouteAction::Pass as i32;
+    }
+    if violations.list_length(
+        "positive_urls",
+        route.positive_urls.len(),
+        MAX_POSITIVE_URLS,
+    ) {
+        for (index, url) in route.positive_urls.iter().enumerate() {
+            let field = format!("positive_urls[{index}]");
+            if url.len() > MAX_URL_BYTES {
+                violations.add(&field, format!("must be at most {MAX_URL_BYTES} bytes"));
+            } else if let Err(reason) = vaas_vcl::routing::Request::from_absolute_url(url) {
+                violations.add(&field, reason);
+            }
+        }
+    }
+    violations.text("description", &route.description, false, 1000);
+    violations.finish(route)
 }
 
 #[cfg(test)]

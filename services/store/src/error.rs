@@ -50,6 +50,16 @@ pub enum Error {
         /// What refers to it, for people, for example "3 varnish servers".
         users: String,
     },
+    /// The change is well-formed but refused as a whole: it would contradict the rest of the
+    /// configuration (a route to a director its clusters do not serve, a positive URL that would
+    /// reach another director). Nothing was saved.
+    #[error("{field} {reason}")]
+    Invalid {
+        /// The request field the refusal is about, for example "route.director_id".
+        field: String,
+        /// Why, for people.
+        reason: String,
+    },
     /// A resource name that is neither "collection" nor "collection/id".
     #[error(
         "resource must be a collection such as \"backends\" or a name such as \"backends/7\", not {name:?}"

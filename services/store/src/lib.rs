@@ -56,6 +56,45 @@ pub struct Store {
     /// The scheduler term this handle finishes tasks for, if fenced: a task write is refused
     /// once another term holds the leader lease.
     fence: Option<i64>,
+    /// Checks the routing of every cluster a routing change touches, inside the write and
+    /// before its commit (see [`RoutingCheck`]).
+    routing_check: Option<RoutingCheck>,
+}
+
+/// Checks one cluster's configuration as a write would leave it (route positive URLs, redirect
+/// assertions); an error refuses the whole write with [`Error::Invalid`], its text the reason.
+/// The API installs it: the store knows nothing of how VCL routes.
+#[derive(Clone)]
+pub struct RoutingCheck(Arc<CheckFn>);
+
+/// The function inside a [`RoutingCheck`].
+type CheckFn =
+    dyn Fn(&vaas_proto::v1::ClusterSnapshot) -> std::result::Result<(), String> + Send + Sync;
+
+impl RoutingCheck {
+    /// Wraps `check`.
+    pub fn new(
+        check: impl Fn(&vaas_proto::v1::ClusterSnapshot) -> std::result::Result<(), String>
+        + Send
+        + Sync
+        + 'static,
+    ) -> RoutingCheck {
+        RoutingCheck(Arc::new(check))
+    }
+
+    /// Runs the check on `snapshot`.
+    pub(crate) fn run(
+        &self,
+        snapshot: &vaas_proto::v1::ClusterSnapshot,
+    ) -> std::result::Result<(), String> {
+        (self.0)(snapshot)
+    }
+}
+
+impl std::fmt::Debug for RoutingCheck {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("RoutingCheck")
+    }
 }
 
 impl Store {
@@ -96,6 +135,7 @@ impl Store {
             dialect,
             actor: Arc::from("vaas-store"),
             fence: None,
+            routing_check: None,
         };
         migrations::apply(&store).await?;
         Ok(store)
@@ -115,6 +155,15 @@ impl Store {
     pub fn fenced(&self, term: i64) -> Store {
         Store {
             fence: Some(term),
+            ..self.clone()
+        }
+    }
+
+    /// Returns a handle that runs `check` on every cluster whose routing a write changes (routes,
+    /// directors), before the write commits.
+    pub fn with_routing_check(&self, check: RoutingCheck) -> Store {
+        Store {
+            routing_check: Some(check),
             ..self.clone()
         }
     }

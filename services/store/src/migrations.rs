@@ -82,6 +82,12 @@ const STEPS: &[Step] = &[
         postgres: include_str!("../migrations/postgres/0009_reload_progress.sql"),
         sqlite: include_str!("../migrations/sqlite/0009_reload_progress.sql"),
     },
+    Step {
+        version: 10,
+        description: "routes",
+        postgres: include_str!("../migrations/postgres/0010_routes.sql"),
+        sqlite: include_str!("../migrations/sqlite/0010_routes.sql"),
+    },
 ];
 
 /// Returns sqlx's migrator for `dialect`. It is built here rather than with `sqlx::migrate!`,

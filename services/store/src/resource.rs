@@ -97,7 +97,7 @@ pub struct Condition {
 }
 
 impl Condition {
-    /// Creates a condition; `sql` holds exactly one `?`, where `value` is bound.
+    /// Creates a condition; `value` is bound at every `?` of `sql`.
     pub fn new(sql: impl Into<String>, value: impl Into<Value>) -> Condition {
         Condition {
             sql: sql.into(),
@@ -160,6 +160,9 @@ pub trait Resource: prost::Message + Default + Clone + Unpin + 'static {
     const KIND: &'static str;
     /// The request field that holds the resource, for example "varnish_server".
     const FIELD: &'static str;
+    /// Whether a change of the resource can change where requests are routed (which director a
+    /// URL reaches): such writes run the store's routing check before they commit.
+    const CHANGES_ROUTING: bool = false;
     /// What a listing can be filtered by (the list request).
     type Filter: Send + Sync;
 
@@ -408,6 +411,9 @@ impl Store {
         item: &R,
         affected: &mut BTreeSet<i64>,
     ) -> Result<R> {
+        if R::CHANGES_ROUTING {
+            write.routing_changed.get_or_insert(R::FIELD);
+        }
         let tx = &mut write.transaction;
         item.check(tx).await?;
         let columns = item.columns();
@@ -443,6 +449,9 @@ impl Store {
         item: &R,
         affected: &mut BTreeSet<i64>,
     ) -> Result<R> {
+        if R::CHANGES_ROUTING {
+            write.routing_changed.get_or_insert(R::FIELD);
+        }
         let tx = &mut write.transaction;
         let id = before.id();
         item.check(tx).await?;
@@ -487,6 +496,9 @@ impl Store {
         id: i64,
         affected: &mut BTreeSet<i64>,
     ) -> Result<()> {
+        if R::CHANGES_ROUTING {
+            write.routing_changed.get_or_insert(R::FIELD);
+        }
         let tx = &mut write.transaction;
         let before = fetch_in::<R>(tx, id).await?;
         before.before_delete(tx).await?;

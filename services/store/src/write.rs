@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use vaas_proto::v1::{ServerStatus, Task};
 
 use crate::resource::Tx;
-use crate::{Result, Store, clock, tasks};
+use crate::{Error, Result, Store, clock, tasks};
 
 /// The result of a write: the resource as stored and the reload tasks the write created.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +24,9 @@ pub(crate) struct Write<'a> {
     pub(crate) transaction: Tx<'a>,
     /// The store timestamp of the change and of its tasks.
     pub(crate) timestamp: i64,
+    /// The request field of the first resource written that can change routing (routes,
+    /// directors): set, the routing check runs on every affected cluster before the commit.
+    pub(crate) routing_changed: Option<&'static str>,
 }
 
 impl Store {
@@ -34,6 +37,7 @@ impl Store {
         Ok(Write {
             transaction,
             timestamp,
+            routing_changed: None,
         })
     }
 
@@ -45,6 +49,17 @@ impl Store {
         affected_clusters: BTreeSet<i64>,
         description: String,
     ) -> Result<WriteOutcome<T>> {
+        if let (Some(field), Some(check)) = (write.routing_changed, &self.routing_check) {
+            for &cluster_id in &affected_clusters {
+                let snapshot =
+                    crate::snapshot::read(&mut write.transaction, cluster_id, write.timestamp)
+                        .await?;
+                check.run(&snapshot).map_err(|reason| Error::Invalid {
+                    field: field.to_owned(),
+                    reason,
+                })?;
+            }
+        }
         let mut task_ids = Vec::new();
         for cluster_id in affected_clusters {
             let has_servers: Option<i64> = sqlx::query_scalar(

@@ -5,12 +5,12 @@ use std::collections::BTreeSet;
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
-use vaas_proto::v1::{Backend, Cluster, Director, ListDirectorsRequest, Probe, TimeProfile};
+use vaas_proto::v1::{Backend, Cluster, Director, ListDirectorsRequest, Probe, Route, TimeProfile};
 
-use crate::Result;
 use crate::resource::ensure_unused;
 use crate::resource::{Change, Condition, Resource, Tx, Value, ensure_reference, ensure_unique};
 use crate::rows::flag;
+use crate::{Error, Result};
 
 impl Resource for Director {
     const TABLE: &'static str = "directors";
@@ -18,6 +18,7 @@ impl Resource for Director {
     const MESSAGE: &'static str = "vaas.v1.Director";
     const KIND: &'static str = "director";
     const FIELD: &'static str = "director";
+    const CHANGES_ROUTING: bool = true;
     type Filter = ListDirectorsRequest;
 
     fn id(&self) -> i64 {
@@ -118,7 +119,7 @@ impl Resource for Director {
             ensure_reference::<TimeProfile>(tx, "director.time_profile_id", self.time_profile_id)
                 .await?;
         }
-        Ok(())
+        check_routes(self, tx).await
     }
 
     /// The clusters that served the director and those that serve it now.
@@ -164,8 +165,44 @@ impl Resource for Director {
     }
 
     async fn before_delete(&self, tx: &mut Tx<'_>) -> Result<()> {
-        ensure_unused::<Director, Backend>(tx, self, "director_id").await
+        ensure_unused::<Director, Backend>(tx, self, "director_id").await?;
+        ensure_unused::<Director, Route>(tx, self, "director_id").await
     }
+}
+
+/// Keeps the director what its routes need: routable (not virtual), and serving every cluster a
+/// route to it lists.
+async fn check_routes(director: &Director, tx: &mut Tx<'_>) -> Result<()> {
+    let routes: Vec<(i64, Option<i64>)> = sqlx::query_as(
+        "SELECT r.id, rc.cluster_id FROM routes r \
+         LEFT JOIN route_clusters rc ON rc.route_id = r.id \
+         WHERE r.director_id = $1 ORDER BY r.id, rc.cluster_id",
+    )
+    .bind(director.id)
+    .fetch_all(&mut **tx)
+    .await?;
+    if let Some((route_id, _)) = routes.first().filter(|_| director.r#virtual) {
+        return Err(Error::Invalid {
+            field: "director.virtual".to_owned(),
+            reason: format!(
+                "cannot be set: route {route_id} chooses this director, and routes never \
+                 choose virtual directors"
+            ),
+        });
+    }
+    let kept: BTreeSet<i64> = director.cluster_ids.iter().copied().collect();
+    for (route_id, cluster_id) in routes {
+        if let Some(cluster_id) = cluster_id.filter(|id| !kept.contains(id)) {
+            return Err(Error::Invalid {
+                field: "director.cluster_ids".to_owned(),
+                reason: format!(
+                    "must keep cluster {cluster_id}: route {route_id} sends its requests \
+                     there to this director"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Stores an unset reference (0) as NULL, so the foreign key holds.

@@ -1,0 +1,466 @@
+//! Where a request goes: the decision the rendered `ROUTER` makes, computed in Rust from the same
+//! snapshot, so that the API can check route positive URLs before a change is saved and explain
+//! a request without asking a Varnish server.
+//!
+//! The order is the VCL's: routes by priority (then id), the first whose conditions all hold;
+//! else the first non-virtual director whose route expression matches the Host header (domain
+//! routers) or the URL (path routers), domain routers first, then by id; else nothing (a
+//! synthetic 404). Regular expressions use PCRE2, varnishd's engine.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use vaas_proto::v1::{
+    ClusterSnapshot, Director, DirectorRouter, Route, RouteAction, RouteLeft, RouteOperator,
+};
+
+use crate::RenderError;
+use crate::model::check_route_expression;
+
+/// Header set from `std.random(0, 100)` once per request when a route compares the canary random
+/// number; a value a client sends is overwritten, and it is removed before the request leaves.
+pub(crate) const CANARY_HEADER: &str = "X-VaaS-Canary-Random";
+
+/// Most characters of a header name in a route condition.
+pub const MAX_HEADER_NAME: usize = 64;
+
+/// Most characters of a condition value.
+pub const MAX_CONDITION_VALUE: usize = 512;
+
+/// The largest canary random number (exclusive): `std.random(0, 100)` is below it.
+pub const CANARY_RANGE: u32 = 100;
+
+/// Checks one route condition as the renderer will write it; the error starts with the field
+/// (relative to the condition), then says what is wrong: "value must not contain control
+/// characters".
+pub fn check_condition(condition: &vaas_proto::v1::RouteCondition) -> Result<(), String> {
+    ConditionRule::new(condition).map(|_| ())
+}
+
+/// A request as the router sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// Path and query, as `req.url`.
+    pub url: String,
+    /// The Host header, as `req.http.host`.
+    pub host: String,
+    /// Other headers, name and value (names compared regardless of case).
+    pub headers: Vec<(String, String)>,
+    /// The canary random number the request drew, from 0 to 99.
+    pub canary_random: u32,
+}
+
+impl Request {
+    /// The request a client sends for the absolute `url` (`http://host[:port]/path?query`): the
+    /// Host header is the authority as written, the URL the path (at least "/") and query, the
+    /// fragment dropped.
+    pub fn from_absolute_url(url: &str) -> Result<Request, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .ok_or("must start with http:// or https://")?;
+        let rest = rest.split('#').next().unwrap_or_default();
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (host, path) = rest.split_at(end);
+        let host_ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
+        if !host_ok {
+            return Err("must name a host (letters, digits, \"-\", \".\", \"_\", a port)".into());
+        }
+        if path.bytes().any(|b| !b.is_ascii_graphic()) {
+            return Err("must be printable ASCII without spaces (percent-encode the rest)".into());
+        }
+        let url = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            format!("/{path}")
+        };
+        Ok(Request {
+            url,
+            host: host.to_owned(),
+            headers: Vec::new(),
+            canary_random: 0,
+        })
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        if name.eq_ignore_ascii_case("host") {
+            return Some(&self.host);
+        }
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// What the router picks for a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The route that matched, if one did.
+    pub route_id: Option<i64>,
+    /// What the route does with the request (pass or pipe); `None` without a route (the request
+    /// goes on through `vcl_hash`, and may be a cache hit).
+    pub action: Option<RouteAction>,
+    /// The director chosen, by a route or by its route expression; `None`: a synthetic 404.
+    pub director_id: Option<i64>,
+    /// Its name.
+    pub director: Option<String>,
+}
+
+/// A compiled PCRE2 expression.
+#[derive(Clone)]
+pub(crate) struct Pattern(pcre2::bytes::Regex);
+
+impl Pattern {
+    fn new(expression: &str) -> Result<Pattern, String> {
+        pcre2::bytes::Regex::new(expression)
+            .map(Pattern)
+            .map_err(|error| format!("is not a valid regular expression: {error}"))
+    }
+
+    fn matches(&self, subject: &str) -> bool {
+        // A match that fails at run time (PCRE2's match limit) is no match, as in varnishd.
+        self.0.is_match(subject.as_bytes()).unwrap_or(false)
+    }
+}
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "Pattern({:?})", self.0.as_str())
+    }
+}
+
+/// What a condition reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Left {
+    Url,
+    Host,
+    /// A header, by its validated name.
+    Header(String),
+    CanaryRandom,
+}
+
+/// One validated condition.
+#[derive(Debug, Clone)]
+pub(crate) struct ConditionRule {
+    pub(crate) left: Left,
+    pub(crate) operator: RouteOperator,
+    /// The value as written (a text, a regular expression or a number).
+    pub(crate) value: String,
+    pattern: Option<Pattern>,
+    number: u32,
+}
+
+impl ConditionRule {
+    /// Checks one condition as the API accepts it; the error names what is wrong.
+    pub(crate) fn new(condition: &vaas_proto::v1::RouteCondition) -> Result<ConditionRule, String> {
+        let operator = RouteOperator::try_from(condition.operator)
+            .ok()
+            .filter(|operator| *operator != RouteOperator::Unspecified)
+            .ok_or("operator is not a known value")?;
+        let left = match RouteLeft::try_from(condition.left) {
+            Ok(RouteLeft::Url) => Left::Url,
+            Ok(RouteLeft::Host) => Left::Host,
+            Ok(RouteLeft::Header) => {
+                let name = &condition.header;
+                let well_formed = !name.is_empty()
+                    && name.len() <= MAX_HEADER_NAME
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                if !well_formed {
+                    return Err(format!(
+                        "header must be 1 to {MAX_HEADER_NAME} ASCII letters, digits or \"-\""
+                    ));
+                }
+                Left::Header(name.clone())
+            }
+            Ok(RouteLeft::CanaryRandom) => Left::CanaryRandom,
+            _ => return Err("left is not a known value".into()),
+        };
+        if left != Left::Header(condition.header.clone()) && !condition.header.is_empty() {
+            return Err("header must be empty unless left is ROUTE_LEFT_HEADER".into());
+        }
+        let value = &condition.value;
+        if value.chars().count() > MAX_CONDITION_VALUE {
+            return Err(format!(
+                "value must be at most {MAX_CONDITION_VALUE} characters"
+            ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err("value must not contain control characters".into());
+        }
+        if value.contains("\"}") {
+            return Err("value must not contain the sequence \"}".into());
+        }
+        let mut rule = ConditionRule {
+            left,
+            operator,
+            value: value.clone(),
+            pattern: None,
+            number: 0,
+        };
+        let regex = matches!(operator, RouteOperator::Matches | RouteOperator::NotMatches);
+        let ordered = matches!(operator, RouteOperator::Less | RouteOperator::Greater);
+        if rule.left == Left::CanaryRandom {
+            if regex {
+                return Err("operator must be ==, !=, < or > for the canary random number".into());
+            }
+            rule.number = value
+                .parse::<u32>()
+                .ok()
+                .filter(|number| *number <= CANARY_RANGE)
+                .ok_or("value must be an integer from 0 to 100 for the canary random number")?;
+        } else if ordered {
+            return Err("operator < and > compare only the canary random number".into());
+        } else if regex {
+            rule.pattern = Some(Pattern::new(value).map_err(|reason| format!("value {reason}"))?);
+        }
+        Ok(rule)
+    }
+
+    fn holds(&self, request: &Request) -> bool {
+        if self.left == Left::CanaryRandom {
+            let ordering = request.canary_random.cmp(&self.number);
+            return match self.operator {
+                RouteOperator::Equal => ordering == Ordering::Equal,
+                RouteOperator::NotEqual => ordering != Ordering::Equal,
+                RouteOperator::Less => ordering == Ordering::Less,
+                RouteOperator::Greater => ordering == Ordering::Greater,
+                _ => false,
+            };
+        }
+        // An absent header compares like an empty string in VCL for == and ~ (it is "not set":
+        // == "" is false and != "" true, and no expression matches it).
+        let subject = match &self.left {
+            Left::Url => Some(request.url.as_str()),
+            Left::Host => Some(request.host.as_str()),
+            Left::Header(name) => request.header(name),
+            Left::CanaryRandom => None,
+        };
+        match (self.operator, subject) {
+            (RouteOperator::Equal, Some(subject)) => subject == self.value,
+            (RouteOperator::NotEqual, Some(subject)) => subject != self.value,
+            (RouteOperator::NotEqual, None) => true,
+            (RouteOperator::Matches, Some(subject)) => self.matches(subject),
+            (RouteOperator::NotMatches, Some(subject)) => !self.matches(subject),
+            (RouteOperator::NotMatches, None) => true,
+            _ => false,
+        }
+    }
+
+    fn matches(&self, subject: &str) -> bool {
+        self.pattern
+            .as_ref()
+            .is_some_and(|pattern| pattern.matches(subject))
+    }
+}
+
+/// One route as the router tries it.
+#[derive(Debug, Clone)]
+pub(crate) struct RouteRule {
+    pub(crate) id: i64,
+    pub(crate) director_id: i64,
+    pub(crate) director: String,
+    pub(crate) action: RouteAction,
+    pub(crate) conditions: Vec<ConditionRule>,
+}
+
+impl RouteRule {
+    fn holds(&self, request: &Request) -> bool {
+        self.conditions
+            .iter()
+            .all(|condition| condition.holds(request))
+    }
+
+    /// Tells whether the route compares the canary random number.
+    pub(crate) fn uses_canary_random(&self) -> bool {
+        self.conditions
+            .iter()
+            .any(|condition| condition.left == Left::CanaryRandom)
+    }
+}
+
+/// One routed director as the router tries it.
+#[derive(Debug, Clone)]
+struct DirectorRule {
+    id: i64,
+    name: String,
+    by_path: bool,
+    pattern: Pattern,
+}
+
+/// The routes and routed directors of a cluster, in the order the router tries them.
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    pub(crate) routes: Vec<RouteRule>,
+    directors: Vec<DirectorRule>,
+}
+
+/// Returns the enabled directors of the snapshot in routing order: domain routers before path
+/// routers, then by id. Virtual ones are included (they are declared, never routed).
+pub(crate) fn director_order(snapshot: &ClusterSnapshot) -> Vec<&Director> {
+    let mut directors: Vec<&Director> = snapshot
+        .directors
+        .iter()
+        .filter(|director| director.enabled.unwrap_or(true))
+        .collect();
+    directors.sort_by_key(|director| {
+        let by_path = director.router() != DirectorRouter::Domain;
+        (by_path, director.id)
+    });
+    directors
+}
+
+impl RoutingTable {
+    /// Builds the table of a snapshot; routes whose director is not routed here (disabled,
+    /// virtual or not served by the cluster) are left out, as the VCL leaves them out.
+    pub fn build(snapshot: &ClusterSnapshot) -> Result<RoutingTable, RenderError> {
+        let mut directors = Vec::new();
+        for director in director_order(snapshot) {
+            if director.r#virtual {
+                continue;
+            }
+            check_route_expression(&director.name, &director.route_expression)?;
+            let pattern = Pattern::new(&director.route_expression).map_err(|reason| {
+                RenderError::InvalidRouteExpression {
+                    director: director.name.clone(),
+                    reason,
+                }
+            })?;
+            directors.push(DirectorRule {
+                id: director.id,
+                name: director.name.clone(),
+                by_path: director.router() != DirectorRouter::Domain,
+                pattern,
+            });
+        }
+        let mut routes: Vec<&Route> = snapshot
+            .routes
+            .iter()
+            .filter(|route| directors.iter().any(|d| d.id == route.director_id))
+            .collect();
+        routes.sort_by_key(|route| (route.priority, route.id));
+        let routes = routes
+            .into_iter()
+            .map(|route| route_rule(route, &directors))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RoutingTable { routes, directors })
+    }
+
+    /// Returns what the router picks for `request`.
+    pub fn decide(&self, request: &Request) -> Decision {
+        if let Some(route) = self.routes.iter().find(|route| route.holds(request)) {
+            return Decision {
+                route_id: Some(route.id),
+                action: Some(route.action),
+                director_id: Some(route.director_id),
+                director: Some(route.director.clone()),
+            };
+        }
+        let director = self.directors.iter().find(|director| {
+            let subject = if director.by_path {
+                &request.url
+            } else {
+                &request.host
+            };
+            director.pattern.matches(subject)
+        });
+        Decision {
+            route_id: None,
+            action: None,
+            director_id: director.map(|director| director.id),
+            director: director.map(|director| director.name.clone()),
+        }
+    }
+}
+
+fn route_rule(route: &Route, directors: &[DirectorRule]) -> Result<RouteRule, RenderError> {
+    let invalid = |reason: String| RenderError::InvalidRoute {
+        route_id: route.id,
+        reason,
+    };
+    if route.conditions.is_empty() {
+        return Err(invalid("has no condition".into()));
+    }
+    let conditions = route
+        .conditions
+        .iter()
+        .enumerate()
+        .map(|(index, condition)| {
+            ConditionRule::new(condition).map_err(|reason| format!("conditions[{index}].{reason}"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    let action = match route.action() {
+        RouteAction::Pipe => RouteAction::Pipe,
+        RouteAction::Pass | RouteAction::Unspecified => RouteAction::Pass,
+    };
+    let director = directors
+        .iter()
+        .find(|director| director.id == route.director_id)
+        .map(|director| director.name.clone())
+        .unwrap_or_default();
+    Ok(RouteRule {
+        id: route.id,
+        director_id: route.director_id,
+        director,
+        action,
+        conditions,
+    })
+}
+
+/// Checks the positive URLs of every route of the snapshot: each must reach its route's
+/// director. A route that compares the canary random number is checked with the first number
+/// from 0 to 99 its conditions accept. The error names the route and the URL.
+pub fn check_positive_urls(snapshot: &ClusterSnapshot) -> Result<(), String> {
+    let table = RoutingTable::build(snapshot).map_err(|error| error.to_string())?;
+    let cluster = snapshot
+        .cluster
+        .as_ref()
+        .map_or_else(String::new, |cluster| {
+            format!(" in cluster {}", cluster.name)
+        });
+    for route in &snapshot.routes {
+        let Some(rule) = table.routes.iter().find(|rule| rule.id == route.id) else {
+            continue;
+        };
+        for url in &route.positive_urls {
+            let mut request = Request::from_absolute_url(url)
+                .map_err(|reason| format!("route {}: positive URL {url:?} {reason}", route.id))?;
+            let draws = if rule.uses_canary_random() {
+                0..CANARY_RANGE
+            } else {
+                0..1
+            };
+            let chosen = draws
+                .map(|canary_random| {
+                    request.canary_random = canary_random;
+                    request.clone()
+                })
+                .find(|request| rule.holds(request));
+            let Some(request) = chosen else {
+                return Err(format!(
+                    "route {}: positive URL {url:?} does not match the route's conditions{cluster}",
+                    route.id
+                ));
+            };
+            let decision = table.decide(&request);
+            if decision.director_id != Some(rule.director_id) {
+                let went = match (decision.route_id, decision.director) {
+                    (Some(other), Some(director)) => {
+                        format!("route {other} sends it to director {director}")
+                    }
+                    (None, Some(director)) => format!("it reaches director {director}"),
+                    _ => "no director matches it".to_owned(),
+                };
+                return Err(format!(
+                    "route {}: positive URL {url:?} must reach director {}, but {went}{cluster}",
+                    route.id, rule.director
+                ));
+            }
+        }
+    }
+    Ok(())
+}
