@@ -199,6 +199,14 @@ fn backend_call(director: &DirectorPlan, object_name: &str) -> String {
     }
 }
 
+/// The reason (and body) of the 404 for a request no route and no director takes.
+pub(crate) const NO_DIRECTOR_REASON: &str = "no director matches the request";
+
+/// The reason (and body) of the 404 of a director without usable backends.
+pub(crate) fn empty_director_reason(director: &str) -> String {
+    format!("director {director} has no backends")
+}
+
 /// Sets the backend hint to `director`'s own-DC group, falling back to the other DCs' groups
 /// while the chosen backend is sick; a director without backends answers a synthetic 404 naming
 /// it. Returns whether a backend was chosen.
@@ -206,8 +214,8 @@ fn choose_backend(director: &DirectorPlan, out: &mut String) -> bool {
     let Some((first, others)) = director.groups.split_first() else {
         let _ = write!(
             out,
-            "\n    return (synth(404, \"director {} has no backends\"));",
-            director.name
+            "\n    return (synth(404, \"{}\"));",
+            empty_director_reason(&director.name)
         );
         return false;
     };
@@ -257,9 +265,9 @@ fn routes(plan: &Plan, out: &mut String) {
     let routes = &plan.routing.routes;
     let canary = routes.iter().any(RouteRule::uses_canary_random);
     if canary {
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "set req.http.{CANARY_HEADER} = std.integer(real = std.random(0, {CANARY_RANGE}));\n"
+            "set req.http.{CANARY_HEADER} = std.integer(real = std.random(0, {CANARY_RANGE}));"
         );
     }
     for route in routes {
@@ -286,7 +294,7 @@ fn routes(plan: &Plan, out: &mut String) {
         out.push_str("\n}\n");
     }
     if canary {
-        let _ = write!(out, "unset req.http.{CANARY_HEADER};\n");
+        let _ = writeln!(out, "unset req.http.{CANARY_HEADER};");
     }
 }
 
@@ -315,9 +323,9 @@ fn router(plan: &Plan) -> String {
         }
         chain.push_str("\n}");
     }
-    let no_route = "return (synth(404, \"no director matches the request\"));";
+    let no_route = format!("return (synth(404, \"{NO_DIRECTOR_REASON}\"));");
     if chain.is_empty() {
-        out.push_str(no_route);
+        out.push_str(&no_route);
     } else {
         let _ = write!(out, "{chain} else {{\n    {no_route}\n}}");
     }

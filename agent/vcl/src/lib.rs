@@ -324,6 +324,68 @@ pub fn render(snapshot: &ClusterSnapshot, server_id: i64) -> Result<RenderedVcl,
     })
 }
 
+/// What the VCL of one server does with one request, computed from the snapshot it is rendered
+/// from: the answer to "which rule, director and backends take this request?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// The version of the VCL the snapshot renders for the server.
+    pub version: String,
+    /// The route and director the router picks.
+    pub decision: routing::Decision,
+    /// The chosen director's backends as this server's VCL groups them: its own datacenter
+    /// first, then the datacenters it falls back to while the chosen backend is sick.
+    pub backend_groups: Vec<BackendGroup>,
+    /// Set when varnishd answers itself: the status and the reason (the body).
+    pub synthetic: Option<(u16, String)>,
+}
+
+/// The backends of one director in one datacenter, as one server's VCL holds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendGroup {
+    /// The datacenter.
+    pub dc_id: i64,
+    /// The backends, in id order.
+    pub backend_ids: Vec<i64>,
+}
+
+/// Explains what the VCL of server `server_id` rendered from `snapshot` does with `request`.
+pub fn explain(
+    snapshot: &ClusterSnapshot,
+    server_id: i64,
+    request: &routing::Request,
+) -> Result<Explanation, RenderError> {
+    let version = render(snapshot, server_id)?.version;
+    let plan = model::Plan::build(snapshot, server_id)?;
+    let decision = plan.routing.decide(request);
+    let director = decision
+        .director
+        .as_ref()
+        .and_then(|name| plan.directors.iter().find(|d| &d.name == name));
+    let backend_groups: Vec<BackendGroup> = director
+        .map(|director| {
+            director
+                .groups
+                .iter()
+                .map(|group| BackendGroup {
+                    dc_id: group.dc_id,
+                    backend_ids: group.backend_ids.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let synthetic = match (&decision.director, backend_groups.is_empty()) {
+        (None, _) => Some((404, emit::NO_DIRECTOR_REASON.to_owned())),
+        (Some(name), true) => Some((404, emit::empty_director_reason(name))),
+        (Some(_), false) => None,
+    };
+    Ok(Explanation {
+        version,
+        decision,
+        backend_groups,
+        synthetic,
+    })
+}
+
 /// Returns the first 16 hex digits of the SHA-256 of `text`.
 fn version_of(text: &str) -> String {
     let digest = Sha256::digest(text.as_bytes());

@@ -133,8 +133,12 @@ pub(crate) struct DirectorPlan {
 #[derive(Debug)]
 pub(crate) struct DcGroup {
     pub(crate) object_name: String,
+    /// The datacenter.
+    pub(crate) dc_id: i64,
     /// (backend VCL name, weight).
     pub(crate) members: Vec<(String, u32)>,
+    /// The backends' ids, in the order of `members`.
+    pub(crate) backend_ids: Vec<i64>,
 }
 
 impl Plan {
@@ -195,23 +199,24 @@ impl Plan {
                 .filter(|backend| backend.enabled.unwrap_or(true))
                 .collect();
             backends.sort_by_key(|backend| (backend.dc_id, backend.id));
+            // Only the datacenters this server may use count: its own, and the others when the
+            // director is active_active. Canary backends elsewhere do not make a canary server
+            // drop the regular backends it can reach.
+            let active_active = director.active_active.unwrap_or(true);
+            backends.retain(|backend| active_active || backend.dc_id == server.dc_id);
             let has_canary = backends.iter().any(|backend| is_canary(backend));
             let canary_only = server.is_canary && has_canary;
             if canary_only {
                 backends.retain(|backend| is_canary(backend));
             }
-            let active_active = director.active_active.unwrap_or(true);
 
-            let mut by_dc: BTreeMap<i64, Vec<(String, u32)>> = BTreeMap::new();
+            let mut by_dc: BTreeMap<i64, Vec<(String, u32, i64)>> = BTreeMap::new();
             for backend in backends {
                 let symbol = dc_symbols
                     .get(&backend.dc_id)
                     .ok_or(RenderError::DcNotFound {
                         dc_id: backend.dc_id,
                     })?;
-                if backend.dc_id != server.dc_id && !active_active {
-                    continue;
-                }
                 if let Some(probe) = &probe
                     && !probes_out.contains_key(&director.probe_id)
                 {
@@ -229,10 +234,11 @@ impl Plan {
                 if canary_only && weight == 0 {
                     weight = 1;
                 }
-                by_dc
-                    .entry(backend.dc_id)
-                    .or_default()
-                    .push((def.vcl_name.clone(), weight));
+                by_dc.entry(backend.dc_id).or_default().push((
+                    def.vcl_name.clone(),
+                    weight,
+                    backend.id,
+                ));
                 backends_out.push(def);
             }
 
@@ -243,7 +249,12 @@ impl Plan {
                 claim(&object_name)?;
                 groups.push(DcGroup {
                     object_name,
-                    members,
+                    dc_id,
+                    backend_ids: members.iter().map(|member| member.2).collect(),
+                    members: members
+                        .into_iter()
+                        .map(|(name, weight, _)| (name, weight))
+                        .collect(),
                 });
             }
             directors_out.push(DirectorPlan {

@@ -1035,3 +1035,18 @@ fn route_conditions_are_revalidated() {
         }
     }
 }
+
+#[test]
+fn canary_backends_in_a_datacenter_the_server_cannot_use_do_not_count() {
+    // A director that is not active_active, with its only canary backend in another DC: the
+    // canary server keeps the regular backend of its own DC instead of ending up with none.
+    let mut snapshot = fixtures::canary(true);
+    snapshot.directors[0].active_active = Some(false);
+    snapshot.backends[1].dc_id = 2;
+    let text = rendered(&snapshot);
+    assert!(
+        text.contains("api_fra_1.add_backend(api_30_fra_1_10_1_0_1_80"),
+        "{text}"
+    );
+    assert!(!text.contains("director api has no backends"), "{text}");
+}

@@ -49,7 +49,13 @@ fn negated_conditions_hold_for_absent_headers_and_other_values() {
         (Some(42), Some("empty".into()))
     );
     assert_eq!(
-        picked(&request("/page", "other.org", &[("User-Agent", "curl")], 50)).0,
+        picked(&request(
+            "/page",
+            "other.org",
+            &[("User-Agent", "curl")],
+            50
+        ))
+        .0,
         Some(42)
     );
     // A bot, or a stylesheet, goes past the routes to the directors: none matches "/page".
@@ -83,7 +89,13 @@ fn absolute_urls_become_the_request_a_client_sends() {
     assert_eq!(parsed.host, "Example.com:8443");
     assert_eq!(parsed.url, "/a/b?q=1");
     assert_eq!(Request::from_absolute_url("http://h?x").unwrap().url, "/?x");
-    for bad in ["ftp://h/", "http:///x", "http://h/a b", "http://h\"/", "/relative"] {
+    for bad in [
+        "ftp://h/",
+        "http:///x",
+        "http://h/a b",
+        "http://h\"/",
+        "/relative",
+    ] {
         assert!(Request::from_absolute_url(bad).is_err(), "{bad}");
     }
 }
@@ -130,5 +142,49 @@ fn a_positive_url_taken_by_an_earlier_route_is_refused_naming_both() {
             && refused.contains("must reach director empty")
             && refused.contains("route 45 sends it to director api"),
         "{refused}"
+    );
+}
+
+#[test]
+fn explain_names_the_route_the_director_its_backend_groups_or_the_404() {
+    let snapshot = fixtures::multi_dc();
+    let api = vaas_vcl::explain(
+        &snapshot,
+        fixtures::SERVER_ID,
+        &request("/api/x", "h", &[], 0),
+    )
+    .expect("explains");
+    assert_eq!(
+        api.version,
+        vaas_vcl::render(&snapshot, fixtures::SERVER_ID)
+            .unwrap()
+            .version
+    );
+    assert_eq!(api.decision.director.as_deref(), Some("api"));
+    assert_eq!(api.decision.route_id, None);
+    // Own DC (1) first, then the others by id; the disabled backend 35 is left out.
+    let groups: Vec<(i64, Vec<i64>)> = api
+        .backend_groups
+        .iter()
+        .map(|group| (group.dc_id, group.backend_ids.clone()))
+        .collect();
+    assert_eq!(groups, [(1, vec![30]), (2, vec![31]), (3, vec![32])]);
+    assert_eq!(api.synthetic, None);
+
+    let empty = vaas_vcl::explain(
+        &snapshot,
+        fixtures::SERVER_ID,
+        &request("/empty/", "h", &[], 0),
+    )
+    .expect("explains");
+    assert_eq!(
+        empty.synthetic,
+        Some((404, "director empty has no backends".into()))
+    );
+    let none = vaas_vcl::explain(&snapshot, fixtures::SERVER_ID, &request("/x", "h", &[], 0))
+        .expect("explains");
+    assert_eq!(
+        none.synthetic,
+        Some((404, "no director matches the request".into()))
     );
 }
