@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "vaas/v1/vcl_template_block.proto",
         "vaas/v1/time_profile.proto",
         "vaas/v1/route.proto",
+        "vaas/v1/domain_mapping.proto",
+        "vaas/v1/redirect.proto",
         "vaas/v1/reload_progress.proto",
         "vaas/v1/task.proto",
         "vaas/v1/status_service.proto",

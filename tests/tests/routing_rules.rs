@@ -324,3 +324,154 @@ async fn virtual_directors_are_never_routed() -> Result<()> {
     assert_eq!(hidden.requests(), 0);
     Ok(())
 }
+
+/// One request of the redirect test and what a client must get: the status, and the Location
+/// of a redirect (`None`: no redirect; the origin's 200 or the router's 404).
+struct Expected {
+    host: &'static str,
+    url: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    status: u16,
+    location: Option<&'static str>,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_redirect_kind_answers_in_varnishd_as_the_rust_router_predicts() -> Result<()> {
+    let origin = HttpOrigin::start("origin").await?;
+    let mut snapshot = fixtures::redirects();
+    snapshot.backends = vec![
+        backend_at(30, 20, 1, &origin),
+        backend_at(31, 21, 1, &origin),
+    ];
+    let varnishd = serve(&snapshot, SERVER_ID).await?;
+    let table = vaas_vcl::routing::RoutingTable::build(&snapshot)?;
+    let cases = [
+        // Static mapping: groups rewritten into the destination.
+        Expected {
+            host: "example.com",
+            url: "/old/a/b",
+            headers: &[],
+            status: 301,
+            location: Some("https://new.example.com/a/b"),
+        },
+        // Any case of a mapped host; the query string kept, after "&" (the destination has a "?").
+        Expected {
+            host: "WWW.Example.com",
+            url: "/promo?x=1",
+            headers: &[],
+            status: 302,
+            location: Some("/sale?src=promo&x=1"),
+        },
+        Expected {
+            host: "example.com",
+            url: "/promo",
+            headers: &[],
+            status: 302,
+            location: Some("/sale?src=promo"),
+        },
+        // The required header: with it a 307, without it no redirect (and no director: a 404).
+        Expected {
+            host: "example.com",
+            url: "/any",
+            headers: &[("X-Beta", "yes")],
+            status: 307,
+            location: Some("/beta"),
+        },
+        Expected {
+            host: "example.com",
+            url: "/any",
+            headers: &[],
+            status: 404,
+            location: None,
+        },
+        // static_regex mapping, 308, the query kept after "?".
+        Expected {
+            host: "blog.example.org",
+            url: "/p?q=2",
+            headers: &[],
+            status: 308,
+            location: Some("https://example.com/?q=2"),
+        },
+        // Dynamic mapping filled from the cluster's label env:prod.
+        Expected {
+            host: "shop.prod.example.net",
+            url: "/cart",
+            headers: &[],
+            status: 301,
+            location: Some("https://shop.example.net/cart"),
+        },
+        Expected {
+            host: "shop.test.example.net",
+            url: "/cart",
+            headers: &[],
+            status: 404,
+            location: None,
+        },
+        // A dynamic mapping whose label the cluster lacks stands for no host.
+        Expected {
+            host: "eu.example.net",
+            url: "/",
+            headers: &[],
+            status: 404,
+            location: None,
+        },
+        // The HTTPS-only director: plain HTTP is redirected, HTTPS (from the terminator) served.
+        Expected {
+            host: "example.net",
+            url: "/secure/x?a=1",
+            headers: &[],
+            status: 301,
+            location: Some("https://example.net/secure/x?a=1"),
+        },
+        Expected {
+            host: "example.net",
+            url: "/secure/x",
+            headers: &[("X-Forwarded-Proto", "https")],
+            status: 200,
+            location: None,
+        },
+        Expected {
+            host: "example.net",
+            url: "/api/x",
+            headers: &[],
+            status: 200,
+            location: None,
+        },
+    ];
+    for case in cases {
+        let response = vaas_testkit::http_request(
+            varnishd.http_addr(),
+            "GET",
+            case.url,
+            case.host,
+            case.headers,
+        )
+        .await?;
+        let what = format!("GET {} (Host: {}, {:?})", case.url, case.host, case.headers);
+        assert_eq!(response.status, case.status, "{what}: {response:?}");
+        assert_eq!(
+            response.header("location"),
+            case.location,
+            "{what}: {response:?}"
+        );
+        let predicted = table.decide(&vaas_vcl::routing::Request {
+            url: case.url.into(),
+            host: case.host.into(),
+            headers: case
+                .headers
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
+            canary_random: 0,
+        });
+        let predicted_location = predicted.redirect.as_ref().map(|r| r.location.as_str());
+        assert_eq!(
+            predicted_location, case.location,
+            "{what}: predicted {predicted:?}"
+        );
+        if let Some(redirect) = &predicted.redirect {
+            assert_eq!(u32::from(case.status), redirect.status, "{what}");
+        }
+    }
+    Ok(())
+}

@@ -7,7 +7,10 @@ use vaas_proto::v1::{
 };
 
 use crate::model::{DirectorPlan, Plan};
-use crate::routing::{CANARY_HEADER, CANARY_RANGE, ConditionRule, Left, RouteRule};
+use crate::redirects::{HTTPS_REASON, Hosts, LOCATION_HEADER, REDIRECT_REASON};
+use crate::routing::{
+    CANARY_HEADER, CANARY_RANGE, ConditionRule, FORWARDED_PROTO_HEADER, Left, RouteRule,
+};
 use crate::template::Blocks;
 
 /// Name of the placeholder backend. Declared first, it is Varnish's default backend, so it counts
@@ -45,6 +48,7 @@ pub(crate) struct Leaves {
     directors: String,
     vaas_status: String,
     router: String,
+    flexible_router: String,
     other_functions: String,
     empty_director_synth: String,
 }
@@ -71,6 +75,7 @@ impl Leaves {
             directors: directors(plan),
             vaas_status: vaas_status(),
             router: router(plan),
+            flexible_router: flexible_router(plan),
             other_functions: other_functions(version),
             empty_director_synth: empty_director_synth(plan, version),
         }
@@ -86,6 +91,7 @@ impl Leaves {
             "DIRECTORS" => Expansion::Leaf(&self.directors),
             "VAAS_STATUS" => Expansion::Leaf(&self.vaas_status),
             "ROUTER" => Expansion::Leaf(&self.router),
+            "FLEXIBLE_ROUTER" => Expansion::Leaf(&self.flexible_router),
             "OTHER_FUNCTIONS" => Expansion::Leaf(&self.other_functions),
             "EMPTY_DIRECTOR_SYNTH" => Expansion::Leaf(&self.empty_director_synth),
             _ => return None,
@@ -211,6 +217,13 @@ pub(crate) fn empty_director_reason(director: &str) -> String {
 /// while the chosen backend is sick; a director without backends answers a synthetic 404 naming
 /// it. Returns whether a backend was chosen.
 fn choose_backend(director: &DirectorPlan, out: &mut String) -> bool {
+    if director.https_only {
+        let _ = write!(
+            out,
+            "\n    if (req.http.{FORWARDED_PROTO_HEADER} != \"https\") {{\n        \
+             return (synth(301, \"{HTTPS_REASON}\"));\n    }}"
+        );
+    }
     let Some((first, others)) = director.groups.split_first() else {
         let _ = write!(
             out,
@@ -298,9 +311,83 @@ fn routes(plan: &Plan, out: &mut String) {
     }
 }
 
-fn router(plan: &Plan) -> String {
+/// The redirects, by domain group: the group's host test around its redirects, each setting the
+/// Location header and answering through `vcl_synth`. Values were checked: conditions,
+/// destinations and header values fit a long string, header names are letters, digits and "-".
+fn redirects(plan: &Plan, out: &mut String) {
+    for group in &plan.routing.redirects.groups {
+        let hosts: Vec<String> = match &group.hosts {
+            Hosts::Exact(names) => names
+                .iter()
+                .map(|name| format!("std.tolower(req.http.host) == {{\"{name}\"}}"))
+                .collect(),
+            Hosts::Patterns(patterns) => patterns
+                .iter()
+                .map(|(expression, _)| format!("std.tolower(req.http.host) ~ {{\"{expression}\"}}"))
+                .collect(),
+        };
+        let _ = write!(
+            out,
+            "# redirects of {} (domain mapping {})\nif ({}) {{",
+            group.domain,
+            group.mapping_id,
+            hosts.join(" || ")
+        );
+        for redirect in &group.redirects {
+            let mut condition = format!("req.url ~ {{\"{}\"}}", redirect.condition);
+            match &redirect.required_header {
+                Some((name, value)) if value.is_empty() => {
+                    let _ = write!(condition, " && req.http.{name}");
+                }
+                Some((name, value)) => {
+                    let _ = write!(condition, " && req.http.{name} == {{\"{value}\"}}");
+                }
+                None => {}
+            }
+            let location = if redirect.rewrite_groups {
+                // The whole URL is replaced, the destination's \1..\9 by the condition's groups.
+                format!(
+                    "regsub(req.url, {{\"^.*?(?:{}).*$\"}}, {{\"{}\"}})",
+                    redirect.condition, redirect.destination
+                )
+            } else {
+                format!("{{\"{}\"}}", redirect.destination)
+            };
+            let _ = write!(
+                out,
+                "\n    # redirect {}\n    if ({condition}) {{\n        \
+                 set req.http.{LOCATION_HEADER} = {location};",
+                redirect.id
+            );
+            if redirect.preserve_query {
+                let _ = write!(
+                    out,
+                    "\n        if (req.url ~ \"\\?\") {{\n            \
+                     set req.http.{LOCATION_HEADER} = req.http.{LOCATION_HEADER} + \"{}\" + \
+                     regsub(req.url, \"^[^?]*\\?\", \"\");\n        }}",
+                    redirect.query_separator()
+                );
+            }
+            let _ = write!(
+                out,
+                "\n        return (synth({}, \"{REDIRECT_REASON}\"));\n    }}",
+                redirect.status
+            );
+        }
+        out.push_str("\n}\n");
+    }
+}
+
+/// The body of `FLEXIBLE_ROUTER`: the redirects, then the routes.
+fn flexible_router(plan: &Plan) -> String {
     let mut out = String::new();
+    redirects(plan, &mut out);
     routes(plan, &mut out);
+    out
+}
+
+fn router(plan: &Plan) -> String {
+    let mut out = flexible_router(plan);
     let mut chain = String::new();
     // Virtual directors are only declared, for custom templates to use.
     for director in plan.directors.iter().filter(|director| director.routed) {
@@ -352,6 +439,23 @@ fn empty_director_synth(plan: &Plan, version: &str) -> String {
          }} elsif (resp.reason == \"vaas_version\") {{\n        \
          set resp.reason = \"OK\";\n        \
          set resp.body = \"{version}\";\n        \
+         return (deliver);\n    \
+         }} elsif (resp.reason == \"{REDIRECT_REASON}\" || resp.reason == \"{HTTPS_REASON}\") {{\n        \
+         if (resp.reason == \"{HTTPS_REASON}\") {{\n            \
+         set resp.http.Location = \"https://\" + req.http.host + req.url;\n        \
+         }} else {{\n            \
+         set resp.http.Location = req.http.{LOCATION_HEADER};\n        \
+         }}\n        \
+         if (resp.status == 301) {{\n            \
+         set resp.reason = \"Moved Permanently\";\n        \
+         }} elsif (resp.status == 302) {{\n            \
+         set resp.reason = \"Found\";\n        \
+         }} elsif (resp.status == 307) {{\n            \
+         set resp.reason = \"Temporary Redirect\";\n        \
+         }} else {{\n            \
+         set resp.reason = \"Permanent Redirect\";\n        \
+         }}\n        \
+         set resp.body = resp.http.Location;\n        \
          return (deliver);\n    \
          }}\n    \
          set resp.body = resp.reason;\n    \

@@ -104,6 +104,7 @@
 mod emit;
 mod model;
 mod names;
+pub mod redirects;
 pub mod routing;
 pub mod rules;
 mod template;
@@ -183,6 +184,22 @@ pub enum RenderError {
         /// The route.
         route_id: i64,
         /// What is wrong, for example "conditions[0].header must be ...".
+        reason: String,
+    },
+    /// A domain mapping cannot be rendered (the API refuses such a mapping).
+    #[error("domain mapping {mapping_id} {reason}")]
+    InvalidDomainMapping {
+        /// The domain mapping.
+        mapping_id: i64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A redirect cannot be rendered (the API refuses such a redirect).
+    #[error("redirect {redirect_id} {reason}")]
+    InvalidRedirect {
+        /// The redirect.
+        redirect_id: i64,
+        /// What is wrong.
         reason: String,
     },
     /// A backend address is not an IPv4 or IPv6 address.
@@ -335,7 +352,8 @@ pub struct Explanation {
     /// The chosen director's backends as this server's VCL groups them: its own datacenter
     /// first, then the datacenters it falls back to while the chosen backend is sick.
     pub backend_groups: Vec<BackendGroup>,
-    /// Set when varnishd answers itself: the status and the reason (the body).
+    /// Set when varnishd answers itself: the status and the body (the Location of a redirect,
+    /// whose details are in the decision).
     pub synthetic: Option<(u16, String)>,
 }
 
@@ -373,10 +391,15 @@ pub fn explain(
                 .collect()
         })
         .unwrap_or_default();
-    let synthetic = match (&decision.director, backend_groups.is_empty()) {
-        (None, _) => Some((404, emit::NO_DIRECTOR_REASON.to_owned())),
-        (Some(name), true) => Some((404, emit::empty_director_reason(name))),
-        (Some(_), false) => None,
+    let synthetic = match (
+        &decision.redirect,
+        &decision.director,
+        backend_groups.is_empty(),
+    ) {
+        (Some(redirect), _, _) => Some((redirect.status as u16, redirect.location.clone())),
+        (None, None, _) => Some((404, emit::NO_DIRECTOR_REASON.to_owned())),
+        (None, Some(name), true) => Some((404, emit::empty_director_reason(name))),
+        (None, Some(_), false) => None,
     };
     Ok(Explanation {
         version,

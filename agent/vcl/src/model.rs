@@ -125,6 +125,8 @@ pub(crate) struct DirectorPlan {
     pub(crate) remove_path: bool,
     /// False for virtual directors: declared, never chosen by the router.
     pub(crate) routed: bool,
+    /// Plain-HTTP requests are redirected to HTTPS before a backend is chosen.
+    pub(crate) https_only: bool,
     /// The server's own datacenter first (when it has backends), then the others by dc id.
     pub(crate) groups: Vec<DcGroup>,
 }
@@ -265,6 +267,7 @@ impl Plan {
                 hashing_policy: director.hashing_policy(),
                 remove_path: director.remove_path,
                 routed: !director.r#virtual,
+                https_only: routing::is_https_only(director),
                 groups,
             });
         }

@@ -11,11 +11,13 @@ use std::cmp::Ordering;
 use std::fmt;
 
 use vaas_proto::v1::{
-    ClusterSnapshot, Director, DirectorRouter, Route, RouteAction, RouteLeft, RouteOperator,
+    ClusterSnapshot, Director, DirectorProtocol, DirectorRouter, Route, RouteAction, RouteLeft,
+    RouteOperator,
 };
 
 use crate::RenderError;
 use crate::model::check_route_expression;
+use crate::redirects::{RedirectDecision, RedirectTable};
 
 /// Header set from `std.random(0, 100)` once per request when a route compares the canary random
 /// number; a value a client sends is overwritten, and it is removed before the request leaves.
@@ -53,8 +55,10 @@ pub struct Request {
 impl Request {
     /// The request a client sends for the absolute `url` (`http://host[:port]/path?query`): the
     /// Host header is the authority as written, the URL the path (at least "/") and query, the
-    /// fragment dropped.
+    /// fragment dropped; an https URL arrives with `X-Forwarded-Proto: https`, as from the TLS
+    /// terminator in front of varnishd.
     pub fn from_absolute_url(url: &str) -> Result<Request, String> {
+        let url_is_https = url.starts_with("https://");
         let rest = url
             .strip_prefix("http://")
             .or_else(|| url.strip_prefix("https://"))
@@ -77,15 +81,22 @@ impl Request {
         } else {
             format!("/{path}")
         };
+        // What a TLS terminator in front of varnishd tells it about an https request.
+        let headers = if url_is_https {
+            vec![(FORWARDED_PROTO_HEADER.to_owned(), "https".to_owned())]
+        } else {
+            Vec::new()
+        };
         Ok(Request {
             url,
             host: host.to_owned(),
-            headers: Vec::new(),
+            headers,
             canary_random: 0,
         })
     }
 
-    fn header(&self, name: &str) -> Option<&str> {
+    /// The value of header `name` (compared regardless of case); the Host header included.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         if name.eq_ignore_ascii_case("host") {
             return Some(&self.host);
         }
@@ -108,6 +119,9 @@ pub struct Decision {
     pub director_id: Option<i64>,
     /// Its name.
     pub director: Option<String>,
+    /// Set when varnishd answers with a redirect instead (a redirect of the request's domain,
+    /// or the redirect of a plain-HTTP request for an HTTPS-only director to HTTPS).
+    pub redirect: Option<RedirectDecision>,
 }
 
 /// A compiled PCRE2 expression.
@@ -115,15 +129,29 @@ pub struct Decision {
 pub(crate) struct Pattern(pcre2::bytes::Regex);
 
 impl Pattern {
-    fn new(expression: &str) -> Result<Pattern, String> {
+    pub(crate) fn new(expression: &str) -> Result<Pattern, String> {
         pcre2::bytes::Regex::new(expression)
             .map(Pattern)
             .map_err(|error| format!("is not a valid regular expression: {error}"))
     }
 
-    fn matches(&self, subject: &str) -> bool {
+    pub(crate) fn matches(&self, subject: &str) -> bool {
         // A match that fails at run time (PCRE2's match limit) is no match, as in varnishd.
         self.0.is_match(subject.as_bytes()).unwrap_or(false)
+    }
+
+    /// The groups of the first match (0 the whole match), `None` without a match.
+    pub(crate) fn captures(&self, subject: &str) -> Option<Vec<Option<String>>> {
+        let captures = self.0.captures(subject.as_bytes()).ok().flatten()?;
+        Some(
+            (0..captures.len())
+                .map(|index| {
+                    captures
+                        .get(index)
+                        .map(|group| String::from_utf8_lossy(group.as_bytes()).into_owned())
+                })
+                .collect(),
+        )
     }
 }
 
@@ -289,11 +317,23 @@ struct DirectorRule {
     name: String,
     by_path: bool,
     pattern: Pattern,
+    /// Plain-HTTP requests are redirected to HTTPS.
+    https_only: bool,
 }
+
+/// Tells whether a director serves HTTPS only: its plain-HTTP requests (those without
+/// `X-Forwarded-Proto: https` from the TLS terminator in front of varnishd) are redirected.
+pub(crate) fn is_https_only(director: &Director) -> bool {
+    director.protocol() == DirectorProtocol::Https
+}
+
+/// Request header a TLS terminator in front of varnishd sets to "https".
+pub(crate) const FORWARDED_PROTO_HEADER: &str = "X-Forwarded-Proto";
 
 /// The routes and routed directors of a cluster, in the order the router tries them.
 #[derive(Debug, Clone)]
 pub struct RoutingTable {
+    pub(crate) redirects: RedirectTable,
     pub(crate) routes: Vec<RouteRule>,
     directors: Vec<DirectorRule>,
 }
@@ -334,6 +374,7 @@ impl RoutingTable {
                 name: director.name.clone(),
                 by_path: director.router() != DirectorRouter::Domain,
                 pattern,
+                https_only: is_https_only(director),
             });
         }
         let mut routes: Vec<&Route> = snapshot
@@ -346,32 +387,50 @@ impl RoutingTable {
             .into_iter()
             .map(|route| route_rule(route, &directors))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(RoutingTable { routes, directors })
+        Ok(RoutingTable {
+            redirects: RedirectTable::build(snapshot)?,
+            routes,
+            directors,
+        })
     }
 
     /// Returns what the router picks for `request`.
     pub fn decide(&self, request: &Request) -> Decision {
-        if let Some(route) = self.routes.iter().find(|route| route.holds(request)) {
+        if let Some(redirect) = self.redirects.decide(request) {
             return Decision {
-                route_id: Some(route.id),
-                action: Some(route.action),
-                director_id: Some(route.director_id),
-                director: Some(route.director.clone()),
+                route_id: None,
+                action: None,
+                director_id: None,
+                director: None,
+                redirect: Some(redirect),
             };
         }
-        let director = self.directors.iter().find(|director| {
-            let subject = if director.by_path {
-                &request.url
-            } else {
-                &request.host
-            };
-            director.pattern.matches(subject)
-        });
+        let route = self.routes.iter().find(|route| route.holds(request));
+        let director = match route {
+            Some(route) => self.directors.iter().find(|d| d.id == route.director_id),
+            None => self.directors.iter().find(|director| {
+                let subject = if director.by_path {
+                    &request.url
+                } else {
+                    &request.host
+                };
+                director.pattern.matches(subject)
+            }),
+        };
+        let plain_http = request.header(FORWARDED_PROTO_HEADER) != Some("https");
+        let redirect = director
+            .filter(|director| director.https_only && plain_http)
+            .map(|_| RedirectDecision {
+                redirect_id: None,
+                status: 301,
+                location: format!("https://{}{}", request.host, request.url),
+            });
         Decision {
-            route_id: None,
-            action: None,
+            route_id: route.map(|route| route.id),
+            action: route.map(|route| route.action),
             director_id: director.map(|director| director.id),
             director: director.map(|director| director.name.clone()),
+            redirect,
         }
     }
 }
@@ -411,11 +470,82 @@ fn route_rule(route: &Route, directors: &[DirectorRule]) -> Result<RouteRule, Re
     })
 }
 
-/// Checks the positive URLs of every route of the snapshot: each must reach its route's
-/// director. A route that compares the canary random number is checked with the first number
-/// from 0 to 99 its conditions accept. The error names the route and the URL.
-pub fn check_positive_urls(snapshot: &ClusterSnapshot) -> Result<(), String> {
+/// Checks the examples of every route and redirect of the snapshot, as its VCL would route them:
+/// see [`check_positive_urls`] and [`check_assertions`]. The error names the route or redirect
+/// and the URL.
+pub fn check_examples(snapshot: &ClusterSnapshot) -> Result<(), String> {
     let table = RoutingTable::build(snapshot).map_err(|error| error.to_string())?;
+    check_assertions(snapshot, &table)?;
+    check_positive_urls(snapshot, &table)
+}
+
+/// Checks every redirect's assertions: the given URL (with the redirect's required header, when
+/// it has one) must be answered by that redirect with the expected Location.
+pub fn check_assertions(snapshot: &ClusterSnapshot, table: &RoutingTable) -> Result<(), String> {
+    let cluster = cluster_suffix(snapshot);
+    for redirect in &snapshot.redirects {
+        let applies = table
+            .redirects
+            .groups
+            .iter()
+            .any(|group| group.redirects.iter().any(|rule| rule.id == redirect.id));
+        if !applies {
+            continue;
+        }
+        for assertion in &redirect.assertions {
+            let url = &assertion.given_url;
+            let mut request = Request::from_absolute_url(url).map_err(|reason| {
+                format!("redirect {}: given URL {url:?} {reason}", redirect.id)
+            })?;
+            if let Some(header) = &redirect.required_header {
+                let value = if header.value.is_empty() {
+                    "1"
+                } else {
+                    &header.value
+                };
+                request
+                    .headers
+                    .push((header.name.clone(), value.to_owned()));
+            }
+            let answer = table.decide(&request).redirect;
+            let expected = &assertion.expected_location;
+            let got = match &answer {
+                Some(answer)
+                    if answer.redirect_id == Some(redirect.id) && &answer.location == expected =>
+                {
+                    continue;
+                }
+                Some(answer) if answer.redirect_id == Some(redirect.id) => {
+                    format!("it answers Location {:?}", answer.location)
+                }
+                Some(answer) => match answer.redirect_id {
+                    Some(other) => format!("redirect {other} answers it first"),
+                    None => "it is redirected to HTTPS".to_owned(),
+                },
+                None => "no redirect answers it".to_owned(),
+            };
+            return Err(format!(
+                "redirect {}: assertion {url:?} expects Location {expected:?}, but {got}{cluster}",
+                redirect.id
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn cluster_suffix(snapshot: &ClusterSnapshot) -> String {
+    snapshot
+        .cluster
+        .as_ref()
+        .map_or_else(String::new, |cluster| {
+            format!(" in cluster {}", cluster.name)
+        })
+}
+
+/// Checks the positive URLs of every route of the snapshot: each must reach its route's
+/// director, and no redirect may answer it first. A route that compares the canary random number
+/// is checked with the first number from 0 to 99 its conditions accept.
+pub fn check_positive_urls(snapshot: &ClusterSnapshot, table: &RoutingTable) -> Result<(), String> {
     let cluster = snapshot
         .cluster
         .as_ref()
@@ -447,12 +577,17 @@ pub fn check_positive_urls(snapshot: &ClusterSnapshot) -> Result<(), String> {
                 ));
             };
             let decision = table.decide(&request);
-            if decision.director_id != Some(rule.director_id) {
-                let went = match (decision.route_id, decision.director) {
-                    (Some(other), Some(director)) => {
+            let redirected = decision
+                .redirect
+                .as_ref()
+                .and_then(|redirect| redirect.redirect_id);
+            if redirected.is_some() || decision.director_id != Some(rule.director_id) {
+                let went = match (redirected, decision.route_id, decision.director) {
+                    (Some(redirect), _, _) => format!("redirect {redirect} answers it"),
+                    (None, Some(other), Some(director)) => {
                         format!("route {other} sends it to director {director}")
                     }
-                    (None, Some(director)) => format!("it reaches director {director}"),
+                    (None, None, Some(director)) => format!("it reaches director {director}"),
                     _ => "no director matches it".to_owned(),
                 };
                 return Err(format!(

@@ -1050,3 +1050,8 @@ fn canary_backends_in_a_datacenter_the_server_cannot_use_do_not_count() {
     );
     assert!(!text.contains("director api has no backends"), "{text}");
 }
+
+#[test]
+fn redirects() {
+    insta::assert_snapshot!(rendered(&fixtures::redirects()));
+}

@@ -5,7 +5,7 @@
 mod fixtures;
 
 use vaas_proto::v1::RouteAction;
-use vaas_vcl::routing::{Request, RoutingTable, check_positive_urls};
+use vaas_vcl::routing::{Request, RoutingTable, check_examples as check_positive_urls};
 
 fn request(url: &str, host: &str, headers: &[(&str, &str)], canary_random: u32) -> Request {
     Request {

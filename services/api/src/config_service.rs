@@ -596,6 +596,13 @@ config_service! {
         validate: validate::vcl_template_block,
         read_only: [],
     },    Route { field: route, plural: routes, validate: validate::route, read_only: [] },
+    DomainMapping {
+        field: domain_mapping,
+        plural: domain_mappings,
+        validate: validate::domain_mapping,
+        read_only: [],
+    },
+    Redirect { field: redirect, plural: redirects, validate: validate::redirect, read_only: [] },
 }
 
 #[cfg(test)]

@@ -56,6 +56,18 @@ pub enum ApiError {
         /// The newer revision.
         to: i64,
     },
+    /// The server is disabled: no VCL is rendered for it (StatusService.Explain).
+    #[error("server {server_id} is disabled and runs no VCL")]
+    ServerDisabled {
+        /// The server.
+        server_id: i64,
+    },
+    /// The configuration renders no VCL for the server (StatusService.Explain).
+    #[error(transparent)]
+    Render(#[from] vaas_vcl::RenderError),
+    /// Rendering panicked or was cancelled.
+    #[error("rendering the VCL failed unexpectedly")]
+    RenderPanicked(#[source] tokio::task::JoinError),
     /// NATS failed while following a task.
     #[error("cannot follow task events")]
     Bus(#[from] vaas_bus::Error),
@@ -228,6 +240,13 @@ impl From<ApiError> for Status {
                 Status::internal("the partial update could not be merged; nothing was saved")
             }
             ApiError::DiffTooLarge { .. } => Status::resource_exhausted(message),
+            ApiError::ServerDisabled { .. } | ApiError::Render(_) => {
+                Status::failed_precondition(message)
+            }
+            ApiError::RenderPanicked(ref source) => {
+                tracing::error!(error = %source, "rendering panicked");
+                Status::internal(message)
+            }
             ApiError::Bus(ref source) => {
                 tracing::error!(error = %source, "nats failed");
                 Status::unavailable(message)
@@ -261,6 +280,18 @@ mod tests {
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert!(status.message().len() < 4200, "{}", status.message().len());
         assert!(status.message().ends_with("GetTask has each task's error)"));
+    }
+
+    #[test]
+    fn a_disabled_server_or_an_unrenderable_configuration_is_a_failed_precondition() {
+        let disabled = Status::from(ApiError::ServerDisabled { server_id: 4 });
+        assert_eq!(disabled.code(), Code::FailedPrecondition);
+        assert_eq!(disabled.message(), "server 4 is disabled and runs no VCL");
+        let render = Status::from(ApiError::from(vaas_vcl::RenderError::DcNotFound {
+            dc_id: 2,
+        }));
+        assert_eq!(render.code(), Code::FailedPrecondition);
+        assert_eq!(render.message(), "dc 2 is not in the snapshot");
     }
 
     #[test]

@@ -110,7 +110,7 @@ pub async fn run(
     let store = Store::connect(&config.database_url)
         .await?
         .with_routing_check(vaas_store::RoutingCheck::new(
-            vaas_vcl::routing::check_positive_urls,
+            vaas_vcl::routing::check_examples,
         ));
     let (nats, jetstream) =
         vaas_bus::connect(&config.nats_url, "vaas-api", &config.nats_auth).await?;

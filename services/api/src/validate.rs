@@ -8,8 +8,9 @@ use prost_types::Duration;
 use tonic_types::FieldViolation;
 use vaas_proto::v1::{
     Backend, Cluster, Dc, Director, DirectorHashingPolicy, DirectorMode, DirectorProtocol,
-    DirectorRouter, Probe, Route, RouteAction, ServerStatus, TimeProfile, VarnishServer, VclSyntax,
-    VclTemplate, VclTemplateBlock, VclVariable,
+    DirectorRouter, DomainMapping, DomainMappingType, Probe, Redirect, Route, RouteAction,
+    ServerStatus, TimeProfile, VarnishServer, VclSyntax, VclTemplate, VclTemplateBlock,
+    VclVariable,
 };
 
 use crate::error::ApiError;
@@ -618,6 +619,108 @@ pub fn route(mut route: Route, intent: Intent) -> Result<Route, ApiError> {
     }
     violations.text("description", &route.description, false, 1000);
     violations.finish(route)
+}
+
+/// Most mappings of a domain mapping.
+pub const MAX_MAPPINGS: usize = 32;
+
+/// Most assertions of a redirect.
+pub const MAX_ASSERTIONS: usize = 20;
+
+/// Validates a domain mapping: the domain as a host name, each mapping as its type reads it
+/// (host names and templates lower-cased), and the clusters.
+pub fn domain_mapping(
+    mut mapping: DomainMapping,
+    intent: Intent,
+) -> Result<DomainMapping, ApiError> {
+    let mut violations = Violations::new("domain_mapping");
+    violations.id(intent, &mut mapping.id);
+    mapping.domain = mapping.domain.to_ascii_lowercase();
+    let domain_ok = vaas_vcl::redirects::is_host(&mapping.domain) && !mapping.domain.contains(':');
+    violations.check(
+        domain_ok,
+        "domain",
+        "must be a host name: at most 253 letters, digits, \"-\", \".\" or \"_\"",
+    );
+    violations.enumeration("type", DomainMappingType::try_from(mapping.r#type).is_ok());
+    if mapping.r#type == DomainMappingType::Unspecified as i32 {
+        mapping.r#type = DomainMappingType::Static as i32;
+    }
+    let kind = mapping.r#type();
+    if mapping.mappings.is_empty() {
+        violations.add("mappings", "must hold at least one mapping");
+    } else if violations.list_length("mappings", mapping.mappings.len(), MAX_MAPPINGS) {
+        for (index, entry) in mapping.mappings.iter_mut().enumerate() {
+            if kind != DomainMappingType::StaticRegex {
+                *entry = entry.to_ascii_lowercase();
+            }
+            if let Err(reason) = vaas_vcl::redirects::check_mapping(kind, entry) {
+                violations.add(&format!("mappings[{index}]"), reason);
+            }
+        }
+    }
+    if violations.list_length("cluster_ids", mapping.cluster_ids.len(), MAX_LIST_ITEMS) {
+        for (index, &cluster_id) in mapping.cluster_ids.iter().enumerate() {
+            violations.reference(&format!("cluster_ids[{index}]"), cluster_id);
+        }
+    }
+    violations.text("description", &mapping.description, false, 1000);
+    violations.finish(mapping)
+}
+
+/// Validates a redirect: condition, destination, status (default 301), priority, required
+/// header and assertions as the renderer writes and checks them. Whether the assertions hold is
+/// checked by the store, inside the write.
+pub fn redirect(mut redirect: Redirect, intent: Intent) -> Result<Redirect, ApiError> {
+    let mut violations = Violations::new("redirect");
+    violations.id(intent, &mut redirect.id);
+    violations.reference("source_domain_id", redirect.source_domain_id);
+    if redirect.status == 0 {
+        redirect.status = 301;
+    }
+    if redirect
+        .required_header
+        .as_ref()
+        .is_some_and(|header| header.name.is_empty() && header.value.is_empty())
+    {
+        redirect.required_header = None;
+    }
+    if let Err((field, reason)) = vaas_vcl::redirects::check_redirect(&redirect) {
+        violations.add(field, reason);
+    }
+    violations.check(
+        (1..=500).contains(&redirect.priority),
+        "priority",
+        "must be from 1 (first) to 500",
+    );
+    if violations.list_length("assertions", redirect.assertions.len(), MAX_ASSERTIONS) {
+        for (index, assertion) in redirect.assertions.iter().enumerate() {
+            let field = format!("assertions[{index}].given_url");
+            if assertion.given_url.len() > MAX_URL_BYTES {
+                violations.add(&field, format!("must be at most {MAX_URL_BYTES} bytes"));
+            } else if let Err(reason) =
+                vaas_vcl::routing::Request::from_absolute_url(&assertion.given_url)
+            {
+                violations.add(&field, reason);
+            }
+            let location = &assertion.expected_location;
+            if location.is_empty() || location.len() > MAX_URL_BYTES {
+                violations.add(
+                    &format!("assertions[{index}].expected_location"),
+                    format!("must be 1 to {MAX_URL_BYTES} bytes"),
+                );
+            } else {
+                violations.text(
+                    &format!("assertions[{index}].expected_location"),
+                    location,
+                    true,
+                    MAX_URL_BYTES,
+                );
+            }
+        }
+    }
+    violations.text("description", &redirect.description, false, 1000);
+    violations.finish(redirect)
 }
 
 #[cfg(test)]

@@ -88,6 +88,12 @@ const STEPS: &[Step] = &[
         postgres: include_str!("../migrations/postgres/0010_routes.sql"),
         sqlite: include_str!("../migrations/sqlite/0010_routes.sql"),
     },
+    Step {
+        version: 11,
+        description: "domain mappings and redirects",
+        postgres: include_str!("../migrations/postgres/0011_domain_mappings_redirects.sql"),
+        sqlite: include_str!("../migrations/sqlite/0011_domain_mappings_redirects.sql"),
+    },
 ];
 
 /// Returns sqlx's migrator for `dialect`. It is built here rather than with `sqlx::migrate!`,

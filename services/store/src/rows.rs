@@ -64,6 +64,35 @@ pub(crate) fn split_list(stored: String) -> Vec<String> {
         .collect()
 }
 
+/// Stores a list of messages (route conditions, redirect assertions) as one hex-encoded protobuf
+/// message a line: structured values in one text column that both stores hold alike.
+pub(crate) fn encode_messages<M: prost::Message>(messages: &[M]) -> String {
+    let lines: Vec<String> = messages
+        .iter()
+        .map(|message| hex::encode(message.encode_to_vec()))
+        .collect();
+    join_list(&lines)
+}
+
+/// Reads what [`encode_messages`] stored; `what` names the messages in the error.
+pub(crate) fn decode_messages<M: prost::Message + Default>(
+    stored: &str,
+    what: &str,
+) -> Result<Vec<M>> {
+    let corrupt = |line: &str, error: String| {
+        crate::Error::Database(sqlx::Error::Decode(
+            format!("stored {what} {line:?}: {error}").into(),
+        ))
+    };
+    split_list(stored.to_owned())
+        .iter()
+        .map(|line| {
+            let bytes = hex::decode(line).map_err(|error| corrupt(line, error.to_string()))?;
+            M::decode(bytes.as_slice()).map_err(|error| corrupt(line, error.to_string()))
+        })
+        .collect()
+}
+
 pub(crate) fn flag(row: &AnyRow, column: &str) -> Result<bool> {
     Ok(row.try_get::<i64, _>(column)? != 0)
 }

@@ -4,8 +4,8 @@ use std::collections::BTreeSet;
 
 use sqlx::Executor;
 use vaas_proto::v1::{
-    Backend, Cluster, ClusterSnapshot, Dc, Director, Probe, Route, ServerStatus, TimeProfile,
-    VarnishServer, VclTemplate, VclTemplateBlock, VclVariable,
+    Backend, Cluster, ClusterSnapshot, Dc, Director, DomainMapping, Probe, Redirect, Route,
+    ServerStatus, TimeProfile, VarnishServer, VclTemplate, VclTemplateBlock, VclVariable,
 };
 
 use crate::resource::{Resource, Tx, select};
@@ -110,6 +110,19 @@ pub(crate) async fn read(
         cluster_id,
     )
     .await?;
+    let domain_mappings = select::<DomainMapping>(
+        tx,
+        "id IN (SELECT domain_mapping_id FROM domain_mapping_clusters WHERE cluster_id = $1)",
+        cluster_id,
+    )
+    .await?;
+    let redirects = select::<Redirect>(
+        tx,
+        "source_domain_id IN (SELECT domain_mapping_id FROM domain_mapping_clusters \
+         WHERE cluster_id = $1)",
+        cluster_id,
+    )
+    .await?;
     Ok(ClusterSnapshot {
         version,
         cluster: Some(cluster),
@@ -123,5 +136,7 @@ pub(crate) async fn read(
         template_blocks,
         variables,
         routes,
+        domain_mappings,
+        redirects,
     })
 }

@@ -17,6 +17,8 @@ impl Resource for Cluster {
     const MESSAGE: &'static str = "vaas.v1.Cluster";
     const KIND: &'static str = "cluster";
     const FIELD: &'static str = "cluster";
+    // Its labels fill the placeholders of dynamic domain mappings.
+    const CHANGES_ROUTING: bool = true;
     type Filter = ListClustersRequest;
 
     fn id(&self) -> i64 {

@@ -4,13 +4,12 @@
 
 use std::collections::BTreeSet;
 
-use prost::Message;
 use sqlx::Row;
 use sqlx::any::AnyRow;
-use vaas_proto::v1::{Cluster, Director, ListRoutesRequest, Route, RouteCondition};
+use vaas_proto::v1::{Cluster, Director, ListRoutesRequest, Route};
 
 use crate::resource::{Change, Condition, Resource, Tx, Value, ensure_reference, ids};
-use crate::rows::{flag, join_list, split_list};
+use crate::rows::{decode_messages, encode_messages, flag, join_list, split_list};
 use crate::{Error, Result};
 
 /// The routes that apply to the cluster bound to every `?`: listed, or in sync with a director
@@ -38,10 +37,7 @@ impl Resource for Route {
 
     fn columns(&self) -> Vec<(&'static str, Value)> {
         vec![
-            (
-                "conditions",
-                Value::Text(encode_conditions(&self.conditions)),
-            ),
+            ("conditions", Value::Text(encode_messages(&self.conditions))),
             ("priority", self.priority.into()),
             ("clusters_in_sync", self.clusters_in_sync.into()),
             ("director_id", self.director_id.into()),
@@ -58,7 +54,10 @@ impl Resource for Route {
     fn from_row(row: &AnyRow) -> Result<Route> {
         Ok(Route {
             id: row.try_get("id")?,
-            conditions: decode_conditions(&row.try_get::<String, _>("conditions")?)?,
+            conditions: decode_messages(
+                &row.try_get::<String, _>("conditions")?,
+                "route condition",
+            )?,
             priority: row.try_get::<i64, _>("priority")? as u32,
             cluster_ids: Vec::new(),
             clusters_in_sync: flag(row, "clusters_in_sync")?,
@@ -167,30 +166,4 @@ async fn director_clusters(tx: &mut Tx<'_>, director_id: i64) -> Result<BTreeSet
         director_id,
     )
     .await
-}
-
-/// Stores conditions as one hex-encoded protobuf message a line: a structured value in one text
-/// column that both stores hold alike.
-fn encode_conditions(conditions: &[RouteCondition]) -> String {
-    let lines: Vec<String> = conditions
-        .iter()
-        .map(|condition| hex::encode(condition.encode_to_vec()))
-        .collect();
-    join_list(&lines)
-}
-
-fn decode_conditions(stored: &str) -> Result<Vec<RouteCondition>> {
-    let corrupt = |line: &str, error: String| {
-        Error::Database(sqlx::Error::Decode(
-            format!("stored route condition {line:?}: {error}").into(),
-        ))
-    };
-    split_list(stored.to_owned())
-        .iter()
-        .map(|line| {
-            let bytes = hex::decode(line).map_err(|error| corrupt(line, error.to_string()))?;
-            RouteCondition::decode(bytes.as_slice())
-                .map_err(|error| corrupt(line, error.to_string()))
-        })
-        .collect()
 }
