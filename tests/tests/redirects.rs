@@ -9,8 +9,8 @@ use tonic::Code;
 use tonic_types::StatusExt;
 use vaas_proto::v1::{
     Cluster, CreateDomainMappingRequest, CreateRedirectRequest, DeleteDomainMappingRequest,
-    DomainMapping, DomainMappingType, GetRedirectRequest, Redirect, RedirectAssertion, TaskState,
-    UpdateClusterRequest, UpdateRedirectRequest,
+    DomainMapping, DomainMappingType, ExplainRequest, GetRedirectRequest, Redirect,
+    RedirectAssertion, TaskState, UpdateClusterRequest, UpdateRedirectRequest,
 };
 use vaas_testkit::http_get;
 use vaas_tests::{StoreKind, System, on_both_stores};
@@ -103,6 +103,22 @@ async fn a_redirect_answers_as_asserted_and_changes_that_break_its_assertion_are
     let answer = http_get(system.varnishd(0).http_addr(), "/old/a?b=1", HOST).await?;
     assert_eq!(answer.status, 308, "{answer:?}");
     assert_eq!(answer.header("location"), Some(EXPECTED), "{answer:?}");
+    // Explain predicts the same answer, naming the redirect.
+    let explained = system
+        .status()
+        .explain(ExplainRequest {
+            server_id: setup.server_id,
+            url: GIVEN.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(explained.redirected && explained.running, "{explained:?}");
+    assert_eq!(explained.redirect_id, redirect.id);
+    assert_eq!(
+        (explained.synthetic_status, explained.location.as_str()),
+        (308, EXPECTED)
+    );
 
     // The destination changed so that the assertion no longer holds.
     let moved = system

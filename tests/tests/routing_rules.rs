@@ -475,3 +475,49 @@ async fn every_redirect_kind_answers_in_varnishd_as_the_rust_router_predicts() -
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn templates_written_for_the_original_choose_directors_with_its_tags() -> Result<()> {
+    let api = HttpOrigin::start("api").await?;
+    let hidden = HttpOrigin::start("hidden").await?;
+    let www = HttpOrigin::start("www").await?;
+    let mut snapshot = fixtures::director_tags();
+    snapshot.backends = vec![
+        backend_at(30, 20, 1, &api),
+        backend_at(31, 21, 1, &www),
+        backend_at(32, 23, 1, &hidden),
+    ];
+    let varnishd = serve(&snapshot, SERVER_ID).await?;
+    // USE_DIRECTOR_API in the template's own vcl_recv, before any route.
+    assert_eq!(
+        answered_by(&varnishd, "example.com", "/use/x").await?,
+        "api"
+    );
+    // SET_BACKEND_HIDDEN chooses the virtual director the router never routes to.
+    let response = vaas_testkit::http_request(
+        varnishd.http_addr(),
+        "GET",
+        "/anything.css",
+        "other.example",
+        &[("X-Hidden", "1")],
+    )
+    .await?;
+    assert_eq!(response.header("x-origin"), Some("hidden"), "{response:?}");
+    // SET_BACKEND_EMPTY answers the director's 404.
+    let empty = synthetic(&varnishd, "/empty-tag/x").await?;
+    assert_eq!(
+        (empty.status, empty.body.as_str()),
+        (404, "director empty has no backends")
+    );
+    // FLEXIBLE_ROUTER and ROUTER still route: route 40 by header and URL to www.
+    let routed = vaas_testkit::http_request(
+        varnishd.http_addr(),
+        "GET",
+        "/api/v2/users",
+        "other.example",
+        &[("X-Beta", "1")],
+    )
+    .await?;
+    assert_eq!(routed.header("x-origin"), Some("www"), "{routed:?}");
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! The built-in bodies of the template tags.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use vaas_proto::v1::{
@@ -27,11 +28,17 @@ pub(crate) enum Expansion<'a> {
 }
 
 /// The built-in body of `VCL`.
-const VCL_BODY: &str = "<HEADERS/>\n\n<BACKENDS/>\n\n<DIRECTORS/>\n\n<RECV/>\n\n<OTHER_FUNCTIONS/>\n\n\
-                        <EMPTY_DIRECTOR_SYNTH/>\n";
+const VCL_BODY: &str = "<HEADERS/>\n\n<BACKENDS/>\n\n<DIRECTORS/>\n\n<RECV/>\n\n<VCL_PIPE/>\n\n\
+                        <OTHER_FUNCTIONS/>\n\n<EMPTY_DIRECTOR_SYNTH/>\n";
 /// The built-in body of `VCL` when the template has an `ACL` block.
 const VCL_BODY_WITH_ACL: &str = "<HEADERS/>\n\n<ACL/>\n\n<BACKENDS/>\n\n<DIRECTORS/>\n\n<RECV/>\n\n\
-                                 <OTHER_FUNCTIONS/>\n\n<EMPTY_DIRECTOR_SYNTH/>\n";
+                                 <VCL_PIPE/>\n\n<OTHER_FUNCTIONS/>\n\n<EMPTY_DIRECTOR_SYNTH/>\n";
+/// The built-in body of `VCL_PIPE`: a piped request keeps its `Upgrade` and `Connection`
+/// headers, so WebSocket handshakes reach the backend (varnishd sets `Connection: close` on
+/// every piped request otherwise).
+const VCL_PIPE_BODY: &str = "sub vcl_pipe {\n    if (req.http.upgrade) {\n        \
+                             set bereq.http.upgrade = req.http.upgrade;\n        \
+                             set bereq.http.connection = req.http.connection;\n    }\n}";
 /// The built-in body of `RECV`.
 const RECV_BODY: &str = "sub vcl_recv {\n    <VAAS_STATUS/>\n    <ROUTER/>\n}";
 /// The built-in body of `RECV` when the template has a `PROPER_PROTOCOL_REDIRECT` block: the
@@ -51,6 +58,9 @@ pub(crate) struct Leaves {
     flexible_router: String,
     other_functions: String,
     empty_director_synth: String,
+    /// `DIRECTOR_<NAME>`, `SET_BACKEND_<NAME>` and `USE_DIRECTOR_<NAME>` of every director
+    /// (virtual ones included), by tag.
+    per_director: HashMap<String, String>,
 }
 
 impl Leaves {
@@ -78,6 +88,7 @@ impl Leaves {
             flexible_router: flexible_router(plan),
             other_functions: other_functions(version),
             empty_director_synth: empty_director_synth(plan, version),
+            per_director: per_director(plan),
         }
     }
 
@@ -94,9 +105,60 @@ impl Leaves {
             "FLEXIBLE_ROUTER" => Expansion::Leaf(&self.flexible_router),
             "OTHER_FUNCTIONS" => Expansion::Leaf(&self.other_functions),
             "EMPTY_DIRECTOR_SYNTH" => Expansion::Leaf(&self.empty_director_synth),
-            _ => return None,
+            "VCL_PIPE" => Expansion::Leaf(VCL_PIPE_BODY),
+            _ => return self.per_director.get(tag).map(|body| Expansion::Leaf(body)),
         };
         Some(expansion)
+    }
+}
+
+/// The per-director tags, named with the director's name upper-cased (names are unique
+/// regardless of case): `DIRECTOR_<NAME>` is a backend expression (the director's own-DC
+/// object, or the placeholder backend when it has no backends) for `req.backend_hint` or
+/// `std.healthy()`; `SET_BACKEND_<NAME>` the statements that choose its backend, with the DC
+/// fall-back and its HTTPS redirect (or its 404); `USE_DIRECTOR_<NAME>` those and its
+/// `remove_path` rewrite, as the router does when it picks the director.
+fn per_director(plan: &Plan) -> HashMap<String, String> {
+    let mut tags = HashMap::new();
+    for director in &plan.directors {
+        let name = director.name.to_ascii_uppercase();
+        let expression = director.groups.first().map_or_else(
+            || PLACEHOLDER_BACKEND.to_owned(),
+            |group| backend_call(director, &group.object_name),
+        );
+        let mut set_backend = String::new();
+        let chosen = choose_backend(director, &mut set_backend);
+        let mut use_director = set_backend.clone();
+        if chosen {
+            remove_path(director, &mut use_director);
+        }
+        tags.insert(format!("DIRECTOR_{name}"), expression);
+        tags.insert(format!("SET_BACKEND_{name}"), outdent(&set_backend));
+        tags.insert(format!("USE_DIRECTOR_{name}"), outdent(&use_director));
+    }
+    tags
+}
+
+/// Turns statements written for the inside of a block ("\n    stmt" lines) into text placed
+/// where a tag stands (its indentation is the tag's).
+fn outdent(statements: &str) -> String {
+    statements
+        .strip_prefix('\n')
+        .unwrap_or(statements)
+        .lines()
+        .map(|line| line.strip_prefix("    ").unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Rewrites the URL of a path router with `remove_path` once its backend is chosen.
+fn remove_path(director: &DirectorPlan, out: &mut String) {
+    if director.remove_path && director.router != DirectorRouter::Domain {
+        let _ = write!(
+            out,
+            "\n    set req.url = regsub(req.url, {{\"{}\"}}, \"/\");",
+            director.route_expression
+        );
     }
 }
 
@@ -383,11 +445,15 @@ fn flexible_router(plan: &Plan) -> String {
     let mut out = String::new();
     redirects(plan, &mut out);
     routes(plan, &mut out);
+    out.truncate(out.trim_end().len());
     out
 }
 
 fn router(plan: &Plan) -> String {
     let mut out = flexible_router(plan);
+    if !out.is_empty() {
+        out.push('\n');
+    }
     let mut chain = String::new();
     // Virtual directors are only declared, for custom templates to use.
     for director in plan.directors.iter().filter(|director| director.routed) {
@@ -401,12 +467,8 @@ fn router(plan: &Plan) -> String {
             director.route_expression
         );
         // After the choice, so a hash director hashes the URL the client asked for.
-        if choose_backend(director, &mut chain) && director.remove_path && by_path {
-            let _ = write!(
-                chain,
-                "\n    set req.url = regsub(req.url, {{\"{}\"}}, \"/\");",
-                director.route_expression
-            );
+        if choose_backend(director, &mut chain) {
+            remove_path(director, &mut chain);
         }
         chain.push_str("\n}");
     }

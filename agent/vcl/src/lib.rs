@@ -12,7 +12,7 @@
 //!
 //! | tag | expands to |
 //! |---|---|
-//! | `VCL` | `<HEADERS/>`, `<ACL/>` (only when the template has an `ACL` block), `<BACKENDS/>`, `<DIRECTORS/>`, `<RECV/>`, `<OTHER_FUNCTIONS/>`, `<EMPTY_DIRECTOR_SYNTH/>` |
+//! | `VCL` | `<HEADERS/>`, `<ACL/>` (only when the template has an `ACL` block), `<BACKENDS/>`, `<DIRECTORS/>`, `<RECV/>`, `<VCL_PIPE/>`, `<OTHER_FUNCTIONS/>`, `<EMPTY_DIRECTOR_SYNTH/>` |
 //! | `HEADERS` | `vcl 4.0;` or `vcl 4.1;`, `import std;`, `import directors;` |
 //! | `ACL` | nothing built in: only a block gives it content |
 //! | `BACKENDS` | one `probe` per probe that a backend below uses, a placeholder backend (the first backend, so it is the default and always referenced), then one `backend` per usable backend |
@@ -20,7 +20,12 @@
 //! | `RECV` | `<PROPER_PROTOCOL_REDIRECT/>` (only when the template has a block for it), then `sub vcl_recv { <VAAS_STATUS/> <ROUTER/> }` |
 //! | `PROPER_PROTOCOL_REDIRECT` | nothing built in: only a block gives it content |
 //! | `VAAS_STATUS` | answers `/vaas_status` and `/vaas_version` |
-//! | `ROUTER` | picks a non-virtual director by host, then by path; falls back to other datacenters; strips the matched path when asked; synthetic 404 otherwise |
+//! | `ROUTER` | `FLEXIBLE_ROUTER`, then picks a non-virtual director by host, then by path; falls back to other datacenters; strips the matched path when asked; synthetic 404 otherwise |
+//! | `FLEXIBLE_ROUTER` | the redirects (by domain group), then the routes (by priority) |
+//! | `VCL_PIPE` | `sub vcl_pipe` keeping a piped request's `Upgrade` and `Connection` headers (WebSockets) |
+//! | `DIRECTOR_<NAME>` | the director's own-DC object as a backend expression (`api_fra.backend()`), the placeholder backend when it has none |
+//! | `SET_BACKEND_<NAME>` | the statements choosing the director's backend: its HTTPS redirect, the DC fall-back, or its 404 |
+//! | `USE_DIRECTOR_<NAME>` | `SET_BACKEND_<NAME>` and the director's `remove_path` rewrite, as the router does |
 //! | `OTHER_FUNCTIONS` | `sub vcl_deliver` adding the `X-VaaS-VCL-Version` header to proxied responses |
 //! | `EMPTY_DIRECTOR_SYNTH` | `sub vcl_synth`: the version header and plain-text bodies of every synthetic response |
 //!
@@ -93,8 +98,34 @@
 //!   templates can use them, but the router never chooses them.
 //! - A director's probe or time profile missing from the snapshot, or one with an invalid value,
 //!   is an error rather than a silently different VCL.
-//! - Not rendered yet: a director's `protocol`, `service_mesh_label`, `service_tag` and
-//!   `reachable_via_service_mesh` (protocol redirects and service-mesh routing come later).
+//! - **HTTPS-only directors** (`protocol` HTTPS): a request without `X-Forwarded-Proto: https`
+//!   (set by the TLS terminator in front of varnishd) gets a 301 to `https://` + Host + URL
+//!   before a backend is chosen. HTTP and BOTH redirect nothing: sending an HTTPS client to
+//!   plain HTTP would be a downgrade.
+//! - Not rendered yet: a director's `service_mesh_label`, `service_tag` and
+//!   `reachable_via_service_mesh` (service-mesh routing comes later).
+//!
+//! # Routes and redirects
+//!
+//! - **Redirects** come first in `vcl_recv` (after the status endpoints), grouped by domain
+//!   mapping: static and dynamic mappings (exact, lower-cased hosts compared with
+//!   `std.tolower(req.http.host)`) before static_regex ones, then by mapping id; within a group
+//!   by priority, then id. A dynamic mapping's `{label}` placeholders are filled from the
+//!   cluster's `key:value` labels; an entry whose label the cluster lacks (or whose filled value is
+//!   no host name) stands for nothing there. A matching redirect stores its Location in
+//!   `X-VaaS-Location` and answers `synth(status, "vaas_redirect")`; `vcl_synth` writes the
+//!   Location header. With `rewrite_groups` the whole URL is replaced by the destination, its
+//!   `\1`..`\9` by the condition's groups; `preserve_query` appends the query string.
+//! - **Routes** come next, by priority then id: the first whose conditions all hold chooses its
+//!   director's backend (the HTTPS redirect and DC fall-back included) and returns `pass` or
+//!   `pipe`. The canary random number is drawn once (`std.random(0, 100)` as an integer, into
+//!   `X-VaaS-Canary-Random`, which a client cannot set) and removed before the request goes on.
+//!   Routes never apply their director's `remove_path` (that is the director's expression's
+//!   rewrite). A route to a director that is virtual, disabled or not in the cluster is left out.
+//! - Hosts in directors' route expressions and route conditions are matched as the client sent
+//!   them (with any `:port`, case as sent); only redirect domains are compared lower-cased.
+//! - [`routing::RoutingTable`] makes the same decisions in Rust, for the API's checks of
+//!   positive URLs and assertions and for [`explain`].
 //!
 //! # Version
 //!
@@ -108,6 +139,7 @@ pub mod redirects;
 pub mod routing;
 pub mod rules;
 mod template;
+pub use template::OVERRIDABLE_TAGS;
 mod variables;
 
 use sha2::{Digest, Sha256};
@@ -183,7 +215,7 @@ pub enum RenderError {
     InvalidRoute {
         /// The route.
         route_id: i64,
-        /// What is wrong, for example "conditions[0].header must be ...".
+        /// What is wrong, for example `conditions[0].header must be ...`.
         reason: String,
     },
     /// A domain mapping cannot be rendered (the API refuses such a mapping).

@@ -17,7 +17,7 @@ use crate::{MAX_EXPANSION_BYTES, RenderError};
 
 /// The tags a template block can replace. The API refuses blocks for other tags; one that
 /// reaches the renderer anyway is ignored.
-const OVERRIDABLE_TAGS: &[&str] = &[
+pub const OVERRIDABLE_TAGS: &[&str] = &[
     "VCL",
     "HEADERS",
     "ACL",
@@ -25,7 +25,9 @@ const OVERRIDABLE_TAGS: &[&str] = &[
     "DIRECTORS",
     "RECV",
     "ROUTER",
+    "FLEXIBLE_ROUTER",
     "PROPER_PROTOCOL_REDIRECT",
+    "VCL_PIPE",
     "OTHER_FUNCTIONS",
     "EMPTY_DIRECTOR_SYNTH",
 ];

@@ -1055,3 +1055,8 @@ fn canary_backends_in_a_datacenter_the_server_cannot_use_do_not_count() {
 fn redirects() {
     insta::assert_snapshot!(rendered(&fixtures::redirects()));
 }
+
+#[test]
+fn director_tags() {
+    insta::assert_snapshot!(rendered(&fixtures::director_tags()));
+}

@@ -166,7 +166,7 @@ mod tests {
                     let name = method.name();
                     let expected = if admin_only.contains(&short.as_str()) {
                         Role::Admin
-                    } else if ["Get", "List", "Watch", "Diff", "WhoAmI"]
+                    } else if ["Get", "List", "Watch", "Diff", "WhoAmI", "Explain"]
                         .iter()
                         .any(|verb| name.starts_with(verb))
                     {
@@ -180,6 +180,11 @@ mod tests {
             }
         }
         assert!(seen > 60, "only {seen} methods in the descriptor set");
+        // Explaining a request reads the configuration and changes nothing.
+        assert_eq!(
+            required_role("/vaas.v1.StatusService/Explain"),
+            Some(Role::Reader)
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod address_policy;
 pub mod auth;
 pub mod config_service;
 pub mod error;
+pub mod explain;
 pub mod field_mask;
 pub mod follow;
 mod relay;

@@ -1,5 +1,6 @@
 //! The TaskService (reads tasks and streams their state changes) and the StatusService (streams
-//! what a cluster's servers run and how its reloads go).
+//! what a cluster's servers run and how its reloads go, and explains where a server sends a
+//! request).
 
 use std::pin::Pin;
 
@@ -14,9 +15,9 @@ use tracing::{debug, instrument};
 use vaas_proto::v1::status_service_server::StatusService;
 use vaas_proto::v1::task_service_server::TaskService;
 use vaas_proto::v1::{
-    Cluster, GetTaskRequest, GetTaskResponse, ListTasksRequest, ListTasksResponse,
-    ListVarnishServersRequest, VarnishServer, WatchClusterRequest, WatchClusterResponse,
-    WatchTaskRequest, WatchTaskResponse,
+    Cluster, ExplainRequest, ExplainResponse, GetTaskRequest, GetTaskResponse, ListTasksRequest,
+    ListTasksResponse, ListVarnishServersRequest, VarnishServer, WatchClusterRequest,
+    WatchClusterResponse, WatchTaskRequest, WatchTaskResponse,
 };
 use vaas_store::Store;
 
@@ -243,5 +244,14 @@ impl StatusService for TaskApi {
             self.shutdown.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    #[instrument(skip_all, fields(rpc = "Explain", server = request.get_ref().server_id))]
+    async fn explain(
+        &self,
+        request: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        let response = crate::explain::explain(&self.store, request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 }

@@ -474,19 +474,8 @@ pub fn time_profile(mut profile: TimeProfile, intent: Intent) -> Result<TimeProf
     violations.finish(profile)
 }
 
-/// The tags a template block can replace.
-pub const BLOCK_TAGS: &[&str] = &[
-    "VCL",
-    "HEADERS",
-    "ACL",
-    "BACKENDS",
-    "DIRECTORS",
-    "RECV",
-    "ROUTER",
-    "PROPER_PROTOCOL_REDIRECT",
-    "OTHER_FUNCTIONS",
-    "EMPTY_DIRECTOR_SYNTH",
-];
+/// The tags a template block can replace: the renderer's list.
+pub const BLOCK_TAGS: &[&str] = vaas_vcl::OVERRIDABLE_TAGS;
 
 /// Largest accepted template block, in bytes.
 pub const MAX_BLOCK_BYTES: usize = 256 * 1024;
