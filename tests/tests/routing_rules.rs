@@ -521,3 +521,62 @@ async fn templates_written_for_the_original_choose_directors_with_its_tags() -> 
     assert_eq!(routed.header("x-origin"), Some("www"), "{routed:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_canary_random_number_splits_traffic_and_a_client_cannot_choose_it() -> Result<()> {
+    use vaas_proto::v1::{RouteLeft, RouteOperator};
+    let canary = HttpOrigin::start("canary").await?;
+    let stable = HttpOrigin::start("stable").await?;
+    let mut snapshot = fixtures::empty_cluster();
+    snapshot.directors = vec![
+        fixtures::director(20, "stable", "^/"),
+        fixtures::director(21, "canary", "^/never/"),
+    ];
+    snapshot.backends = vec![
+        backend_at(30, 20, 1, &stable),
+        backend_at(31, 21, 1, &canary),
+    ];
+    let canary_route = |id, prefix: &str, below: &str| {
+        fixtures::route(
+            id,
+            1,
+            21,
+            vec![
+                fixtures::condition(RouteLeft::Url, "", RouteOperator::Matches, prefix),
+                fixtures::condition(RouteLeft::CanaryRandom, "", RouteOperator::Less, below),
+            ],
+        )
+    };
+    snapshot.routes = vec![
+        canary_route(40, "^/half/", "50"),
+        canary_route(41, "^/rare/", "1"),
+    ];
+    let varnishd = serve(&snapshot, SERVER_ID).await?;
+    let mut half = 0;
+    let mut rare = 0;
+    for n in 0..200 {
+        if answered_by(&varnishd, "example.com", &format!("/half/{n}")).await? == "canary" {
+            half += 1;
+        }
+        // A client sending the number it wants is overwritten by the drawn one.
+        let forged = vaas_testkit::http_request(
+            varnishd.http_addr(),
+            "GET",
+            &format!("/rare/{n}"),
+            "example.com",
+            &[("X-VaaS-Canary-Random", "0")],
+        )
+        .await?;
+        if forged.header("x-origin") == Some("canary") {
+            rare += 1;
+        }
+    }
+    // Binomial(200, 0.5) lies within 50..150 but for one run in about 10^12.
+    assert!(
+        (50..150).contains(&half),
+        "{half}/200 requests below 50 went to the canary"
+    );
+    // Binomial(200, 0.01): at least 20 happens about once in 10^13 runs; forging would give 200.
+    assert!(rare < 20, "{rare}/200 forged requests went to the canary");
+    Ok(())
+}

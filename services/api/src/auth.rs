@@ -3,7 +3,8 @@
 //! service, so no handler can forget it.
 //!
 //! Readers read everything; editors also change what routes traffic (datacenters, clusters,
-//! directors, backends, probes, time profiles, VCL variables); only admins change what runs on
+//! directors, backends, probes, time profiles, VCL variables, routes, domain mappings and
+//! redirects, none of which is raw VCL); only admins change what runs on
 //! the Varnish hosts (VCL templates and template blocks are raw VCL, servers are where it runs)
 //! and manage tokens. A method this table does not know needs admin.
 

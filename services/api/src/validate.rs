@@ -1028,4 +1028,187 @@ mod tests {
         );
         assert_eq!(violations(variable.unwrap_err()), ["vcl_variable.value"]);
     }
+
+    #[test]
+    fn a_route_reports_every_bad_field_and_defaults_its_action() {
+        use vaas_proto::v1::{RouteCondition, RouteLeft, RouteOperator};
+        let condition =
+            |left: RouteLeft, header: &str, operator: RouteOperator, value: &str| RouteCondition {
+                left: left as i32,
+                header: header.into(),
+                operator: operator as i32,
+                value: value.into(),
+            };
+        let good = Route {
+            conditions: vec![condition(
+                RouteLeft::Url,
+                "",
+                RouteOperator::Matches,
+                "^/a/",
+            )],
+            priority: 1,
+            clusters_in_sync: true,
+            director_id: 3,
+            positive_urls: vec!["https://example.com/a/b".into()],
+            ..Default::default()
+        };
+        let accepted = route(good.clone(), Intent::Create).expect("a valid route");
+        assert_eq!(accepted.action, RouteAction::Pass as i32);
+        let bad = Route {
+            conditions: vec![
+                condition(RouteLeft::Header, "Bad Name", RouteOperator::Equal, "x"),
+                condition(RouteLeft::Url, "", RouteOperator::Matches, "("),
+                condition(RouteLeft::CanaryRandom, "", RouteOperator::Less, "200"),
+            ],
+            priority: 501,
+            cluster_ids: vec![1],
+            director_id: 0,
+            positive_urls: vec!["/relative".into()],
+            ..good.clone()
+        };
+        assert_eq!(
+            violations(route(bad, Intent::Create).unwrap_err()),
+            [
+                "route.conditions[0].header",
+                "route.conditions[1].value",
+                "route.conditions[2].value",
+                "route.priority",
+                "route.cluster_ids",
+                "route.director_id",
+                "route.positive_urls[0]",
+            ]
+        );
+        let unbounded = Route {
+            conditions: vec![good.conditions[0].clone(); MAX_ROUTE_CONDITIONS + 1],
+            clusters_in_sync: false,
+            ..good
+        };
+        assert_eq!(
+            violations(route(unbounded, Intent::Create).unwrap_err()),
+            ["route.conditions", "route.cluster_ids"]
+        );
+    }
+
+    #[test]
+    fn a_domain_mapping_is_lower_cased_and_read_as_its_type() {
+        let mapping = |kind: DomainMappingType, mappings: &[&str]| DomainMapping {
+            domain: "Example.COM".into(),
+            mappings: mappings.iter().map(|m| (*m).to_owned()).collect(),
+            r#type: kind as i32,
+            ..Default::default()
+        };
+        let accepted = domain_mapping(
+            mapping(DomainMappingType::Dynamic, &["Shop.{env}.Example.com"]),
+            Intent::Create,
+        )
+        .expect("a valid dynamic mapping");
+        assert_eq!(accepted.domain, "example.com");
+        assert_eq!(accepted.mappings, ["shop.{env}.example.com"]);
+        for (kind, bad) in [
+            (DomainMappingType::Static, "a b.com"),
+            (DomainMappingType::Static, "a.com\"}"),
+            (DomainMappingType::StaticRegex, "(unclosed"),
+            (DomainMappingType::Dynamic, "shop.{env.example.com"),
+        ] {
+            assert_eq!(
+                violations(domain_mapping(mapping(kind, &[bad]), Intent::Create).unwrap_err()),
+                ["domain_mapping.mappings[0]"],
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            violations(
+                domain_mapping(mapping(DomainMappingType::Static, &[]), Intent::Create)
+                    .unwrap_err()
+            ),
+            ["domain_mapping.mappings"]
+        );
+    }
+
+    #[test]
+    fn a_redirect_is_held_to_what_the_vcl_can_carry() {
+        let good = Redirect {
+            source_domain_id: 1,
+            condition: "^/old/(.*)$".into(),
+            rewrite_groups: true,
+            destination: "https://example.com/\\1".into(),
+            priority: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            redirect(good.clone(), Intent::Create)
+                .expect("valid")
+                .status,
+            301
+        );
+        for (bad, field) in [
+            (
+                Redirect {
+                    condition: "a\"}b".into(),
+                    ..good.clone()
+                },
+                "redirect.condition",
+            ),
+            (
+                Redirect {
+                    destination: "https://e.com/\\0".into(),
+                    ..good.clone()
+                },
+                "redirect.destination",
+            ),
+            (
+                Redirect {
+                    rewrite_groups: false,
+                    ..good.clone()
+                },
+                "redirect.destination",
+            ),
+            (
+                Redirect {
+                    destination: "ftp://e.com/".into(),
+                    ..good.clone()
+                },
+                "redirect.destination",
+            ),
+            (
+                Redirect {
+                    status: 303,
+                    ..good.clone()
+                },
+                "redirect.status",
+            ),
+            (
+                Redirect {
+                    priority: 0,
+                    ..good.clone()
+                },
+                "redirect.priority",
+            ),
+            (
+                Redirect {
+                    required_header: Some(vaas_proto::v1::RedirectHeader {
+                        name: "X Bad".into(),
+                        value: String::new(),
+                    }),
+                    ..good.clone()
+                },
+                "redirect.required_header.name",
+            ),
+            (
+                Redirect {
+                    assertions: vec![vaas_proto::v1::RedirectAssertion {
+                        given_url: "example.com/x".into(),
+                        expected_location: "https://example.com/x".into(),
+                    }],
+                    ..good.clone()
+                },
+                "redirect.assertions[0].given_url",
+            ),
+        ] {
+            assert_eq!(
+                violations(redirect(bad, Intent::Create).unwrap_err()),
+                [field]
+            );
+        }
+    }
 }
