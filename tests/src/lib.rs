@@ -28,10 +28,12 @@ use vaas_proto::v1::status_service_client::StatusServiceClient;
 use vaas_proto::v1::task_service_client::TaskServiceClient;
 use vaas_proto::v1::token_service_client::TokenServiceClient;
 use vaas_proto::v1::{
-    Backend, Cluster, CreateClusterRequest, CreateDcRequest, CreateDirectorRequest,
-    CreateTokenRequest, CreateVarnishServerRequest, CreateVclTemplateRequest, Dc, Director,
-    GetClusterRequest, GetTaskRequest, GetVarnishServerRequest, Role, ServerStatus, SyncState,
-    Task, TaskState, UpdateVarnishServerRequest, VarnishServer, VclTemplate, WatchTaskRequest,
+    Backend, Cluster, CreateBackendRequest, CreateClusterRequest, CreateDcRequest,
+    CreateDirectorRequest, CreateTokenRequest, CreateVarnishServerRequest,
+    CreateVclTemplateRequest, Dc, Director, GetClusterRequest, GetTaskRequest,
+    GetVarnishServerRequest, Role, RouteCondition, RouteLeft, RouteOperator, ServerStatus,
+    SyncState, Task, TaskState, UpdateVarnishServerRequest, VarnishServer, VclTemplate,
+    WatchTaskRequest,
 };
 use vaas_testkit::{Nats, Postgres, ServiceProcess, TlsFiles, Varnishd, free_port};
 
@@ -396,6 +398,44 @@ impl System {
             .and_then(|number| number.trim().parse().ok())
             .with_context(|| format!("no num_subscriptions in {}", response.body))?;
         Ok(counted)
+    }
+
+    /// Creates director `name` of the set-up cluster, routed by path with `route_expression`,
+    /// with one backend pointing at `origin`; returns both as stored.
+    pub async fn create_director_with_backend(
+        &self,
+        setup: &Setup,
+        name: &str,
+        route_expression: &str,
+        origin: SocketAddr,
+    ) -> Result<(Director, Backend)> {
+        let director = self
+            .config()
+            .create_director(CreateDirectorRequest {
+                director: Some(Director {
+                    name: name.into(),
+                    cluster_ids: vec![setup.cluster_id],
+                    route_expression: route_expression.into(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .director
+            .context("director")?;
+        let backend = self
+            .config()
+            .create_backend(CreateBackendRequest {
+                backend: Some(Backend {
+                    director_id: director.id,
+                    ..backend_for(setup, origin)
+                }),
+            })
+            .await?
+            .into_inner()
+            .backend
+            .context("backend")?;
+        Ok((director, backend))
     }
 
     /// Reads a director through the API.
@@ -1206,6 +1246,49 @@ impl System {
             server_id,
             director_id,
         })
+    }
+}
+
+/// Returns the field names of the BadRequest violations of an error status.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|bad_request| {
+            bad_request
+                .field_violations
+                .into_iter()
+                .map(|violation| violation.field)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Asserts an INVALID_ARGUMENT whose only violation is `field` and whose message names each of
+/// `needles`.
+pub fn assert_invalid_argument(status: &tonic::Status, field: &str, needles: &[&str]) {
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(violated_fields(status), [field], "{status:?}");
+    for needle in needles {
+        assert!(
+            status.message().contains(needle),
+            "{needle:?} in {status:?}"
+        );
+    }
+}
+
+/// A route condition: `left operator "value"` (`header` for ROUTE_LEFT_HEADER, else empty).
+pub fn route_condition(
+    left: RouteLeft,
+    header: &str,
+    operator: RouteOperator,
+    value: &str,
+) -> RouteCondition {
+    RouteCondition {
+        left: left as i32,
+        header: header.into(),
+        operator: operator as i32,
+        value: value.into(),
     }
 }
 

@@ -8,7 +8,6 @@ use anyhow::{Context, Result, ensure};
 use prost::Message;
 use tokio::time::Instant;
 use tonic::Code;
-use tonic_types::StatusExt;
 use vaas_proto::v1::{
     AuditAction, Backend, Cluster, CreateBackendRequest, CreateClusterRequest,
     CreateDirectorRequest, CreateProbeRequest, CreateTimeProfileRequest,
@@ -17,7 +16,7 @@ use vaas_proto::v1::{
     TimeProfile, UpdateBackendRequest, UpdateBackendsRequest, UpdateDirectorRequest, VarnishServer,
 };
 use vaas_testkit::{HttpOrigin, http_get};
-use vaas_tests::{StoreKind, System, backend_for, on_both_stores, respond_async};
+use vaas_tests::{StoreKind, System, backend_for, on_both_stores, respond_async, violated_fields};
 
 on_both_stores!(
     a_partial_update_changes_only_the_named_fields,
@@ -33,20 +32,6 @@ fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
     Some(prost_types::FieldMask {
         paths: paths.iter().map(|path| (*path).to_owned()).collect(),
     })
-}
-
-/// Returns the field names of the BadRequest violations of an error status.
-fn violated_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|bad_request| {
-            bad_request
-                .field_violations
-                .into_iter()
-                .map(|violation| violation.field)
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 async fn a_partial_update_changes_only_the_named_fields(store: StoreKind) -> Result<()> {

@@ -7,15 +7,16 @@
 
 use anyhow::{Context, Result, ensure};
 use tonic::Code;
-use tonic_types::StatusExt;
 use vaas_proto::v1::{
-    Backend, CreateBackendRequest, CreateDirectorRequest, CreateRouteRequest,
-    CreateVarnishServerRequest, Director, ExplainHeader, ExplainRequest, ExplainResponse,
-    ExplainedBackendGroup, Route, RouteAction, RouteCondition, RouteLeft, RouteOperator,
-    ServerStatus, TaskState, UpdateDirectorRequest,
+    Backend, CreateBackendRequest, CreateRouteRequest, CreateVarnishServerRequest, Director,
+    ExplainHeader, ExplainRequest, ExplainResponse, ExplainedBackendGroup, Route, RouteAction,
+    RouteLeft, RouteOperator, ServerStatus, TaskState, UpdateDirectorRequest,
 };
 use vaas_testkit::{HttpOrigin, http_get, http_request};
-use vaas_tests::{Setup, StoreKind, System, backend_for, on_both_stores, silent_server};
+use vaas_tests::{
+    Setup, StoreKind, System, backend_for, on_both_stores, route_condition, silent_server,
+    violated_fields,
+};
 
 on_both_stores!(
     explain_names_the_route_director_and_backends_that_varnishd_then_uses,
@@ -27,20 +28,6 @@ const HOST: &str = "demo.example";
 
 /// The header the beta route needs, and its value.
 const TEAM_HEADER: (&str, &str) = ("X-Team", "blue");
-
-fn condition(
-    left: RouteLeft,
-    header: &str,
-    operator: RouteOperator,
-    value: &str,
-) -> RouteCondition {
-    RouteCondition {
-        left: left as i32,
-        header: header.into(),
-        operator: operator as i32,
-        value: value.into(),
-    }
-}
 
 /// Asks Explain what the set-up server does with `GET http://HOST{path}` and `headers`.
 async fn explain(
@@ -176,37 +163,18 @@ async fn explain_names_the_route_director_and_backends_that_varnishd_then_uses(
     );
 
     // A pass route to a second director, for /app/ on HOST with the team header.
-    let beta = system
-        .config()
-        .create_director(CreateDirectorRequest {
-            director: Some(Director {
-                name: "beta".into(),
-                cluster_ids: vec![setup.cluster_id],
-                route_expression: "^/never/".into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .director
-        .context("director")?;
     let beta_origin = HttpOrigin::start("beta").await?;
-    let beta_backend = create_backend(
-        &system,
-        Backend {
-            director_id: beta.id,
-            ..backend_for(&setup, beta_origin.addr())
-        },
-    )
-    .await?;
+    let (beta, beta_backend) = system
+        .create_director_with_backend(&setup, "beta", "^/never/", beta_origin.addr())
+        .await?;
     let created = system
         .config()
         .create_route(CreateRouteRequest {
             route: Some(Route {
                 conditions: vec![
-                    condition(RouteLeft::Url, "", RouteOperator::Matches, "^/app/"),
-                    condition(RouteLeft::Host, "", RouteOperator::Equal, HOST),
-                    condition(
+                    route_condition(RouteLeft::Url, "", RouteOperator::Matches, "^/app/"),
+                    route_condition(RouteLeft::Host, "", RouteOperator::Equal, HOST),
+                    route_condition(
                         RouteLeft::Header,
                         TEAM_HEADER.0,
                         RouteOperator::Equal,
@@ -303,14 +271,6 @@ async fn explain_names_the_route_director_and_backends_that_varnishd_then_uses(
     let version = http_get(system.varnishd(0).http_addr(), "/vaas_version", HOST).await?;
     assert_eq!(version.body.trim(), shop.vcl_version, "the server runs it");
     system.ensure_running()
-}
-
-/// Returns the field names of the BadRequest violations of an error status.
-fn violated_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
 }
 
 async fn explain_refuses_bad_requests_by_field_and_servers_that_run_no_vcl(

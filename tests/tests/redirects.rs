@@ -6,14 +6,13 @@
 
 use anyhow::{Context, Result};
 use tonic::Code;
-use tonic_types::StatusExt;
 use vaas_proto::v1::{
     Cluster, CreateDomainMappingRequest, CreateRedirectRequest, DeleteDomainMappingRequest,
     DomainMapping, DomainMappingType, ExplainRequest, GetRedirectRequest, Redirect,
     RedirectAssertion, TaskState, UpdateClusterRequest, UpdateRedirectRequest,
 };
 use vaas_testkit::http_get;
-use vaas_tests::{StoreKind, System, on_both_stores};
+use vaas_tests::{StoreKind, System, assert_invalid_argument, on_both_stores};
 
 on_both_stores!(a_redirect_answers_as_asserted_and_changes_that_break_its_assertion_are_refused);
 
@@ -28,22 +27,6 @@ fn mask(path: &str) -> Option<prost_types::FieldMask> {
     Some(prost_types::FieldMask {
         paths: vec![path.to_owned()],
     })
-}
-
-/// Asserts an INVALID_ARGUMENT whose violation is `field` and whose message names `needles`.
-fn assert_refused(status: &tonic::Status, field: &str, needles: &[&str]) {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let fields: Vec<String> = status
-        .get_details_bad_request()
-        .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default();
-    assert_eq!(fields, [field], "{status:?}");
-    for needle in needles {
-        assert!(
-            status.message().contains(needle),
-            "{needle:?} in {status:?}"
-        );
-    }
 }
 
 async fn a_redirect_answers_as_asserted_and_changes_that_break_its_assertion_are_refused(
@@ -133,7 +116,7 @@ async fn a_redirect_answers_as_asserted_and_changes_that_break_its_assertion_are
         .await
         .expect_err("the assertion no longer holds");
     let name = format!("redirect {}", redirect.id);
-    assert_refused(
+    assert_invalid_argument(
         &moved,
         "redirect",
         &[&name, GIVEN, "https://elsewhere.example.net/a?b=1"],
@@ -151,7 +134,7 @@ async fn a_redirect_answers_as_asserted_and_changes_that_break_its_assertion_are
         })
         .await
         .expect_err("the mapped host disappears");
-    assert_refused(
+    assert_invalid_argument(
         &relabelled,
         "cluster",
         &[&name, GIVEN, "no redirect answers it"],

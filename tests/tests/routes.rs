@@ -5,14 +5,15 @@
 
 use anyhow::{Context, Result, ensure};
 use tonic::Code;
-use tonic_types::StatusExt;
 use vaas_proto::v1::{
-    CreateBackendRequest, CreateDirectorRequest, CreateRouteRequest, DeleteDirectorRequest,
-    Director, GetRouteRequest, ListRoutesRequest, Route, RouteAction, RouteCondition, RouteLeft,
-    RouteOperator, TaskState, UpdateDirectorRequest, UpdateRouteRequest,
+    CreateBackendRequest, CreateRouteRequest, DeleteDirectorRequest, Director, GetRouteRequest,
+    ListRoutesRequest, Route, RouteAction, RouteLeft, RouteOperator, TaskState,
+    UpdateDirectorRequest, UpdateRouteRequest,
 };
 use vaas_testkit::{HttpOrigin, HttpResponse, http_get};
-use vaas_tests::{Setup, StoreKind, System, backend_for, on_both_stores};
+use vaas_tests::{
+    StoreKind, System, assert_invalid_argument, backend_for, on_both_stores, route_condition,
+};
 
 on_both_stores!(
     a_route_takes_its_requests_by_priority_passes_or_pipes_them,
@@ -25,22 +26,13 @@ const HOST: &str = "demo.example";
 /// The positive URL of the beta route.
 const BETA_URL: &str = "http://demo.example/app/x";
 
-fn condition(left: RouteLeft, operator: RouteOperator, value: &str) -> RouteCondition {
-    RouteCondition {
-        left: left as i32,
-        header: String::new(),
-        operator: operator as i32,
-        value: value.into(),
-    }
-}
-
 /// A route of `priority` for URLs under /app/ on [`HOST`], to `director_id`, applying to the
 /// director's clusters.
 fn app_route(priority: u32, director_id: i64, url_expression: &str) -> Route {
     Route {
         conditions: vec![
-            condition(RouteLeft::Url, RouteOperator::Matches, url_expression),
-            condition(RouteLeft::Host, RouteOperator::Equal, HOST),
+            route_condition(RouteLeft::Url, "", RouteOperator::Matches, url_expression),
+            route_condition(RouteLeft::Host, "", RouteOperator::Equal, HOST),
         ],
         priority,
         clusters_in_sync: true,
@@ -48,33 +40,6 @@ fn app_route(priority: u32, director_id: i64, url_expression: &str) -> Route {
         action: RouteAction::Pass as i32,
         ..Default::default()
     }
-}
-
-/// Creates the director "beta" (whose own expression never matches) with one backend, `origin`.
-async fn beta_director(system: &System, setup: &Setup, origin: &HttpOrigin) -> Result<Director> {
-    let beta = system
-        .config()
-        .create_director(CreateDirectorRequest {
-            director: Some(Director {
-                name: "beta".into(),
-                cluster_ids: vec![setup.cluster_id],
-                route_expression: "^/never/".into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .director
-        .context("director")?;
-    let mut backend = backend_for(setup, origin.addr());
-    backend.director_id = beta.id;
-    system
-        .config()
-        .create_backend(CreateBackendRequest {
-            backend: Some(backend),
-        })
-        .await?;
-    Ok(beta)
 }
 
 /// Creates `route` synchronously; fails unless its reload succeeded.
@@ -112,7 +77,9 @@ async fn a_route_takes_its_requests_by_priority_passes_or_pipes_them(
         })
         .await?;
     let beta_origin = HttpOrigin::start("beta").await?;
-    let beta = beta_director(&system, &setup, &beta_origin).await?;
+    let (beta, _) = system
+        .create_director_with_backend(&setup, "beta", "^/never/", beta_origin.addr())
+        .await?;
     let mut route = app_route(10, beta.id, "^/app/");
     route.positive_urls = vec![BETA_URL.into()];
     let route = create_route(&system, route).await?;
@@ -163,29 +130,15 @@ async fn a_route_takes_its_requests_by_priority_passes_or_pipes_them(
     system.ensure_running()
 }
 
-/// Asserts an INVALID_ARGUMENT whose violation is `field` and whose message names `needles`.
-fn assert_refused(status: &tonic::Status, field: &str, needles: &[&str]) {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let fields: Vec<String> = status
-        .get_details_bad_request()
-        .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default();
-    assert_eq!(fields, [field], "{status:?}");
-    for needle in needles {
-        assert!(
-            status.message().contains(needle),
-            "{needle:?} in {status:?}"
-        );
-    }
-}
-
 async fn a_change_that_breaks_a_positive_url_is_refused_and_saves_nothing(
     store: StoreKind,
 ) -> Result<()> {
     let mut system = System::builder(store).start().await?;
     let setup = system.set_up().await?;
     let beta_origin = HttpOrigin::start("beta").await?;
-    let beta = beta_director(&system, &setup, &beta_origin).await?;
+    let (beta, _) = system
+        .create_director_with_backend(&setup, "beta", "^/never/", beta_origin.addr())
+        .await?;
     let mut route = app_route(10, beta.id, "^/app/");
     route.positive_urls = vec![BETA_URL.into()];
     let route = create_route(&system, route).await?;
@@ -196,8 +149,9 @@ async fn a_change_that_breaks_a_positive_url_is_refused_and_saves_nothing(
         .config()
         .update_route(UpdateRouteRequest {
             route: Some(Route {
-                conditions: vec![condition(
+                conditions: vec![route_condition(
                     RouteLeft::Url,
+                    "",
                     RouteOperator::Matches,
                     "^/application/",
                 )],
@@ -209,7 +163,7 @@ async fn a_change_that_breaks_a_positive_url_is_refused_and_saves_nothing(
         })
         .await
         .expect_err("the positive URL no longer matches");
-    assert_refused(&narrowed, "route", &[&route_name, BETA_URL]);
+    assert_invalid_argument(&narrowed, "route", &[&route_name, BETA_URL]);
 
     // A new route of an earlier priority that takes the URL to another director.
     let shadowing = system
@@ -219,7 +173,7 @@ async fn a_change_that_breaks_a_positive_url_is_refused_and_saves_nothing(
         })
         .await
         .expect_err("the new route takes the positive URL");
-    assert_refused(
+    assert_invalid_argument(
         &shadowing,
         "route",
         &[&route_name, BETA_URL, "director demo"],
@@ -239,7 +193,7 @@ async fn a_change_that_breaks_a_positive_url_is_refused_and_saves_nothing(
         })
         .await
         .expect_err("a routed-to director cannot become virtual");
-    assert_refused(&made_virtual, "director.virtual", &[&route_name]);
+    assert_invalid_argument(&made_virtual, "director.virtual", &[&route_name]);
     let deleted = system
         .config()
         .delete_director(DeleteDirectorRequest { id: beta.id })

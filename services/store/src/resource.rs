@@ -669,6 +669,51 @@ pub(crate) async fn clusters_of_directors_with(
     ids(tx, &sql, id).await
 }
 
+/// The link table of a resource served by clusters (`director_clusters`, `route_clusters`,
+/// `domain_mapping_clusters`): its name and the column of the resource's id.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClusterLinks {
+    pub(crate) table: &'static str,
+    pub(crate) owner_column: &'static str,
+}
+
+impl ClusterLinks {
+    /// Makes the clusters of item `id` exactly `cluster_ids` (duplicates written once).
+    pub(crate) async fn save(self, tx: &mut Tx<'_>, id: i64, cluster_ids: &[i64]) -> Result<()> {
+        sqlx::query(&format!(
+            "DELETE FROM {} WHERE {} = $1",
+            self.table, self.owner_column
+        ))
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+        let insert = format!(
+            "INSERT INTO {} ({}, cluster_id) VALUES ($1, $2)",
+            self.table, self.owner_column
+        );
+        let unique: BTreeSet<i64> = cluster_ids.iter().copied().collect();
+        for cluster_id in unique {
+            sqlx::query(&insert)
+                .bind(id)
+                .bind(cluster_id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Returns the clusters of item `id`, in id order.
+    pub(crate) async fn load(self, tx: &mut Tx<'_>, id: i64) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT cluster_id FROM {} WHERE {} = $1 ORDER BY cluster_id",
+            self.table, self.owner_column
+        ))
+        .bind(id)
+        .fetch_all(&mut **tx)
+        .await?)
+    }
+}
+
 /// Returns the item after an update; `None` for a create or a delete (the side that only
 /// changes what refers to the item, which nothing can while it is new or being deleted).
 pub(crate) fn updated<'a, R>(before: Option<&R>, after: Option<&'a R>) -> Option<&'a R> {

@@ -8,9 +8,17 @@ use sqlx::any::AnyRow;
 use vaas_proto::v1::{Backend, Cluster, Director, ListDirectorsRequest, Probe, Route, TimeProfile};
 
 use crate::resource::ensure_unused;
-use crate::resource::{Change, Condition, Resource, Tx, Value, ensure_reference, ensure_unique};
+use crate::resource::{
+    Change, ClusterLinks, Condition, Resource, Tx, Value, ensure_reference, ensure_unique,
+};
 use crate::rows::flag;
 use crate::{Error, Result};
+
+/// The clusters that serve a director.
+const CLUSTERS: ClusterLinks = ClusterLinks {
+    table: "director_clusters",
+    owner_column: "director_id",
+};
 
 impl Resource for Director {
     const TABLE: &'static str = "directors";
@@ -136,30 +144,12 @@ impl Resource for Director {
     }
 
     async fn save_links(&self, tx: &mut Tx<'_>, id: i64, _: Change<'_>) -> Result<()> {
-        sqlx::query("DELETE FROM director_clusters WHERE director_id = $1")
-            .bind(id)
-            .execute(&mut **tx)
-            .await?;
-        let unique: BTreeSet<i64> = self.cluster_ids.iter().copied().collect();
-        for cluster_id in unique {
-            sqlx::query("INSERT INTO director_clusters (director_id, cluster_id) VALUES ($1, $2)")
-                .bind(id)
-                .bind(cluster_id)
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
+        CLUSTERS.save(tx, id, &self.cluster_ids).await
     }
 
     async fn load_links(tx: &mut Tx<'_>, directors: &mut [Director]) -> Result<()> {
         for director in directors {
-            director.cluster_ids = sqlx::query_scalar(
-                "SELECT cluster_id FROM director_clusters WHERE director_id = $1 \
-                 ORDER BY cluster_id",
-            )
-            .bind(director.id)
-            .fetch_all(&mut **tx)
-            .await?;
+            director.cluster_ids = CLUSTERS.load(tx, director.id).await?;
         }
         Ok(())
     }

@@ -10,9 +10,16 @@ use vaas_proto::v1::{Cluster, DomainMapping, ListDomainMappingsRequest, Redirect
 
 use crate::Result;
 use crate::resource::{
-    Change, Condition, Resource, Tx, Value, ensure_reference, ensure_unique, ensure_unused,
+    Change, ClusterLinks, Condition, Resource, Tx, Value, ensure_reference, ensure_unique,
+    ensure_unused,
 };
 use crate::rows::{join_list, split_list};
+
+/// The clusters whose VCL redirects a domain mapping.
+const CLUSTERS: ClusterLinks = ClusterLinks {
+    table: "domain_mapping_clusters",
+    owner_column: "domain_mapping_id",
+};
 
 impl Resource for DomainMapping {
     const TABLE: &'static str = "domain_mappings";
@@ -85,32 +92,12 @@ impl Resource for DomainMapping {
     }
 
     async fn save_links(&self, tx: &mut Tx<'_>, id: i64, _: Change<'_>) -> Result<()> {
-        sqlx::query("DELETE FROM domain_mapping_clusters WHERE domain_mapping_id = $1")
-            .bind(id)
-            .execute(&mut **tx)
-            .await?;
-        let unique: BTreeSet<i64> = self.cluster_ids.iter().copied().collect();
-        for cluster_id in unique {
-            sqlx::query(
-                "INSERT INTO domain_mapping_clusters (domain_mapping_id, cluster_id) VALUES ($1, $2)",
-            )
-            .bind(id)
-            .bind(cluster_id)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Ok(())
+        CLUSTERS.save(tx, id, &self.cluster_ids).await
     }
 
     async fn load_links(tx: &mut Tx<'_>, mappings: &mut [DomainMapping]) -> Result<()> {
         for mapping in mappings {
-            mapping.cluster_ids = sqlx::query_scalar(
-                "SELECT cluster_id FROM domain_mapping_clusters WHERE domain_mapping_id = $1 \
-                 ORDER BY cluster_id",
-            )
-            .bind(mapping.id)
-            .fetch_all(&mut **tx)
-            .await?;
+            mapping.cluster_ids = CLUSTERS.load(tx, mapping.id).await?;
         }
         Ok(())
     }

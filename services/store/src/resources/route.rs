@@ -8,7 +8,9 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use vaas_proto::v1::{Cluster, Director, ListRoutesRequest, Route};
 
-use crate::resource::{Change, Condition, Resource, Tx, Value, ensure_reference, ids};
+use crate::resource::{
+    Change, ClusterLinks, Condition, Resource, Tx, Value, ensure_reference, ids,
+};
 use crate::rows::{decode_messages, encode_messages, flag, join_list, split_list};
 use crate::{Error, Result};
 
@@ -17,6 +19,12 @@ use crate::{Error, Result};
 pub(crate) const ROUTES_OF_CLUSTER: &str = "(id IN (SELECT route_id FROM route_clusters \
      WHERE cluster_id = ?) OR (clusters_in_sync = 1 AND director_id IN \
      (SELECT director_id FROM director_clusters WHERE cluster_id = ?)))";
+
+/// The clusters a route lists (none while it is in sync with its director).
+const CLUSTERS: ClusterLinks = ClusterLinks {
+    table: "route_clusters",
+    owner_column: "route_id",
+};
 
 impl Resource for Route {
     const TABLE: &'static str = "routes";
@@ -130,29 +138,12 @@ impl Resource for Route {
     }
 
     async fn save_links(&self, tx: &mut Tx<'_>, id: i64, _: Change<'_>) -> Result<()> {
-        sqlx::query("DELETE FROM route_clusters WHERE route_id = $1")
-            .bind(id)
-            .execute(&mut **tx)
-            .await?;
-        let unique: BTreeSet<i64> = self.cluster_ids.iter().copied().collect();
-        for cluster_id in unique {
-            sqlx::query("INSERT INTO route_clusters (route_id, cluster_id) VALUES ($1, $2)")
-                .bind(id)
-                .bind(cluster_id)
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
+        CLUSTERS.save(tx, id, &self.cluster_ids).await
     }
 
     async fn load_links(tx: &mut Tx<'_>, routes: &mut [Route]) -> Result<()> {
         for route in routes {
-            route.cluster_ids = sqlx::query_scalar(
-                "SELECT cluster_id FROM route_clusters WHERE route_id = $1 ORDER BY cluster_id",
-            )
-            .bind(route.id)
-            .fetch_all(&mut **tx)
-            .await?;
+            route.cluster_ids = CLUSTERS.load(tx, route.id).await?;
         }
         Ok(())
     }
