@@ -345,8 +345,13 @@ fn routes(plan: &Plan, out: &mut String) {
             "set req.http.{CANARY_HEADER} = std.integer(real = std.random(0, {CANARY_RANGE}));"
         );
     }
+    let directors: HashMap<&str, &DirectorPlan> = plan
+        .directors
+        .iter()
+        .map(|director| (director.name.as_str(), director))
+        .collect();
     for route in routes {
-        let Some(director) = plan.directors.iter().find(|d| d.name == route.director) else {
+        let Some(director) = directors.get(route.director.as_str()) else {
             continue;
         };
         let conditions: Vec<String> = route.conditions.iter().map(condition_vcl).collect();

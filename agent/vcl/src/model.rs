@@ -1,6 +1,6 @@
 //! Turns a snapshot into a plan: what one server's VCL holds, validated and in a fixed order.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use prost_types::Duration;
@@ -187,6 +187,19 @@ impl Plan {
         let mut probes_out: BTreeMap<i64, ProbeDef> = BTreeMap::new();
         let mut backends_out = Vec::new();
         let mut directors_out = Vec::new();
+        // Grouped once: a cluster of 5,000 backends in 500 directors would otherwise be scanned
+        // once per director.
+        let mut backends_by_director: HashMap<i64, Vec<&Backend>> = HashMap::new();
+        for backend in snapshot
+            .backends
+            .iter()
+            .filter(|backend| backend.enabled.unwrap_or(true))
+        {
+            backends_by_director
+                .entry(backend.director_id)
+                .or_default()
+                .push(backend);
+        }
         for director in directors {
             names::check_director_name(director.id, &director.name)?;
             check_route_expression(&director.name, &director.route_expression)?;
@@ -194,12 +207,7 @@ impl Plan {
             let profile_limits = director_time_profile(snapshot, director)?
                 .map(time_profile_limits)
                 .transpose()?;
-            let mut backends: Vec<&Backend> = snapshot
-                .backends
-                .iter()
-                .filter(|backend| backend.director_id == director.id)
-                .filter(|backend| backend.enabled.unwrap_or(true))
-                .collect();
+            let mut backends = backends_by_director.remove(&director.id).unwrap_or_default();
             backends.sort_by_key(|backend| (backend.dc_id, backend.id));
             // Only the datacenters this server may use count: its own, and the others when the
             // director is active_active. Canary backends elsewhere do not make a canary server

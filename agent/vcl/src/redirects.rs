@@ -9,7 +9,7 @@
 use vaas_proto::v1::{ClusterSnapshot, DomainMapping, DomainMappingType, Redirect};
 
 use crate::RenderError;
-use crate::routing::{MAX_CONDITION_VALUE, MAX_HEADER_NAME, Pattern, Request};
+use crate::routing::{Compile, MAX_CONDITION_VALUE, MAX_HEADER_NAME, Pattern, Request};
 
 /// Request header that carries a redirect's Location from `vcl_recv` to `vcl_synth`.
 pub(crate) const LOCATION_HEADER: &str = "X-VaaS-Location";
@@ -221,6 +221,14 @@ pub fn is_host(host: &str) -> bool {
 /// Checks one mapping of a domain mapping of `kind` as the API accepts it; the error says what
 /// is wrong.
 pub fn check_mapping(kind: DomainMappingType, mapping: &str) -> Result<(), String> {
+    check_mapping_compiled(kind, mapping, Compile::Now)
+}
+
+fn check_mapping_compiled(
+    kind: DomainMappingType,
+    mapping: &str,
+    compile: Compile,
+) -> Result<(), String> {
     if mapping.chars().count() > MAX_HOST {
         return Err(format!("must be at most {MAX_HOST} characters"));
     }
@@ -229,7 +237,7 @@ pub fn check_mapping(kind: DomainMappingType, mapping: &str) -> Result<(), Strin
             if mapping.chars().any(char::is_control) || mapping.contains("\"}") {
                 return Err("must not contain control characters or the sequence \"}".into());
             }
-            Pattern::new(mapping).map(|_| ())
+            Pattern::compiled(mapping, compile).map(|_| ())
         }
         DomainMappingType::Dynamic => {
             let filled = fill_placeholders(mapping, |_| Some("x"))?;
@@ -296,14 +304,18 @@ fn mapped_hosts(
     };
     let kind = mapping.r#type();
     for entry in &entries {
-        check_mapping(kind, entry)
+        check_mapping_compiled(kind, entry, Compile::OnFirstUse)
             .map_err(|reason| invalid(format!("mapping {entry:?} {reason}")))?;
     }
     let hosts = match kind {
         DomainMappingType::StaticRegex => Hosts::Patterns(
             entries
                 .iter()
-                .map(|entry| Ok(((*entry).to_owned(), Pattern::new(entry).map_err(&invalid)?)))
+                .map(|entry| {
+                    let pattern =
+                        Pattern::compiled(entry, Compile::OnFirstUse).map_err(&invalid)?;
+                    Ok(((*entry).to_owned(), pattern))
+                })
                 .collect::<Result<Vec<_>, RenderError>>()?,
         ),
         DomainMappingType::Dynamic => {
@@ -338,6 +350,14 @@ fn mapped_hosts(
 
 /// Checks a redirect's condition, destination and header as the renderer writes them.
 pub fn check_redirect(redirect: &Redirect) -> Result<(), (&'static str, String)> {
+    checked_condition(redirect, Compile::Now).map(|_| ())
+}
+
+/// Checks a redirect as [`check_redirect`] does and returns its condition's pattern.
+fn checked_condition(
+    redirect: &Redirect,
+    compile: Compile,
+) -> Result<Pattern, (&'static str, String)> {
     let long_string_safe =
         |text: &str| !text.chars().any(char::is_control) && !text.contains("\"}");
     if redirect.condition.is_empty() || redirect.condition.chars().count() > MAX_CONDITION_VALUE {
@@ -352,7 +372,8 @@ pub fn check_redirect(redirect: &Redirect) -> Result<(), (&'static str, String)>
             "must not contain control characters or the sequence \"}".into(),
         ));
     }
-    Pattern::new(&redirect.condition).map_err(|reason| ("condition", reason))?;
+    let pattern =
+        Pattern::compiled(&redirect.condition, compile).map_err(|reason| ("condition", reason))?;
     let destination = &redirect.destination;
     let absolute = Request::from_absolute_url(destination).is_ok();
     let printable = destination
@@ -407,19 +428,16 @@ pub fn check_redirect(redirect: &Redirect) -> Result<(), (&'static str, String)>
             ));
         }
     }
-    Ok(())
+    Ok(pattern)
 }
 
 fn redirect_rule(redirect: &Redirect) -> Result<RedirectRule, RenderError> {
-    check_redirect(redirect).map_err(|(field, reason)| RenderError::InvalidRedirect {
-        redirect_id: redirect.id,
-        reason: format!("{field} {reason}"),
-    })?;
-    let pattern =
-        Pattern::new(&redirect.condition).map_err(|reason| RenderError::InvalidRedirect {
+    let pattern = checked_condition(redirect, Compile::OnFirstUse).map_err(|(field, reason)| {
+        RenderError::InvalidRedirect {
             redirect_id: redirect.id,
-            reason,
-        })?;
+            reason: format!("{field} {reason}"),
+        }
+    })?;
     Ok(RedirectRule {
         id: redirect.id,
         status: redirect.status,

@@ -8,7 +8,9 @@
 //! synthetic 404). Regular expressions use PCRE2, varnishd's engine.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::OnceLock;
 
 use vaas_proto::v1::{
     ClusterSnapshot, Director, DirectorProtocol, DirectorRouter, Route, RouteAction, RouteLeft,
@@ -36,7 +38,7 @@ pub const CANARY_RANGE: u32 = 100;
 /// (relative to the condition), then says what is wrong: "value must not contain control
 /// characters".
 pub fn check_condition(condition: &vaas_proto::v1::RouteCondition) -> Result<(), String> {
-    ConditionRule::new(condition).map(|_| ())
+    ConditionRule::new(condition, Compile::Now).map(|_| ())
 }
 
 /// A request as the router sees it.
@@ -124,25 +126,55 @@ pub struct Decision {
     pub redirect: Option<RedirectDecision>,
 }
 
-/// A compiled PCRE2 expression.
+/// When a pattern is compiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Compile {
+    /// Now, refusing an invalid expression: the API's checks before anything is saved.
+    Now,
+    /// On first use: rendering writes expressions without matching them (compiling the
+    /// thousands of a large cluster would cost more than the rest of the render), and the API
+    /// checked them with this same engine when they were saved.
+    OnFirstUse,
+}
+
+/// A PCRE2 expression, the engine varnishd uses.
 #[derive(Clone)]
-pub(crate) struct Pattern(pcre2::bytes::Regex);
+pub(crate) struct Pattern {
+    expression: String,
+    /// `None` inside for an expression PCRE2 refuses: it matches nothing.
+    compiled: OnceLock<Option<pcre2::bytes::Regex>>,
+}
 
 impl Pattern {
-    pub(crate) fn new(expression: &str) -> Result<Pattern, String> {
-        pcre2::bytes::Regex::new(expression)
-            .map(Pattern)
-            .map_err(|error| format!("is not a valid regular expression: {error}"))
+    /// Returns the pattern of `expression`, compiled as `when` says.
+    pub(crate) fn compiled(expression: &str, when: Compile) -> Result<Pattern, String> {
+        let pattern = Pattern {
+            expression: expression.to_owned(),
+            compiled: OnceLock::new(),
+        };
+        if when == Compile::Now {
+            let regex = pcre2::bytes::Regex::new(expression)
+                .map_err(|error| format!("is not a valid regular expression: {error}"))?;
+            let _ = pattern.compiled.set(Some(regex));
+        }
+        Ok(pattern)
+    }
+
+    fn regex(&self) -> Option<&pcre2::bytes::Regex> {
+        self.compiled
+            .get_or_init(|| pcre2::bytes::Regex::new(&self.expression).ok())
+            .as_ref()
     }
 
     pub(crate) fn matches(&self, subject: &str) -> bool {
         // A match that fails at run time (PCRE2's match limit) is no match, as in varnishd.
-        self.0.is_match(subject.as_bytes()).unwrap_or(false)
+        self.regex()
+            .is_some_and(|regex| regex.is_match(subject.as_bytes()).unwrap_or(false))
     }
 
     /// The groups of the first match (0 the whole match), `None` without a match.
     pub(crate) fn captures(&self, subject: &str) -> Option<Vec<Option<String>>> {
-        let captures = self.0.captures(subject.as_bytes()).ok().flatten()?;
+        let captures = self.regex()?.captures(subject.as_bytes()).ok().flatten()?;
         Some(
             (0..captures.len())
                 .map(|index| {
@@ -157,7 +189,7 @@ impl Pattern {
 
 impl fmt::Debug for Pattern {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(formatter, "Pattern({:?})", self.0.as_str())
+        write!(formatter, "Pattern({:?})", self.expression)
     }
 }
 
@@ -184,7 +216,10 @@ pub(crate) struct ConditionRule {
 
 impl ConditionRule {
     /// Checks one condition as the API accepts it; the error names what is wrong.
-    pub(crate) fn new(condition: &vaas_proto::v1::RouteCondition) -> Result<ConditionRule, String> {
+    pub(crate) fn new(
+        condition: &vaas_proto::v1::RouteCondition,
+        compile: Compile,
+    ) -> Result<ConditionRule, String> {
         let operator = RouteOperator::try_from(condition.operator)
             .ok()
             .filter(|operator| *operator != RouteOperator::Unspecified)
@@ -243,7 +278,9 @@ impl ConditionRule {
         } else if ordered {
             return Err("operator < and > compare only the canary random number".into());
         } else if regex {
-            rule.pattern = Some(Pattern::new(value).map_err(|reason| format!("value {reason}"))?);
+            rule.pattern = Some(
+                Pattern::compiled(value, compile).map_err(|reason| format!("value {reason}"))?,
+            );
         }
         Ok(rule)
     }
@@ -363,12 +400,11 @@ impl RoutingTable {
                 continue;
             }
             check_route_expression(&director.name, &director.route_expression)?;
-            let pattern = Pattern::new(&director.route_expression).map_err(|reason| {
-                RenderError::InvalidRouteExpression {
+            let pattern = Pattern::compiled(&director.route_expression, Compile::OnFirstUse)
+                .map_err(|reason| RenderError::InvalidRouteExpression {
                     director: director.name.clone(),
                     reason,
-                }
-            })?;
+                })?;
             directors.push(DirectorRule {
                 id: director.id,
                 name: director.name.clone(),
@@ -377,15 +413,19 @@ impl RoutingTable {
                 https_only: is_https_only(director),
             });
         }
-        let mut routes: Vec<&Route> = snapshot
+        let names: HashMap<i64, &str> = directors
+            .iter()
+            .map(|director| (director.id, director.name.as_str()))
+            .collect();
+        let mut routes: Vec<(&Route, &str)> = snapshot
             .routes
             .iter()
-            .filter(|route| directors.iter().any(|d| d.id == route.director_id))
+            .filter_map(|route| Some((route, *names.get(&route.director_id)?)))
             .collect();
-        routes.sort_by_key(|route| (route.priority, route.id));
+        routes.sort_by_key(|(route, _)| (route.priority, route.id));
         let routes = routes
             .into_iter()
-            .map(|route| route_rule(route, &directors))
+            .map(|(route, director)| route_rule(route, director))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RoutingTable {
             redirects: RedirectTable::build(snapshot)?,
@@ -435,7 +475,7 @@ impl RoutingTable {
     }
 }
 
-fn route_rule(route: &Route, directors: &[DirectorRule]) -> Result<RouteRule, RenderError> {
+fn route_rule(route: &Route, director: &str) -> Result<RouteRule, RenderError> {
     let invalid = |reason: String| RenderError::InvalidRoute {
         route_id: route.id,
         reason,
@@ -448,7 +488,8 @@ fn route_rule(route: &Route, directors: &[DirectorRule]) -> Result<RouteRule, Re
         .iter()
         .enumerate()
         .map(|(index, condition)| {
-            ConditionRule::new(condition).map_err(|reason| format!("conditions[{index}].{reason}"))
+            ConditionRule::new(condition, Compile::OnFirstUse)
+                .map_err(|reason| format!("conditions[{index}].{reason}"))
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(invalid)?;
@@ -456,15 +497,10 @@ fn route_rule(route: &Route, directors: &[DirectorRule]) -> Result<RouteRule, Re
         RouteAction::Pipe => RouteAction::Pipe,
         RouteAction::Pass | RouteAction::Unspecified => RouteAction::Pass,
     };
-    let director = directors
-        .iter()
-        .find(|director| director.id == route.director_id)
-        .map(|director| director.name.clone())
-        .unwrap_or_default();
     Ok(RouteRule {
         id: route.id,
         director_id: route.director_id,
-        director,
+        director: director.to_owned(),
         action,
         conditions,
     })

@@ -962,6 +962,9 @@ fn a_client_cannot_choose_the_canary_random_number() {
     assert!(text.contains("}\n    unset req.http.X-VaaS-Canary-Random;\n    if (req.http.host"));
 }
 
+/// Everything that decides whether the text is safe VCL is checked again; whether an expression
+/// compiles is the API's check when it is saved (with varnishd's engine) — compiling every
+/// expression of a large cluster would cost more than the rest of the render.
 #[test]
 fn route_conditions_are_revalidated() {
     use vaas_proto::v1::{RouteLeft, RouteOperator};
@@ -978,13 +981,6 @@ fn route_conditions_are_revalidated() {
             "",
             RouteOperator::Equal,
             "a\"}b",
-            "conditions[0].value",
-        ),
-        (
-            RouteLeft::Url,
-            "",
-            RouteOperator::Matches,
-            "(",
             "conditions[0].value",
         ),
         (
