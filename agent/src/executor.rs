@@ -50,6 +50,8 @@ pub(crate) struct VarnishState {
     pub(crate) active_vcl_name: String,
     pub(crate) active_vcl_version: String,
     pub(crate) unsafe_settings: Vec<String>,
+    /// The `cc_command` parameter: how varnishd compiles VCL.
+    pub(crate) cc_command: String,
 }
 
 /// The parameters that keep configuration from reading files or running code on the host, each
@@ -298,6 +300,12 @@ impl Executor {
             active_vcl_name,
             active_vcl_version,
             unsafe_settings: unsafe_settings(&params),
+            cc_command: params
+                .iter()
+                .find(|(name, _)| *name == "cc_command")
+                .and_then(|(_, param)| param.value.as_str())
+                .unwrap_or_default()
+                .to_owned(),
         })
     }
 

@@ -286,6 +286,7 @@ async fn session(
         active_vcl_name: state.active_vcl_name,
         active_vcl_version: state.active_vcl_version,
         unsafe_settings: state.unsafe_settings,
+        cc_command: state.cc_command,
     };
     // The channel is empty and owned here: the first send cannot wait.
     let _ = outbound

@@ -168,11 +168,11 @@ async fn watchers_that_leave_release_their_subscriptions() -> Result<()> {
     Ok(())
 }
 
-/// The agent reports at attach what makes its varnishd unsafe, and the API shows it per server.
-/// The test kit's varnishd runs the deploy's parameters except that `cc_command` stays writable
-/// (the reload benchmark changes it), so exactly that is reported.
+/// The agent reports at attach what makes its varnishd unsafe, and its compiler command, and the
+/// API shows both per server. The test kit's varnishd runs the deploy's parameters except that
+/// `cc_command` stays writable (the reload benchmark changes it), so exactly that is reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_server_shows_what_makes_its_varnishd_unsafe() -> Result<()> {
+async fn each_server_shows_what_makes_its_varnishd_unsafe_and_how_it_compiles() -> Result<()> {
     let mut system = System::builder(StoreKind::Sqlite).start().await?;
     let setup = system.set_up().await?;
     let server = system.server(setup.server_id).await?;
@@ -180,6 +180,11 @@ async fn each_server_shows_what_makes_its_varnishd_unsafe() -> Result<()> {
         server.unsafe_settings,
         ["cc_command is not read-only (start varnishd with -r cc_command)"]
     );
+    let deployed = vaas_testkit::DEPLOY_PARAMS
+        .lines()
+        .find_map(|line| line.strip_prefix("-p cc_command="))
+        .context("deploy/varnishd.params sets cc_command")?;
+    assert_eq!(server.cc_command, deployed);
     system.ensure_running()
 }
 

@@ -207,7 +207,9 @@ impl Plan {
             let profile_limits = director_time_profile(snapshot, director)?
                 .map(time_profile_limits)
                 .transpose()?;
-            let mut backends = backends_by_director.remove(&director.id).unwrap_or_default();
+            let mut backends = backends_by_director
+                .remove(&director.id)
+                .unwrap_or_default();
             backends.sort_by_key(|backend| (backend.dc_id, backend.id));
             // Only the datacenters this server may use count: its own, and the others when the
             // director is active_active. Canary backends elsewhere do not make a canary server

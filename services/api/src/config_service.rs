@@ -567,7 +567,7 @@ config_service! {
         field: varnish_server,
         plural: varnish_servers,
         validate: validate::varnish_server,
-        read_only: ["running_vcl_version", "agent_seen_time", "unsafe_settings"],
+        read_only: ["running_vcl_version", "agent_seen_time", "unsafe_settings", "cc_command"],
     },
     Director { field: director, plural: directors, validate: validate::director, read_only: [] },
     Backend {

@@ -285,6 +285,7 @@ pub fn varnish_server(
     server.running_vcl_version.clear();
     server.agent_seen_time = None;
     server.unsafe_settings.clear();
+    server.cc_command.clear();
     violations.finish(server)
 }
 

@@ -295,7 +295,10 @@ impl AgentService for AgentApi {
                 &hello.address,
                 hello.admin_port,
                 &hello.active_vcl_version,
-                &hello.unsafe_settings,
+                &vaas_store::VarnishSettings {
+                    unsafe_settings: &hello.unsafe_settings,
+                    cc_command: &hello.cc_command,
+                },
             )
             .await
             .map_err(|error| Status::unavailable(format!("store: {error}")))?;
@@ -404,6 +407,9 @@ const MAX_HOSTNAME_CHARS: usize = 253;
 /// The longest version or VCL name a hello may carry.
 const MAX_HELLO_FIELD_CHARS: usize = 128;
 
+/// Longest `cc_command` an agent may report.
+const MAX_CC_COMMAND_CHARS: usize = 1024;
+
 /// Checks every field of a hello before anything is stored or logged: the address becomes its
 /// canonical spelling (as the API stores it), and every text is short and made only of the
 /// characters it needs, so that an agent can neither grow the store and the logs nor forge a log
@@ -476,6 +482,16 @@ fn checked_hello(mut hello: AgentHello) -> Result<AgentHello, String> {
              {MAX_HELLO_FIELD_CHARS} printable characters"
         ));
     }
+    let command_ok = hello.cc_command.chars().count() <= MAX_CC_COMMAND_CHARS
+        && hello
+            .cc_command
+            .chars()
+            .all(|c| c.is_ascii_graphic() || c == ' ');
+    if !command_ok {
+        return Err(format!(
+            "hello.cc_command must be at most {MAX_CC_COMMAND_CHARS} printable ASCII characters"
+        ));
+    }
     Ok(hello)
 }
 
@@ -546,6 +562,7 @@ mod tests {
             active_vcl_name: "vaas-1a2b".into(),
             active_vcl_version: "0123456789abcdef".into(),
             unsafe_settings: vec!["vcc_unsafe_path is on".into()],
+            cc_command: "exec gcc -O2 -fpic -shared -o %o %s".into(),
         }
     }
 

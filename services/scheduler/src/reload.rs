@@ -404,7 +404,10 @@ async fn commit(
                     &hello.address,
                     hello.admin_port,
                     &result.active_vcl_version,
-                    &hello.unsafe_settings,
+                    &vaas_store::VarnishSettings {
+                        unsafe_settings: &hello.unsafe_settings,
+                        cc_command: &hello.cc_command,
+                    },
                 )
                 .await
             {

@@ -33,7 +33,9 @@ pub use error::{Error, Result};
 pub use lease::LeaderLease;
 pub use progress::{KEPT_RELOADS_PER_CLUSTER, ReloadProgressRow};
 pub use resource::{Change, Condition, Page, Resource, Tx, Value};
-pub use tasks::{LAST_ERROR_MAX_CHARS, OutboxEntry, TASK_ERROR_MAX_CHARS, TaskOutcome, TaskPage};
+pub use tasks::{
+    LAST_ERROR_MAX_CHARS, OutboxEntry, TASK_ERROR_MAX_CHARS, TaskOutcome, TaskPage, VarnishSettings,
+};
 pub use tokens::{Authentication, NewToken, SECRET_PREFIX};
 pub use write::WriteOutcome;
 

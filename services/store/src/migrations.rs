@@ -94,6 +94,12 @@ const STEPS: &[Step] = &[
         postgres: include_str!("../migrations/postgres/0011_domain_mappings_redirects.sql"),
         sqlite: include_str!("../migrations/sqlite/0011_domain_mappings_redirects.sql"),
     },
+    Step {
+        version: 12,
+        description: "cc_command",
+        postgres: include_str!("../migrations/postgres/0012_cc_command.sql"),
+        sqlite: include_str!("../migrations/sqlite/0012_cc_command.sql"),
+    },
 ];
 
 /// Returns sqlx's migrator for `dialect`. It is built here rather than with `sqlx::migrate!`,

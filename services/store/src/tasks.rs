@@ -100,6 +100,15 @@ fn id_list(ids: &[i64]) -> String {
         .join(", ")
 }
 
+/// How a server's varnishd is set up, as its agent reports it.
+#[derive(Clone, Copy, Debug)]
+pub struct VarnishSettings<'a> {
+    /// What makes it unsafe for configuration from VaaS, one finding each.
+    pub unsafe_settings: &'a [String],
+    /// Its `cc_command` parameter.
+    pub cc_command: &'a str,
+}
+
 impl Store {
     /// Returns one task, with each server's progress in the reload that last included it.
     pub async fn get_task(&self, id: i64) -> Result<Task> {
@@ -385,17 +394,18 @@ impl Store {
         address: &str,
         admin_port: u32,
         running_vcl_version: &str,
-        unsafe_settings: &[String],
+        settings: &VarnishSettings<'_>,
     ) -> Result<Option<i64>> {
         let now = now_micros_sql(self.dialect);
         let id: Option<i64> = sqlx::query_scalar(&format!(
             "UPDATE varnish_servers SET running_vcl_version = $1, agent_seen_time = {now}, agent_attached = 1, \
-             unsafe_settings = $4 WHERE address = $2 AND admin_port = $3 RETURNING id"
+             unsafe_settings = $4, cc_command = $5 WHERE address = $2 AND admin_port = $3 RETURNING id"
         ))
         .bind(running_vcl_version)
         .bind(address)
         .bind(i64::from(admin_port))
-        .bind(crate::rows::join_list(unsafe_settings))
+        .bind(crate::rows::join_list(settings.unsafe_settings))
+        .bind(settings.cc_command)
         .fetch_optional(&self.pool)
         .await?;
         Ok(id)

@@ -401,13 +401,17 @@ async fn snapshot_contains_what_the_cluster_serves(store: &Store) -> Result<()> 
             "127.0.0.1",
             6082,
             "abc123",
-            &["vcc_unsafe_path is on".into()],
+            &vaas_store::VarnishSettings {
+                unsafe_settings: &["vcc_unsafe_path is on".into()],
+                cc_command: "exec gcc -O2 -o %o %s",
+            },
         )
         .await?;
     assert_eq!(reported, Some(world.server.id));
     let server = store.get::<VarnishServer>(world.server.id).await?;
     assert_eq!(server.running_vcl_version, "abc123");
     assert_eq!(server.unsafe_settings, ["vcc_unsafe_path is on"]);
+    assert_eq!(server.cc_command, "exec gcc -O2 -o %o %s");
     Ok(())
 }
 

@@ -77,6 +77,7 @@ impl Resource for VarnishServer {
                 .try_get::<Option<i64>, _>("agent_seen_time")?
                 .map(timestamp),
             unsafe_settings: split_list(row.try_get("unsafe_settings")?),
+            cc_command: row.try_get("cc_command")?,
             sync_state: provisional_sync_state(row)? as i32,
             synced_timestamp: match row.try_get::<i64, _>("synced_version")? {
                 0 => None,
