@@ -160,8 +160,12 @@ async fn bench_size(size: usize, rounds: usize) -> Result<()> {
         .find_map(|line| line.trim().strip_prefix("Value is:"))
         .map(|value| value.trim().trim_end_matches("(default)").trim().to_owned())
         .context("param.show cc_command has a value")?;
-    cli.command(&["param.set", "cc_command", &default_cc.replace("-O2", "-O0")])
-        .await?;
+    cli.command(&[
+        "param.set",
+        "cc_command",
+        &vaas_testkit::cc_command_with(&default_cc, "-O0"),
+    ])
+    .await?;
     let mut floor_o0 = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let name = format!("floor_o0_{round}");
@@ -186,7 +190,7 @@ async fn bench_size(size: usize, rounds: usize) -> Result<()> {
         (vaas_p50.as_secs_f64() / floor_p50.as_secs_f64() - 1.0) * 100.0
     );
     println!(
-        "         | floor with cc_command at -O0 instead of -O2: p50 {:.0} ms",
+        "         | floor with cc_command at -O0 instead of the deploy's: p50 {:.0} ms",
         millis(percentile(&mut floor_o0, 0.5))
     );
     if size > 1 {

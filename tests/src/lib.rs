@@ -284,6 +284,14 @@ pub struct System {
 }
 
 impl System {
+    /// Returns the URL of the system's store (for benchmarks that measure the database itself).
+    pub fn database_url(&self) -> &str {
+        self.api_flags
+            .iter()
+            .find(|(flag, _)| *flag == "--database-url")
+            .map_or("", |(_, url)| url.as_str())
+    }
+
     /// Returns a builder for a system on `store`.
     pub fn builder(store: StoreKind) -> SystemBuilder {
         SystemBuilder {

@@ -180,11 +180,7 @@ async fn each_server_shows_what_makes_its_varnishd_unsafe_and_how_it_compiles() 
         server.unsafe_settings,
         ["cc_command is not read-only (start varnishd with -r cc_command)"]
     );
-    let deployed = vaas_testkit::DEPLOY_PARAMS
-        .lines()
-        .find_map(|line| line.strip_prefix("-p cc_command="))
-        .context("deploy/varnishd.params sets cc_command")?;
-    assert_eq!(server.cc_command, deployed);
+    assert_eq!(server.cc_command, vaas_testkit::deploy_cc_command());
     system.ensure_running()
 }
 

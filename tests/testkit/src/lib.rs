@@ -27,7 +27,7 @@ pub use origin::HttpOrigin;
 pub use postgres::Postgres;
 pub use service::ServiceProcess;
 pub use tls::TlsFiles;
-pub use varnishd::{DEPLOY_PARAMS, Varnishd};
+pub use varnishd::{DEPLOY_PARAMS, Varnishd, cc_command_with, deploy_cc_command};
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::time::Duration;

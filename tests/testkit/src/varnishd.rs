@@ -17,6 +17,24 @@ use crate::process::{ManagedProcess, StartFailure, retry_on_port_clash, run_to_c
 /// its value a line: the file `deploy/start.sh` uses, so tests run against the deploy's varnishd.
 pub const DEPLOY_PARAMS: &str = include_str!("../../../deploy/varnishd.params");
 
+/// Returns the deploy's `cc_command` (from [`DEPLOY_PARAMS`]).
+pub fn deploy_cc_command() -> &'static str {
+    DEPLOY_PARAMS
+        .lines()
+        .find_map(|line| line.strip_prefix("-p cc_command="))
+        .expect("deploy/varnishd.params sets cc_command")
+}
+
+/// Returns `command` with its optimisation flag (`-O…`) replaced by `flags` (for example
+/// "-O0", or "-g -O2" for the stock command).
+pub fn cc_command_with(command: &str, flags: &str) -> String {
+    command
+        .split(' ')
+        .map(|word| if word.starts_with("-O") { flags } else { word })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Returns the arguments of [`DEPLOY_PARAMS`], except that `cc_command` stays writable: the
 /// reload benchmark changes it to measure other flags against the same varnishd.
 fn deploy_arguments() -> Vec<&'static str> {
