@@ -1,7 +1,7 @@
 //! Reload tasks, the outbox of intents to publish, and what agents report about their servers.
 
 use sqlx::{Any, Transaction};
-use vaas_proto::v1::{Task, TaskState};
+use vaas_proto::v1::{ServerStatus, Task, TaskState};
 
 use crate::clock::now_micros_sql;
 use crate::resource::{cut_page, page_limit, parse_page_token};
@@ -46,8 +46,55 @@ pub enum TaskOutcome {
 /// A page of tasks, newest first, and the token of the next page (empty on the last page).
 pub type TaskPage = (Vec<Task>, String);
 
+/// Creates a PENDING task and its outbox row for `cluster_id` when the cluster has a server to
+/// reload, and returns the task as stored (`None`: no server, no task). On PostgreSQL this is one
+/// statement, one round trip while the write holds the store clock; SQLite runs in-process and
+/// takes the steps one by one.
+pub(crate) async fn create_for_served_cluster(
+    transaction: &mut Transaction<'_, Any>,
+    dialect: Dialect,
+    cluster_id: i64,
+    timestamp: i64,
+    description: &str,
+) -> Result<Option<Task>> {
+    let disabled = ServerStatus::Disabled as i32 as i64;
+    let pending = TaskState::Pending as i32 as i64;
+    if dialect == Dialect::Postgres {
+        let now = now_micros_sql(dialect);
+        let row = sqlx::query(&format!(
+            "WITH served AS (SELECT 1 FROM varnish_servers WHERE cluster_id = $1 AND status <> $2 \
+             LIMIT 1), \
+             t AS (INSERT INTO tasks (cluster_id, timestamp, state, description, create_time) \
+             SELECT $1, $3, $4, $5, {now} FROM served RETURNING *), \
+             queued AS (INSERT INTO outbox (task_id, cluster_id, timestamp) \
+             SELECT id, cluster_id, timestamp FROM t) \
+             SELECT {TASK_COLUMNS} FROM t JOIN clusters c ON c.id = t.cluster_id"
+        ))
+        .bind(cluster_id)
+        .bind(disabled)
+        .bind(timestamp)
+        .bind(pending)
+        .bind(description)
+        .fetch_optional(&mut **transaction)
+        .await?;
+        return row.as_ref().map(rows::task).transpose();
+    }
+    let served: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM varnish_servers WHERE cluster_id = $1 AND status <> $2 LIMIT 1",
+    )
+    .bind(cluster_id)
+    .bind(disabled)
+    .fetch_optional(&mut **transaction)
+    .await?;
+    if served.is_none() {
+        return Ok(None);
+    }
+    let task_id = create(transaction, dialect, cluster_id, timestamp, description).await?;
+    Ok(by_ids(transaction, &[task_id]).await?.pop())
+}
+
 /// Inserts a PENDING task and its outbox row; returns the task id.
-pub(crate) async fn create(
+async fn create(
     transaction: &mut Transaction<'_, Any>,
     dialect: Dialect,
     cluster_id: i64,

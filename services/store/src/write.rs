@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use vaas_proto::v1::{ServerStatus, Task};
+use vaas_proto::v1::Task;
 
 use crate::resource::Tx;
 use crate::{Error, Result, Store, clock, tasks};
@@ -60,29 +60,19 @@ impl Store {
                 })?;
             }
         }
-        let mut task_ids = Vec::new();
+        let mut tasks = Vec::with_capacity(affected_clusters.len());
         for cluster_id in affected_clusters {
-            let has_servers: Option<i64> = sqlx::query_scalar(
-                "SELECT id FROM varnish_servers WHERE cluster_id = $1 AND status <> $2 LIMIT 1",
-            )
-            .bind(cluster_id)
-            .bind(ServerStatus::Disabled as i32 as i64)
-            .fetch_optional(&mut *write.transaction)
-            .await?;
-            if has_servers.is_none() {
-                continue;
-            }
-            let task_id = tasks::create(
-                &mut write.transaction,
-                self.dialect,
-                cluster_id,
-                write.timestamp,
-                &description,
-            )
-            .await?;
-            task_ids.push(task_id);
+            tasks.extend(
+                tasks::create_for_served_cluster(
+                    &mut write.transaction,
+                    self.dialect,
+                    cluster_id,
+                    write.timestamp,
+                    &description,
+                )
+                .await?,
+            );
         }
-        let tasks = tasks::by_ids(&mut write.transaction, &task_ids).await?;
         write.transaction.commit().await?;
         Ok(WriteOutcome { value, tasks })
     }
