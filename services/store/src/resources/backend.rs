@@ -6,7 +6,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use vaas_proto::v1::{Backend, Dc, Director, ListBackendsRequest};
 
-use crate::resource::{Condition, Resource, Tx, Value, ensure_reference, ids_for_each};
+use crate::resource::{Condition, Resource, Tx, Value, ids_for_each};
 use crate::rows::{duration_column, flag, join_list, micros, port, split_list};
 use crate::{Error, Result};
 
@@ -90,20 +90,37 @@ impl Resource for Backend {
         conditions
     }
 
+    /// The director and the datacenter must exist and the (address, port) be free within the
+    /// director: one query, since the write holds the store clock meanwhile.
     async fn check(&self, tx: &mut Tx<'_>) -> Result<()> {
-        ensure_reference::<Director>(tx, "backend.director_id", self.director_id).await?;
-        ensure_reference::<Dc>(tx, "backend.dc_id", self.dc_id).await?;
         let port = i64::from(self.port.unwrap_or_default());
-        let taken: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM backends WHERE address = $1 AND port = $2 AND director_id = $3 \
-             AND id <> $4",
+        let (directors, dcs, taken): (i64, i64, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM directors WHERE id = $1), \
+             (SELECT COUNT(*) FROM dcs WHERE id = $2), \
+             (SELECT MIN(id) FROM backends WHERE address = $3 AND port = $4 \
+             AND director_id = $1 AND id <> $5)",
         )
+        .bind(self.director_id)
+        .bind(self.dc_id)
         .bind(&self.address)
         .bind(port)
-        .bind(self.director_id)
         .bind(self.id)
-        .fetch_optional(&mut **tx)
+        .fetch_one(&mut **tx)
         .await?;
+        if directors == 0 {
+            return Err(Error::MissingReference {
+                field: "backend.director_id",
+                resource: Director::KIND,
+                id: self.director_id,
+            });
+        }
+        if dcs == 0 {
+            return Err(Error::MissingReference {
+                field: "backend.dc_id",
+                resource: Dc::KIND,
+                id: self.dc_id,
+            });
+        }
         if taken.is_some() {
             return Err(Error::AlreadyExists {
                 field: "backend.address",
