@@ -32,6 +32,7 @@ vaas_path_setup
 export VAAS_BENCH_MODE=$mode VAAS_TESTKIT_QUIET=1
 if [ "$mode" = full ]; then
   export VAAS_BENCH_BACKENDS=${VAAS_BENCH_BACKENDS:-1,100,1000}
+  export VAAS_BENCH_SERVERS=${VAAS_BENCH_SERVERS:-1,3,10}
 fi
 for bench in "${benches[@]}"; do
   printf '\n==> %s (%s mode)\n' "$bench" "$mode"

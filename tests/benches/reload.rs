@@ -4,7 +4,9 @@
 //!
 //! Also measures how a burst of asynchronous writes coalesces into few reloads, and the resident
 //! memory of the three services afterwards. Run: `cargo bench -p vaas-tests --bench reload`
-//! (`VAAS_BENCH_ROUNDS`, default 10; `VAAS_BENCH_BACKENDS`, default "1,100").
+//! (`VAAS_BENCH_ROUNDS`, default 10; `VAAS_BENCH_BACKENDS`, default "1,100";
+//! `VAAS_BENCH_SERVERS`, the cluster sizes in varnishd, default "1": the floor of a cluster is
+//! the same VCL loaded and activated on all its servers at once).
 
 use std::time::{Duration, Instant};
 
@@ -23,13 +25,19 @@ async fn main() -> Result<()> {
         .split(',')
         .map(|size| size.trim().parse())
         .collect::<Result<_, _>>()?;
-    println!("reload benchmark: {rounds} rounds per size, SQLite store, 1 agent, release build");
+    let server_counts: Vec<usize> = env_or("VAAS_BENCH_SERVERS", "1")
+        .split(',')
+        .map(|count| count.trim().parse())
+        .collect::<Result<_, _>>()?;
+    println!("reload benchmark: {rounds} rounds per size, SQLite store, release build");
     println!(
-        "{:>8} | {:>16} | {:>16} | {:>16} | {:>9}",
-        "backends", "floor p50 (ms)", "vaas p50 (ms)", "vaas p90 (ms)", "overhead"
+        "{:>8} | {:>8} | {:>16} | {:>16} | {:>16} | {:>9}",
+        "servers", "backends", "floor p50 (ms)", "vaas p50 (ms)", "vaas p90 (ms)", "overhead"
     );
-    for size in sizes {
-        bench_size(size, rounds).await?;
+    for &servers in &server_counts {
+        for &size in &sizes {
+            bench_size(size, servers, rounds).await?;
+        }
     }
     Ok(())
 }
@@ -86,9 +94,18 @@ async fn create_backends(
     Ok((reloads, answers))
 }
 
-async fn bench_size(size: usize, rounds: usize) -> Result<()> {
-    let mut system = System::builder(StoreKind::Sqlite).start().await?;
+/// Measures a cluster of `servers` varnishd (each with its agent) and `size` backends.
+async fn bench_size(size: usize, servers: usize, rounds: usize) -> Result<()> {
+    let mut system = System::builder(StoreKind::Sqlite)
+        .agents(servers)
+        .start()
+        .await?;
     let setup = system.set_up().await?;
+    for index in 1..servers {
+        system
+            .add_server(index, setup.dc_id, setup.template_id, setup.cluster_id)
+            .await?;
+    }
     let origin = HttpOrigin::start("bench-origin").await?;
     let first = system
         .config()
@@ -142,15 +159,47 @@ async fn bench_size(size: usize, rounds: usize) -> Result<()> {
     // A large VCL does not fit the default 48 KiB answer limit of the CLI.
     cli.command(&["param.set", "cli_limit", "16m"]).await?;
     let text = cli.command(&["vcl.show", &active.name]).await?.body;
+    // The floor of a cluster: the same text loaded and activated on every server at once.
+    let mut others = Vec::with_capacity(servers.saturating_sub(1));
+    for index in 1..servers {
+        let varnishd = system.varnishd(index);
+        let secret = std::fs::read(varnishd.secret_file())?;
+        let mut other =
+            VarnishCli::connect(varnishd.admin_addr(), &secret, CliTimeouts::default()).await?;
+        other.command(&["param.set", "cli_limit", "16m"]).await?;
+        let active = other
+            .vcl_list()
+            .await?
+            .into_iter()
+            .find(|vcl| vcl.is_active())
+            .context("an active VCL")?
+            .name;
+        others.push((other, active));
+    }
     let mut floor = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let name = format!("floor{round}");
         let started = Instant::now();
-        cli.vcl_inline(&name, &text).await?;
-        cli.vcl_use(&name).await?;
+        let loads = others.iter_mut().map(|(other, _)| async {
+            other.vcl_inline(&name, &text).await?;
+            other.vcl_use(&name).await
+        });
+        let (first, rest) = tokio::join!(
+            async {
+                cli.vcl_inline(&name, &text).await?;
+                cli.vcl_use(&name).await
+            },
+            futures::future::join_all(loads)
+        );
+        first?;
+        rest.into_iter().collect::<Result<Vec<_>, _>>()?;
         floor.push(started.elapsed());
         cli.vcl_use(&active.name).await?;
         cli.vcl_discard(&name).await?;
+        for (other, active) in &mut others {
+            other.vcl_use(active).await?;
+            other.vcl_discard(&name).await?;
+        }
     }
 
     // The same floor with the C compiler at -O0 (the lever VARNISH.md names), for comparison.
@@ -183,14 +232,14 @@ async fn bench_size(size: usize, rounds: usize) -> Result<()> {
     let vaas_p50 = percentile(&mut vaas, 0.5);
     let vaas_p90 = percentile(&mut vaas, 0.9);
     println!(
-        "{size:>8} | {:>16.0} | {:>16.0} | {:>16.0} | {:>8.0}%",
+        "{servers:>8} | {size:>8} | {:>16.0} | {:>16.0} | {:>16.0} | {:>8.0}%",
         millis(floor_p50),
         millis(vaas_p50),
         millis(vaas_p90),
         (vaas_p50.as_secs_f64() / floor_p50.as_secs_f64() - 1.0) * 100.0
     );
     println!(
-        "         | floor with cc_command at -O0 instead of the deploy's: p50 {:.0} ms",
+        "         | floor on the first server alone with cc_command at -O0 instead of the deploy's: p50 {:.0} ms",
         millis(percentile(&mut floor_o0, 0.5))
     );
     if size > 1 {

@@ -408,6 +408,62 @@ impl System {
         Ok(counted)
     }
 
+    /// Registers varnishd `index` as an active server of the cluster in datacenter `dc_id` with
+    /// template `template_id`, as an operator brings in a new server: in maintenance first, then
+    /// its agent (whose token needs a registered server), then active; fails unless its reload
+    /// succeeded before the activation answered. Returns the server's id.
+    pub async fn add_server(
+        &mut self,
+        index: usize,
+        dc_id: i64,
+        template_id: i64,
+        cluster_id: i64,
+    ) -> Result<i64> {
+        let varnishd = self.varnishd(index);
+        let registered = VarnishServer {
+            address: "127.0.0.1".into(),
+            http_port: Some(u32::from(varnishd.http_addr().port())),
+            admin_port: Some(u32::from(varnishd.admin_addr().port())),
+            status: ServerStatus::Maintenance as i32,
+            dc_id,
+            template_id,
+            cluster_id,
+            ..Default::default()
+        };
+        let create = respond_async(CreateVarnishServerRequest {
+            varnish_server: Some(registered),
+        });
+        let server = self
+            .config()
+            .create_varnish_server(create)
+            .await?
+            .into_inner()
+            .varnish_server
+            .context("server")?;
+        let server_id = server.id;
+        self.attach_agent(index, server_id).await?;
+        let activated = self
+            .config()
+            .update_varnish_server(UpdateVarnishServerRequest {
+                varnish_server: Some(VarnishServer {
+                    status: ServerStatus::Active as i32,
+                    ..server
+                }),
+                update_mask: None,
+            })
+            .await?
+            .into_inner();
+        ensure!(
+            activated
+                .tasks
+                .iter()
+                .all(|task| task.state == TaskState::Success as i32),
+            "an activated server gets its (empty) VCL before the write answers: {:?}",
+            activated.tasks
+        );
+        Ok(server_id)
+    }
+
     /// Creates director `name` of the set-up cluster, routed by path with `route_expression`,
     /// with one backend pointing at `origin`; returns both as stored.
     pub async fn create_director_with_backend(
@@ -1193,46 +1249,7 @@ impl System {
             .vcl_template
             .context("template")?
             .id;
-        let varnishd = self.varnishd(0);
-        let registered = VarnishServer {
-            address: "127.0.0.1".into(),
-            http_port: Some(u32::from(varnishd.http_addr().port())),
-            admin_port: Some(u32::from(varnishd.admin_addr().port())),
-            status: ServerStatus::Maintenance as i32,
-            dc_id,
-            template_id,
-            cluster_id,
-            ..Default::default()
-        };
-        let create = respond_async(CreateVarnishServerRequest {
-            varnish_server: Some(registered),
-        });
-        let server = config
-            .create_varnish_server(create)
-            .await?
-            .into_inner()
-            .varnish_server
-            .context("server")?;
-        let server_id = server.id;
-        self.attach_agent(0, server_id).await?;
-        let activated = config
-            .update_varnish_server(UpdateVarnishServerRequest {
-                varnish_server: Some(VarnishServer {
-                    status: ServerStatus::Active as i32,
-                    ..server
-                }),
-                update_mask: None,
-            })
-            .await?
-            .into_inner();
-        ensure!(
-            activated
-                .tasks
-                .iter()
-                .all(|task| task.state == TaskState::Success as i32),
-            "an activated server gets its (empty) VCL before the write answers: {:?}",
-            activated.tasks
-        );
+        let server_id = self.add_server(0, dc_id, template_id, cluster_id).await?;
         let director_id = config
             .create_director(CreateDirectorRequest {
                 director: Some(Director {
