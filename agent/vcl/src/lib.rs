@@ -344,6 +344,14 @@ pub enum RenderError {
 ///
 /// The output is deterministic: the same snapshot always gives the same text and version.
 pub fn render(snapshot: &ClusterSnapshot, server_id: i64) -> Result<RenderedVcl, RenderError> {
+    render_plan(snapshot, server_id).map(|(_, vcl)| vcl)
+}
+
+/// Renders as [`render`] does, and returns the plan the VCL was written from.
+fn render_plan(
+    snapshot: &ClusterSnapshot,
+    server_id: i64,
+) -> Result<(model::Plan, RenderedVcl), RenderError> {
     let plan = model::Plan::build(snapshot, server_id)?;
     let template = snapshot
         .templates
@@ -367,10 +375,11 @@ pub fn render(snapshot: &ClusterSnapshot, server_id: i64) -> Result<RenderedVcl,
         });
     }
     let version = version_of(&with_placeholder);
-    Ok(RenderedVcl {
+    let vcl = RenderedVcl {
         text: with_placeholder.replace(VERSION_PLACEHOLDER, &version),
         version,
-    })
+    };
+    Ok((plan, vcl))
 }
 
 /// What the VCL of one server does with one request, computed from the snapshot it is rendered
@@ -404,8 +413,8 @@ pub fn explain(
     server_id: i64,
     request: &routing::Request,
 ) -> Result<Explanation, RenderError> {
-    let version = render(snapshot, server_id)?.version;
-    let plan = model::Plan::build(snapshot, server_id)?;
+    let (plan, vcl) = render_plan(snapshot, server_id)?;
+    let version = vcl.version;
     let decision = plan.routing.decide(request);
     let director = decision
         .director

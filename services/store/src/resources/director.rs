@@ -148,10 +148,9 @@ impl Resource for Director {
     }
 
     async fn load_links(tx: &mut Tx<'_>, directors: &mut [Director]) -> Result<()> {
-        for director in directors {
-            director.cluster_ids = CLUSTERS.load(tx, director.id).await?;
-        }
-        Ok(())
+        CLUSTERS
+            .fill(tx, directors, |item| item.id, |item| &mut item.cluster_ids)
+            .await
     }
 
     async fn before_delete(&self, tx: &mut Tx<'_>) -> Result<()> {

@@ -96,10 +96,9 @@ impl Resource for DomainMapping {
     }
 
     async fn load_links(tx: &mut Tx<'_>, mappings: &mut [DomainMapping]) -> Result<()> {
-        for mapping in mappings {
-            mapping.cluster_ids = CLUSTERS.load(tx, mapping.id).await?;
-        }
-        Ok(())
+        CLUSTERS
+            .fill(tx, mappings, |item| item.id, |item| &mut item.cluster_ids)
+            .await
     }
 
     async fn before_delete(&self, tx: &mut Tx<'_>) -> Result<()> {

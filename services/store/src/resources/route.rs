@@ -142,10 +142,9 @@ impl Resource for Route {
     }
 
     async fn load_links(tx: &mut Tx<'_>, routes: &mut [Route]) -> Result<()> {
-        for route in routes {
-            route.cluster_ids = CLUSTERS.load(tx, route.id).await?;
-        }
-        Ok(())
+        CLUSTERS
+            .fill(tx, routes, |item| item.id, |item| &mut item.cluster_ids)
+            .await
     }
 }
 
