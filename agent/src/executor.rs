@@ -1,6 +1,8 @@
 //! Executes the scheduler's commands against varnishd: prepare (render + `vcl.inline`), commit
 //! (`vcl.use`, `start` when the child is stopped, then garbage collection) and abort
-//! (`vcl.discard`); between commands, checks that varnishd still runs what the scheduler was
+//! (`vcl.discard`). A split VCL ([`vaas_vcl::render_split`]) loads its shard VCLs first, each
+//! named `vaasd-<version>` and labelled [`vaas_vcl::shard_label`], only those not loaded yet,
+//! then the top VCL, which is what commit activates; between commands, checks that varnishd still runs what the scheduler was
 //! told ([`assess`] decides) and repairs an empty varnishd or a stopped child.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +21,10 @@ use crate::{Config, Error};
 
 /// Prefix of the names of the VCLs VaaS loads: `vaas-<version>-<unique suffix>`.
 pub const VCL_NAME_PREFIX: &str = "vaas-";
+/// Prefix of the names of shard VCLs: `vaasd-<version>`.
+pub const SHARD_VCL_PREFIX: &str = "vaasd-";
+/// Prefix of the labels of shard VCLs (see [`vaas_vcl::shard_label`]).
+const SHARD_LABEL_PREFIX: &str = "vaas_l_";
 /// How many VaaS VCLs besides the active one are kept (cold) for rollback.
 pub const KEPT_INACTIVE_VCLS: usize = 2;
 
@@ -41,6 +47,29 @@ fn fresh_vcl_name(version: &str) -> String {
         .map_or(0, |elapsed| elapsed.as_millis());
     let counter = LOAD_COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{VCL_NAME_PREFIX}{version}-{millis}-{counter}")
+}
+
+/// A VCL the agent loaded: its name and text, and the shard VCLs its top VCL hands requests to
+/// (none for a VCL that is not split).
+#[derive(Debug, Clone, Default)]
+struct LoadedVcl {
+    name: String,
+    text: String,
+    shards: Vec<vaas_vcl::RenderedVcl>,
+}
+
+/// Renders the server's VCL: split when the configuration asks for it and the VCL can be split.
+fn render_vcl(
+    snapshot: &vaas_proto::v1::ClusterSnapshot,
+    server_id: i64,
+    split: Option<vaas_vcl::SplitOptions>,
+) -> Result<(vaas_vcl::RenderedVcl, Vec<vaas_vcl::RenderedVcl>), vaas_vcl::RenderError> {
+    if let Some(options) = split
+        && let Some(split) = vaas_vcl::render_split(snapshot, server_id, options)?
+    {
+        return Ok((split.top, split.shards));
+    }
+    Ok((vaas_vcl::render(snapshot, server_id)?, Vec::new()))
 }
 
 /// What varnishd runs, for the hello.
@@ -181,10 +210,10 @@ pub(crate) struct Repair {
 pub(crate) struct Executor {
     config: Config,
     cli: Option<VarnishCli>,
-    /// Name and text of the VCL the last prepare loaded, kept until it is committed.
-    prepared: Option<(String, String)>,
-    /// Name and text of the last VCL committed (or read back from the state directory).
-    last_good: Option<(String, String)>,
+    /// The VCL the last prepare loaded, kept until it is committed.
+    prepared: Option<LoadedVcl>,
+    /// The last VCL committed (or read back from the state directory).
+    last_good: Option<LoadedVcl>,
     /// The VCL varnishd should have active: the last one committed, or reported in the hello.
     expected: Option<String>,
     /// A finding the agent could not repair and already reported; not reported again until
@@ -199,6 +228,9 @@ pub(crate) struct Executor {
 /// File names of the last good VCL in the state directory.
 const LAST_GOOD_TEXT: &str = "last-good.vcl";
 const LAST_GOOD_NAME: &str = "last-good.name";
+/// The shard VCLs of the last good VCL, a JSON array of `{"version", "text"}` (absent or empty
+/// when it is not split).
+const LAST_GOOD_SHARDS: &str = "last-good.shards.json";
 
 impl Executor {
     pub(crate) fn new(config: Config) -> Executor {
@@ -326,11 +358,12 @@ impl Executor {
             return result;
         };
         let server_id = command.server_id;
+        let split = self.config.vcl_split;
         let rendered =
-            tokio::task::spawn_blocking(move || vaas_vcl::render(&snapshot, server_id)).await;
+            tokio::task::spawn_blocking(move || render_vcl(&snapshot, server_id, split)).await;
         result.render_duration = proto_duration(started.elapsed());
-        let vcl = match rendered {
-            Ok(Ok(vcl)) => vcl,
+        let (vcl, shards) = match rendered {
+            Ok(Ok(rendered)) => rendered,
             Ok(Err(error)) => {
                 warn!(reload_id, server_id, %error, "render failed");
                 result.error = format!("render failed: {error}");
@@ -348,18 +381,24 @@ impl Executor {
             vcl_version: vcl.version.clone(),
         });
 
-        match self.load(&vcl, &mut result).await {
-            Ok(()) => {
+        match self.load(&vcl, &shards, &mut result).await {
+            Ok(compiled_shards) => {
                 result.ok = true;
-                self.prepared = Some((result.vcl_name.clone(), vcl.text));
                 info!(
                     reload_id,
                     vcl_name = result.vcl_name,
                     vcl_version = result.vcl_version,
                     unchanged = result.unchanged,
+                    shards = shards.len(),
+                    compiled_shards,
                     load_ms = duration_ms(&result.load_duration),
                     "prepared vcl"
                 );
+                self.prepared = Some(LoadedVcl {
+                    name: result.vcl_name.clone(),
+                    text: vcl.text,
+                    shards,
+                });
             }
             Err(error) => {
                 result.error = describe(&error);
@@ -370,12 +409,14 @@ impl Executor {
         result
     }
 
-    /// Loads `vcl` unless it is already active (or already loaded and available).
+    /// Loads `vcl` unless it is already active (or already loaded and available), after the
+    /// `shards` it hands requests to; returns how many shards were compiled.
     async fn load(
         &mut self,
         vcl: &vaas_vcl::RenderedVcl,
+        shards: &[vaas_vcl::RenderedVcl],
         result: &mut PrepareResult,
-    ) -> Result<(), Error> {
+    ) -> Result<usize, Error> {
         let cli = self.cli().await?;
         let list = cli.vcl_list().await;
         let list = self.note(list)?;
@@ -386,7 +427,7 @@ impl Executor {
         {
             result.vcl_name = active.name.clone();
             result.unchanged = true;
-            return Ok(());
+            return Ok(0);
         }
         // A VCL of the same version that is still loaded (kept for rollback, or prepared by a
         // reload that did not commit) is reused: compiling it again would only cost time.
@@ -402,16 +443,63 @@ impl Executor {
                 self.note(warmed)?;
             }
             result.vcl_name = loaded.name.clone();
-            return Ok(());
+            // Its labels still exist: varnishd keeps a label while a VCL names it.
+            return Ok(0);
         }
+        let started = Instant::now();
+        let compiled = self.load_shards(&list, shards).await;
+        let compiled = compiled.inspect_err(|_| {
+            result.load_duration = proto_duration(started.elapsed());
+        })?;
         let name = fresh_vcl_name(&vcl.version);
         let cli = self.cli().await?;
-        let started = Instant::now();
         let loaded = cli.vcl_inline(&name, &vcl.text).await;
         result.load_duration = proto_duration(started.elapsed());
         self.note(loaded)?;
         result.vcl_name = name;
-        Ok(())
+        Ok(compiled)
+    }
+
+    /// Makes every shard's label exist and point at the shard's VCL, compiling only the shards
+    /// not loaded yet (`list` is what varnishd has); returns how many were compiled. A label of
+    /// a version always points at the VCL of that version, so what a loaded top VCL serves never
+    /// changes here.
+    async fn load_shards(
+        &mut self,
+        list: &[VclInfo],
+        shards: &[vaas_vcl::RenderedVcl],
+    ) -> Result<usize, Error> {
+        let mut compiled = 0;
+        for shard in shards {
+            let label = vaas_vcl::shard_label(&shard.version);
+            if list.iter().any(|info| info.name == label) {
+                continue;
+            }
+            let name = format!("{SHARD_VCL_PREFIX}{}", shard.version);
+            match list.iter().find(|info| info.name == name) {
+                Some(info) if info.state == "cold" => {
+                    let cli = self.cli().await?;
+                    let warmed = cli.vcl_state(&name, VclState::Auto).await;
+                    self.note(warmed)?;
+                }
+                Some(_) => {}
+                None => {
+                    let cli = self.cli().await?;
+                    let loaded = cli.vcl_inline(&name, &shard.text).await;
+                    match loaded {
+                        // Loaded since the list was read (a restore racing a prepare).
+                        Err(CliError::Command { ref body, .. })
+                            if body.contains("Already a VCL named") => {}
+                        other => self.note(other)?,
+                    }
+                    compiled += 1;
+                }
+            }
+            let cli = self.cli().await?;
+            let labelled = cli.vcl_label(&label, &name).await;
+            self.note(labelled)?;
+        }
+        Ok(compiled)
     }
 
     /// Activates the VCL of a commit command and starts the child if it is stopped; the
@@ -462,18 +550,30 @@ impl Executor {
     /// Keeps the committed VCL in memory and writes it to the state directory (atomically: a
     /// reader sees the old file or the new one, never half of one).
     async fn keep_last_good(&mut self, vcl_name: &str) -> std::io::Result<()> {
-        let Some((name, text)) = self.prepared.take() else {
+        let Some(prepared) = self.prepared.take() else {
             return Ok(());
         };
-        if name != vcl_name {
+        if prepared.name != vcl_name {
             return Ok(());
         }
-        let (name, text) = self.last_good.insert((name, text));
+        let kept = self.last_good.insert(prepared);
         let Some(dir) = &self.config.state_dir else {
             return Ok(());
         };
         tokio::fs::create_dir_all(dir).await?;
-        for (file, content) in [(LAST_GOOD_TEXT, &*text), (LAST_GOOD_NAME, &*name)] {
+        let shards = serde_json::Value::Array(
+            kept.shards
+                .iter()
+                .map(|shard| serde_json::json!({"version": shard.version, "text": shard.text}))
+                .collect(),
+        )
+        .to_string();
+        // The shards first: a reader that finds the new name finds its shards.
+        for (file, content) in [
+            (LAST_GOOD_SHARDS, &*shards),
+            (LAST_GOOD_TEXT, &*kept.text),
+            (LAST_GOOD_NAME, &*kept.name),
+        ] {
             let partial = dir.join(format!("{file}.partial"));
             tokio::fs::write(&partial, content).await?;
             tokio::fs::rename(&partial, dir.join(file)).await?;
@@ -481,9 +581,9 @@ impl Executor {
         Ok(())
     }
 
-    /// Returns the name and text of the last good VCL: the last one committed by this process,
-    /// or else the one in the state directory.
-    async fn last_good(&mut self) -> Option<(String, String)> {
+    /// Returns the last good VCL: the last one committed by this process, or else the one in
+    /// the state directory.
+    async fn last_good(&mut self) -> Option<LoadedVcl> {
         if self.last_good.is_none() {
             let dir = self.config.state_dir.as_ref()?;
             let (Ok(name), Ok(text)) = (
@@ -492,7 +592,16 @@ impl Executor {
             ) else {
                 return None;
             };
-            self.last_good = Some((name.trim().to_owned(), text));
+            // Absent when an older agent kept the VCL, which then was not split.
+            let shards = match tokio::fs::read_to_string(dir.join(LAST_GOOD_SHARDS)).await {
+                Ok(json) => parse_kept_shards(&json)?,
+                Err(_) => Vec::new(),
+            };
+            self.last_good = Some(LoadedVcl {
+                name: name.trim().to_owned(),
+                text,
+                shards,
+            });
         }
         self.last_good.clone()
     }
@@ -517,9 +626,15 @@ impl Executor {
     /// Loads the last good VCL (unless it is loaded), activates it and starts the child; returns
     /// its name, or `None` when no VCL was ever committed or kept.
     async fn restore(&mut self) -> Result<Option<String>, Error> {
-        let Some((name, text)) = self.last_good().await else {
+        let Some(LoadedVcl { name, text, shards }) = self.last_good().await else {
             return Ok(None);
         };
+        if !shards.is_empty() {
+            let cli = self.cli().await?;
+            let list = cli.vcl_list().await;
+            let list = self.note(list)?;
+            self.load_shards(&list, &shards).await?;
+        }
         let cli = self.cli().await?;
         let loaded = cli.vcl_inline(&name, &text).await;
         match loaded {
@@ -549,6 +664,13 @@ impl Executor {
         }
         let Verdict::Unhealthy(found) = verdict else {
             self.unrepaired = None;
+            // A shard label freed since the last collection (its last VCL was discarded while a
+            // worker thread still held it): collected now rather than at the next reload.
+            if has_unused_shard_label(&list)
+                && let Err(error) = self.collect_shards().await
+            {
+                warn!(error = %describe(&error), "shard vcl collection failed");
+            }
             return Ok(None);
         };
         if self.unrepaired.as_ref() == Some(&found) {
@@ -696,8 +818,83 @@ impl Executor {
                 debug!(vcl_name = info.name, "discarded vcl");
             }
         }
+        self.collect_shards().await
+    }
+
+    /// Discards the shard labels no loaded VCL names any more, then the shard VCLs no label
+    /// points at. A label still named by a discarded VCL that is busy waits for a later round.
+    async fn collect_shards(&mut self) -> Result<(), Error> {
+        let cli = self.cli().await?;
+        let list = cli.vcl_list().await;
+        let list = self.note(list)?;
+        let unused_labels: Vec<&VclInfo> = list
+            .iter()
+            .filter(|info| info.name.starts_with(SHARD_LABEL_PREFIX))
+            .filter(|info| info.label.as_ref().is_some_and(|target| target.refs == 0))
+            .collect();
+        let mut released: Vec<&str> = Vec::new();
+        for label in &unused_labels {
+            let cli = self.cli().await?;
+            let discarded = cli.vcl_discard(&label.name).await;
+            match self.note(discarded) {
+                Ok(()) => {
+                    if let Some(target) = &label.label {
+                        released.push(&target.name);
+                    }
+                }
+                Err(error) => {
+                    warn!(label = label.name, error = %describe(&error), "cannot discard label")
+                }
+            }
+        }
+        let unlabelled = list.iter().filter(|info| {
+            info.name.starts_with(SHARD_VCL_PREFIX)
+                && info.status == "available"
+                && (info.labels == 0 || released.contains(&info.name.as_str()))
+        });
+        for shard in unlabelled {
+            // Another label may still point at it (two labels, one VCL): varnishd refuses then.
+            let still_labelled = list.iter().any(|other| {
+                other
+                    .label
+                    .as_ref()
+                    .is_some_and(|target| target.name == shard.name)
+                    && !unused_labels.iter().any(|gone| gone.name == other.name)
+            });
+            if still_labelled {
+                continue;
+            }
+            let cli = self.cli().await?;
+            let discarded = cli.vcl_discard(&shard.name).await;
+            if let Err(error) = self.note(discarded) {
+                warn!(vcl_name = shard.name, error = %describe(&error), "cannot discard shard vcl");
+            }
+        }
         Ok(())
     }
+}
+
+/// Tells whether a shard label is named by no loaded VCL any more.
+fn has_unused_shard_label(list: &[VclInfo]) -> bool {
+    list.iter().any(|info| {
+        info.name.starts_with(SHARD_LABEL_PREFIX)
+            && info.label.as_ref().is_some_and(|target| target.refs == 0)
+    })
+}
+
+/// Reads the kept shards (`[{"version", "text"}]`); `None` when the file is damaged, and then
+/// no last good VCL is restored rather than a top VCL without its shards.
+fn parse_kept_shards(json: &str) -> Option<Vec<vaas_vcl::RenderedVcl>> {
+    let items: Vec<serde_json::Value> = serde_json::from_str(json).ok()?;
+    items
+        .into_iter()
+        .map(|item| {
+            Some(vaas_vcl::RenderedVcl {
+                version: item.get("version")?.as_str()?.to_owned(),
+                text: item.get("text")?.as_str()?.to_owned(),
+            })
+        })
+        .collect()
 }
 
 /// Describes an error for a result message: the compiler's message for a compile error, the
@@ -790,6 +987,8 @@ mod tests {
             temperature: "warm".into(),
             busy,
             name: name.into(),
+            label: None,
+            labels: 0,
         }
     }
 

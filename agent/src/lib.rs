@@ -83,6 +83,10 @@ pub struct Config {
     /// agent), read at every connection so that a rotated token needs no restart; `None` attaches
     /// without one, which only a scheduler without authentication accepts.
     pub token_file: Option<PathBuf>,
+    /// How a large server's VCL is split into a top VCL and shard VCLs, so that a change to one
+    /// director's backends recompiles only its shard ([`vaas_vcl::render_split`]); `None`
+    /// always loads one VCL.
+    pub vcl_split: Option<vaas_vcl::SplitOptions>,
 }
 
 impl Config {
@@ -109,6 +113,7 @@ impl Config {
             state_dir: None,
             tls: None,
             token_file: None,
+            vcl_split: Some(vaas_vcl::SplitOptions::default()),
         }
     }
 }

@@ -47,6 +47,13 @@ struct Args {
     /// server's id); read at every connection, so a rotated token needs no restart.
     #[arg(long, env = "VAAS_AGENT_TOKEN_FILE")]
     token_file: PathBuf,
+    /// Servers with at least this many backends get their VCL split into a top VCL and shard
+    /// VCLs, so that a backend change recompiles one shard; "off" always loads one VCL.
+    #[arg(long, env = "VAAS_AGENT_SPLIT_MIN_BACKENDS", default_value = "1000")]
+    split_min_backends: String,
+    /// How many shards a split VCL has.
+    #[arg(long, env = "VAAS_AGENT_SPLIT_SHARDS", default_value = "32", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    split_shards: u16,
     /// TLS towards https:// scheduler URLs.
     #[command(flatten)]
     tls: vaas_runtime::tls::ClientTls,
@@ -126,6 +133,15 @@ fn config(args: Args) -> Result<vaas_agent::Config, String> {
         return Err("--health-interval must be at least 100ms".to_owned());
     }
     config.health_interval = args.health_interval;
+    config.vcl_split = match args.split_min_backends.as_str() {
+        "off" => None,
+        count => Some(vaas_vcl::SplitOptions {
+            shards: usize::from(args.split_shards),
+            min_backends: count.parse().map_err(|_| {
+                format!("--split-min-backends {count:?} is neither a number nor \"off\"")
+            })?,
+        }),
+    };
     Ok(config)
 }
 

@@ -217,6 +217,22 @@ pub struct VclInfo {
     pub busy: Option<u64>,
     /// Its name.
     pub name: String,
+    /// For a label: the VCL it points to and how many VCLs `return (vcl(...))` to it.
+    #[serde(default)]
+    pub label: Option<LabelTarget>,
+    /// For a VCL: how many labels point to it.
+    #[serde(default)]
+    pub labels: u64,
+}
+
+/// Where a label points, as `vcl.list -j` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct LabelTarget {
+    /// The labelled VCL.
+    pub name: String,
+    /// How many VCLs name the label in `return (vcl(...))`.
+    #[serde(default)]
+    pub refs: u64,
 }
 
 impl VclInfo {
@@ -409,6 +425,13 @@ impl VarnishCli {
     pub async fn vcl_discard(&mut self, name: &str) -> Result<(), CliError> {
         check_vcl_name(name)?;
         self.command(&["vcl.discard", name]).await.map(drop)
+    }
+
+    /// Points label `label` at VCL `vcl` (creating the label, or moving it at once).
+    pub async fn vcl_label(&mut self, label: &str, vcl: &str) -> Result<(), CliError> {
+        check_vcl_name(label)?;
+        check_vcl_name(vcl)?;
+        self.command(&["vcl.label", label, vcl]).await.map(drop)
     }
 
     /// Sets the temperature of VCL `name`.
@@ -692,6 +715,21 @@ mod tests {
     }
 
     #[test]
+    fn labels_and_their_references_are_parsed_from_vcl_list() {
+        let body = r#"[ 2, ["vcl.list", "-j"], 1796279161.489,
+  {"status": "available", "state": "label", "temperature": "warm", "busy": 0,
+   "name": "vaas_l_1", "label": {"name": "vaasd-1", "refs": 2}},
+  {"status": "available", "state": "auto", "temperature": "warm", "busy": 0,
+   "name": "vaasd-1", "labels": 1}
+]"#;
+        let list = parse_vcl_list(body).expect("parses");
+        let target = list[0].label.as_ref().expect("a label");
+        assert_eq!((target.name.as_str(), target.refs), ("vaasd-1", 2));
+        assert_eq!((list[0].labels, list[1].labels), (0, 1));
+        assert_eq!(list[1].label, None);
+    }
+
+    #[test]
     fn vcl_list_is_parsed() {
         let body = r#"[ 2, ["vcl.list", "-j"], 1795302102.514,
   {
@@ -710,6 +748,7 @@ mod tests {
 ]"#;
         let list = parse_vcl_list(body).expect("parses");
         assert_eq!(list.len(), 2);
+        assert_eq!(list[0].label, None);
         assert!(list[0].is_active());
         assert_eq!(list[0].busy, Some(0));
         assert_eq!(list[1].name, "a2");

@@ -116,6 +116,8 @@ pub struct SystemBuilder {
     agents: usize,
     schedulers: usize,
     tls: bool,
+    /// Extra flags of every agent.
+    agent_flags: Vec<(&'static str, String)>,
 }
 
 impl SystemBuilder {
@@ -129,6 +131,16 @@ impl SystemBuilder {
     /// Sets the number of scheduler replicas (default 1); the first one starts as the leader.
     pub fn schedulers(mut self, schedulers: usize) -> SystemBuilder {
         self.schedulers = schedulers.max(1);
+        self
+    }
+
+    /// Makes the agents split their server's VCL into `shards` shard VCLs from `min_backends`
+    /// backends on (default: the agent's own default, which leaves small clusters in one VCL).
+    pub fn split_vcl(mut self, shards: usize, min_backends: usize) -> SystemBuilder {
+        self.agent_flags = vec![
+            ("--split-shards", shards.to_string()),
+            ("--split-min-backends", min_backends.to_string()),
+        ];
         self
     }
 
@@ -243,6 +255,7 @@ impl SystemBuilder {
             binaries,
             scheduler_urls,
             agent_starts: vec![0; self.agents],
+            agent_flags: self.agent_flags,
             api_flags,
             api_starts: 1,
             server_ids: vec![None; self.agents],
@@ -266,6 +279,8 @@ pub struct System {
     binaries: Binaries,
     scheduler_urls: String,
     agent_starts: Vec<usize>,
+    /// Extra flags of every agent (from [`SystemBuilder::split_vcl`]).
+    agent_flags: Vec<(&'static str, String)>,
     api_flags: Vec<(&'static str, String)>,
     api_starts: usize,
     /// The server each varnishd is registered as, once it is.
@@ -299,6 +314,7 @@ impl System {
             agents: 1,
             schedulers: 1,
             tls: false,
+            agent_flags: Vec::new(),
         }
     }
 
@@ -759,10 +775,12 @@ impl System {
             .context("restart_agent needs a registered server: call attach_agent first")?;
         let seen_before = self.agent_seen_micros(server_id).await?;
         self.agent_starts[index] += 1;
+        let mut flags = agent_tls_flags(self.tls.as_ref());
+        flags.extend(self.agent_flags.iter().cloned());
         let agent = start_agent(
             &self.binaries,
             &self.scheduler_urls,
-            self.tls.as_ref(),
+            flags,
             &self.varnishds[index],
             self._dir.path(),
             index,
@@ -883,17 +901,17 @@ async fn start_scheduler(
     Ok(scheduler)
 }
 
-/// Starts the agent of `varnishd` (its `run`-th start); the caller waits for its report.
+/// Starts the agent of `varnishd` (its `run`-th start) with `flags` (TLS and extra ones) added;
+/// the caller waits for its report.
 fn start_agent(
     binaries: &Binaries,
     scheduler_urls: &str,
-    tls: Option<&TlsFiles>,
+    mut flags: Vec<(&'static str, String)>,
     varnishd: &Varnishd,
     dir: &std::path::Path,
     index: usize,
     run: usize,
 ) -> Result<ServiceProcess> {
-    let mut flags = agent_tls_flags(tls);
     flags.extend([
         ("--scheduler-url", scheduler_urls.to_owned()),
         (

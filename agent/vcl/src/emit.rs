@@ -277,7 +277,8 @@ pub(crate) fn empty_director_reason(director: &str) -> String {
 
 /// Sets the backend hint to `director`'s own-DC group, falling back to the other DCs' groups
 /// while the chosen backend is sick; a director without backends answers a synthetic 404 naming
-/// it. Returns whether a backend was chosen.
+/// it, and a director with a label (the top VCL of a split render) hands the request to the VCL
+/// of that label. Returns whether a backend was chosen here.
 fn choose_backend(director: &DirectorPlan, out: &mut String) -> bool {
     if director.https_only {
         let _ = write!(
@@ -285,6 +286,10 @@ fn choose_backend(director: &DirectorPlan, out: &mut String) -> bool {
             "\n    if (req.http.{FORWARDED_PROTO_HEADER} != \"https\") {{\n        \
              return (synth(301, \"{HTTPS_REASON}\"));\n    }}"
         );
+    }
+    if let Some(label) = &director.label {
+        let _ = write!(out, "\n    return (vcl({label}));");
+        return false;
     }
     let Some((first, others)) = director.groups.split_first() else {
         let _ = write!(

@@ -138,6 +138,8 @@ mod names;
 pub mod redirects;
 pub mod routing;
 pub mod rules;
+mod split;
+pub use split::{SplitOptions, SplitVcl, render_split, shard_label};
 mod template;
 pub use template::OVERRIDABLE_TAGS;
 mod variables;
@@ -363,8 +365,19 @@ fn render_plan(
         })?;
     let variables = variables::Variables::new(&snapshot.variables)?;
     let blocks = template::Blocks::of_template(&snapshot.template_blocks, template.id);
-    let leaves = emit::Leaves::new(&plan, VERSION_PLACEHOLDER, &blocks);
-    let with_placeholder = template::expand(&template.content, &leaves, &blocks, &variables)?;
+    let vcl = write_vcl(&template.content, &plan, &blocks, &variables)?;
+    Ok((plan, vcl))
+}
+
+/// Expands `template` for `plan`, refuses forbidden constructs and writes the version in.
+fn write_vcl(
+    template: &str,
+    plan: &model::Plan,
+    blocks: &template::Blocks<'_>,
+    variables: &variables::Variables<'_>,
+) -> Result<RenderedVcl, RenderError> {
+    let leaves = emit::Leaves::new(plan, VERSION_PLACEHOLDER, blocks);
+    let with_placeholder = template::expand(template, &leaves, blocks, variables)?;
     if let Some(found) = rules::forbidden_constructs(&with_placeholder)
         .into_iter()
         .next()
@@ -375,11 +388,10 @@ fn render_plan(
         });
     }
     let version = version_of(&with_placeholder);
-    let vcl = RenderedVcl {
+    Ok(RenderedVcl {
         text: with_placeholder.replace(VERSION_PLACEHOLDER, &version),
         version,
-    };
-    Ok((plan, vcl))
+    })
 }
 
 /// What the VCL of one server does with one request, computed from the snapshot it is rendered

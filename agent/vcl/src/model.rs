@@ -60,7 +60,7 @@ const MAX_PROBE_URL: usize = 256;
 const PROBE_PREFIX: &str = "probe_";
 
 /// Everything the emitters need, validated.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Plan {
     /// The template to expand.
     pub(crate) template_id: i64,
@@ -92,7 +92,7 @@ pub(crate) struct ProbeDef {
 }
 
 /// One `backend` declaration.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct BackendDef {
     pub(crate) vcl_name: String,
     pub(crate) host: String,
@@ -113,7 +113,7 @@ pub(crate) struct Limits {
 }
 
 /// One VaaS director as this server sees it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct DirectorPlan {
     pub(crate) name: String,
     pub(crate) router: DirectorRouter,
@@ -129,10 +129,13 @@ pub(crate) struct DirectorPlan {
     pub(crate) https_only: bool,
     /// The server's own datacenter first (when it has backends), then the others by dc id.
     pub(crate) groups: Vec<DcGroup>,
+    /// Set in the top VCL of a split render ([`crate::render_split`]): once the HTTPS redirect
+    /// is past, the request goes to the VCL labelled so, which holds this director's backends.
+    pub(crate) label: Option<String>,
 }
 
 /// The backends of one director in one datacenter: one directors-vmod object.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct DcGroup {
     pub(crate) object_name: String,
     /// The datacenter.
@@ -279,6 +282,7 @@ impl Plan {
                 routed: !director.r#virtual,
                 https_only: routing::is_https_only(director),
                 groups,
+                label: None,
             });
         }
 

@@ -68,6 +68,11 @@ impl<'a> Blocks<'a> {
         self.by_tag.contains_key(tag)
     }
 
+    /// Tells whether the template has no block at all.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_tag.is_empty()
+    }
+
     fn get(&self, tag: &str) -> Option<&'a str> {
         self.by_tag.get(tag).copied()
     }

@@ -15,8 +15,8 @@ use tracing::debug;
 const MAX_HEAD: usize = 64 * 1024;
 
 /// An HTTP/1.1 server on 127.0.0.1 answering every request `200` with the body `origin <name>`
-/// and the header `X-Origin: <name>` (and `X-Echo-Trail` with the value of a request's
-/// `X-Trail`); stopped on drop.
+/// and the headers `X-Origin: <name>` and `X-Echo-Url` with the request target it received (and
+/// `X-Echo-Trail` with the value of a request's `X-Trail`); stopped on drop.
 ///
 /// It keeps connections alive (as varnishd expects from a backend) and counts requests, so a test
 /// can tell a cache hit from a miss.
@@ -169,8 +169,10 @@ async fn serve_connection(mut stream: TcpStream, answer: Answer, requests: Arc<A
             .filter(|(field, _)| field.eq_ignore_ascii_case("x-trail"))
             .map(|(_, value)| format!("X-Echo-Trail: {}\r\n", value.trim()))
             .collect();
+        // The request target as it reached the origin (after any rewrite of varnishd's).
+        let url = original_head.split(' ').nth(1).unwrap_or_default();
         let response = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Origin: {name}\r\n{echo}{}\r\n{body}",
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Origin: {name}\r\nX-Echo-Url: {url}\r\n{echo}{}\r\n{body}",
             body.len(),
             if close { "Connection: close\r\n" } else { "" },
         );
