@@ -96,8 +96,11 @@ async fn create_backends(
 
 /// Measures a cluster of `servers` varnishd (each with its agent) and `size` backends.
 async fn bench_size(size: usize, servers: usize, rounds: usize) -> Result<()> {
+    // One VCL at every size: the floor below loads the active VCL's text, and split VCLs have
+    // their own benchmark (`--bench incremental`).
     let mut system = System::builder(StoreKind::Sqlite)
         .agents(servers)
+        .single_vcl()
         .start()
         .await?;
     let setup = system.set_up().await?;

@@ -144,6 +144,13 @@ impl SystemBuilder {
         self
     }
 
+    /// Makes the agents always load one VCL, however large the cluster (`--split-min-backends
+    /// off`).
+    pub fn single_vcl(mut self) -> SystemBuilder {
+        self.agent_flags = vec![("--split-min-backends", "off".to_owned())];
+        self
+    }
+
     /// Turns TLS on every gRPC hop on or off (default off): the API and the scheduler serve TLS
     /// with a certificate of a throwaway CA, the scheduler asks agents for a client certificate
     /// (mutual TLS), and the agents and this harness connect with `https://`.

@@ -131,6 +131,14 @@
 //!
 //! The version of a VCL is the first 16 hex digits of the SHA-256 of its text, computed with a
 //! placeholder where the version itself appears, then substituted.
+//!
+//! # Split VCLs
+//!
+//! [`render_split`] renders a large server's VCL as a top VCL without backends and shard VCLs
+//! holding the directors' backends, reached with `return (vcl(label))`, so that a backend change
+//! recompiles one shard instead of every backend (see the `split` module's documentation for how
+//! it serves exactly what the single VCL serves, and which templates are never split). The top
+//! VCL's version is then the server's version.
 
 mod emit;
 mod model;
@@ -420,13 +428,19 @@ pub struct BackendGroup {
 }
 
 /// Explains what the VCL of server `server_id` rendered from `snapshot` does with `request`.
+///
+/// The version is the one the server runs with the agent's default layout: the top VCL's when
+/// [`SplitOptions::default`] splits it, the single VCL's otherwise.
 pub fn explain(
     snapshot: &ClusterSnapshot,
     server_id: i64,
     request: &routing::Request,
 ) -> Result<Explanation, RenderError> {
     let (plan, vcl) = render_plan(snapshot, server_id)?;
-    let version = vcl.version;
+    let version = match render_split(snapshot, server_id, SplitOptions::default())? {
+        Some(split) => split.top.version,
+        None => vcl.version,
+    };
     let decision = plan.routing.decide(request);
     let director = decision
         .director
