@@ -1,8 +1,9 @@
 //! Executes the scheduler's commands against varnishd: prepare (render + `vcl.inline`), commit
 //! (`vcl.use`, `start` when the child is stopped, then garbage collection) and abort
-//! (`vcl.discard`). A split VCL ([`vaas_vcl::render_split`]) loads its shard VCLs first, each
-//! named `vaasd-<version>` and labelled [`vaas_vcl::shard_label`], only those not loaded yet,
-//! then the top VCL, which is what commit activates; between commands, checks that varnishd still runs what the scheduler was
+//! (`vcl.discard`). A split VCL ([`vaas_vcl::render_split`]) prepares by loading the shard VCLs
+//! (`vaasd-<version>`) and the version VCL (`vaasv-<server version>`) that are not loaded yet,
+//! and the top VCL (`vaas-<version>-split-...`) unless it is; its commit points the stable
+//! labels at the new shard and version VCLs, then activates the top VCL; between commands, checks that varnishd still runs what the scheduler was
 //! told ([`assess`] decides) and repairs an empty varnishd or a stopped child.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +24,27 @@ use crate::{Config, Error};
 pub const VCL_NAME_PREFIX: &str = "vaas-";
 /// Prefix of the names of shard VCLs: `vaasd-<version>`.
 pub const SHARD_VCL_PREFIX: &str = "vaasd-";
-/// Prefix of the labels of shard VCLs (see [`vaas_vcl::shard_label`]).
-const SHARD_LABEL_PREFIX: &str = "vaas_l_";
+/// Prefix of the names of version VCLs: `vaasv-<server version>`.
+pub const VERSION_VCL_PREFIX: &str = "vaasv-";
+/// Prefix of the shard labels (see [`vaas_vcl::shard_label`]).
+const SHARD_LABEL_PREFIX: &str = "vaas_shard_";
+/// What follows the version in the name of a split top VCL.
+const SPLIT_MARK: &str = "-split-";
+
+/// Tells whether `name` is the name of a split top VCL.
+fn is_split_top(name: &str) -> bool {
+    name.starts_with(VCL_NAME_PREFIX) && name.contains(SPLIT_MARK)
+}
+
+/// Tells whether `name` is one of the labels a split top VCL names.
+fn is_split_label(name: &str) -> bool {
+    name.starts_with(SHARD_LABEL_PREFIX) || name == vaas_vcl::VERSION_LABEL
+}
+
+/// Tells whether `name` is a shard or version VCL.
+fn is_split_part(name: &str) -> bool {
+    name.starts_with(SHARD_VCL_PREFIX) || name.starts_with(VERSION_VCL_PREFIX)
+}
 /// How many VaaS VCLs besides the active one are kept (cold) for rollback.
 pub const KEPT_INACTIVE_VCLS: usize = 2;
 
@@ -40,22 +60,88 @@ pub fn version_from_vcl_name(name: &str) -> Option<&str> {
     valid.then_some(version)
 }
 
-/// Builds a fresh VCL name for `version`.
-fn fresh_vcl_name(version: &str) -> String {
+/// Builds a fresh VCL name for `version`, marked as a split top VCL when `split`.
+fn fresh_vcl_name(version: &str, split: bool) -> String {
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis());
     let counter = LOAD_COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{VCL_NAME_PREFIX}{version}-{millis}-{counter}")
+    let mark = if split { SPLIT_MARK } else { "-" };
+    format!("{VCL_NAME_PREFIX}{version}{mark}{millis}-{counter}")
 }
 
-/// A VCL the agent loaded: its name and text, and the shard VCLs its top VCL hands requests to
-/// (none for a VCL that is not split).
-#[derive(Debug, Clone, Default)]
+/// A VCL the agent loaded: its name and text, and for a split VCL its other parts.
+#[derive(Debug, Clone)]
 struct LoadedVcl {
     name: String,
     text: String,
-    shards: Vec<vaas_vcl::RenderedVcl>,
+    split: Option<SplitParts>,
+}
+
+/// The shard VCLs and the version VCL of a split VCL.
+#[derive(Debug, Clone)]
+struct SplitParts {
+    shards: Vec<(usize, vaas_vcl::RenderedVcl)>,
+    version_vcl: vaas_vcl::RenderedVcl,
+}
+
+impl SplitParts {
+    /// The server's version.
+    fn version(&self) -> &str {
+        &self.version_vcl.version
+    }
+
+    /// The name and text of every shard VCL and of the version VCL.
+    fn vcls(&self) -> Vec<(String, &str)> {
+        let mut vcls: Vec<(String, &str)> = self
+            .shards
+            .iter()
+            .map(|(_, shard)| (format!("{SHARD_VCL_PREFIX}{}", shard.version), &*shard.text))
+            .collect();
+        vcls.push((
+            format!("{VERSION_VCL_PREFIX}{}", self.version_vcl.version),
+            &self.version_vcl.text,
+        ));
+        vcls
+    }
+
+    /// Every label the top VCL names, with the VCL it must point at.
+    fn labels(&self) -> Vec<(String, String)> {
+        let mut labels: Vec<(String, String)> = self
+            .shards
+            .iter()
+            .map(|(index, shard)| {
+                (
+                    vaas_vcl::shard_label(*index),
+                    format!("{SHARD_VCL_PREFIX}{}", shard.version),
+                )
+            })
+            .collect();
+        labels.push((
+            vaas_vcl::VERSION_LABEL.to_owned(),
+            format!("{VERSION_VCL_PREFIX}{}", self.version_vcl.version),
+        ));
+        labels
+    }
+}
+
+/// Tells whether `label` exists in `list` and points at `target`.
+fn points_at(list: &[VclInfo], label: &str, target: &str) -> bool {
+    list.iter()
+        .any(|info| info.name == label && info.label.as_ref().is_some_and(|to| to.name == target))
+}
+
+/// The server's version of the VCL `name` active in `list`: the version in its name, or for a
+/// split top VCL the version VCL's that the version label points at.
+fn running_version<'a>(list: &'a [VclInfo], name: &'a str) -> &'a str {
+    if !is_split_top(name) {
+        return version_from_vcl_name(name).unwrap_or_default();
+    }
+    list.iter()
+        .find(|info| info.name == vaas_vcl::VERSION_LABEL)
+        .and_then(|info| info.label.as_ref())
+        .and_then(|target| target.name.strip_prefix(VERSION_VCL_PREFIX))
+        .unwrap_or_default()
 }
 
 /// Renders the server's VCL: split when the configuration asks for it and the VCL can be split.
@@ -63,13 +149,17 @@ fn render_vcl(
     snapshot: &vaas_proto::v1::ClusterSnapshot,
     server_id: i64,
     split: Option<vaas_vcl::SplitOptions>,
-) -> Result<(vaas_vcl::RenderedVcl, Vec<vaas_vcl::RenderedVcl>), vaas_vcl::RenderError> {
+) -> Result<(vaas_vcl::RenderedVcl, Option<SplitParts>), vaas_vcl::RenderError> {
     if let Some(options) = split
         && let Some(split) = vaas_vcl::render_split(snapshot, server_id, options)?
     {
-        return Ok((split.top, split.shards));
+        let parts = SplitParts {
+            shards: split.shards,
+            version_vcl: split.version_vcl,
+        };
+        return Ok((split.top, Some(parts)));
     }
-    Ok((vaas_vcl::render(snapshot, server_id)?, Vec::new()))
+    Ok((vaas_vcl::render(snapshot, server_id)?, None))
 }
 
 /// What varnishd runs, for the hello.
@@ -228,9 +318,9 @@ pub(crate) struct Executor {
 /// File names of the last good VCL in the state directory.
 const LAST_GOOD_TEXT: &str = "last-good.vcl";
 const LAST_GOOD_NAME: &str = "last-good.name";
-/// The shard VCLs of the last good VCL, a JSON array of `{"version", "text"}` (absent or empty
-/// when it is not split).
-const LAST_GOOD_SHARDS: &str = "last-good.shards.json";
+/// The last good VCL with its split parts, one JSON object (see [`kept_json`]); read before
+/// the two files above, which older agents wrote.
+const LAST_GOOD_JSON: &str = "last-good.json";
 
 impl Executor {
     pub(crate) fn new(config: Config) -> Executor {
@@ -317,11 +407,12 @@ impl Executor {
         let varnish_version = cli.varnish_version().unwrap_or_default().to_owned();
         let list = cli.vcl_list().await;
         let list = self.note(list)?;
-        let active = list.into_iter().find(|vcl| vcl.is_active());
-        let active_vcl_name = active.map(|vcl| vcl.name).unwrap_or_default();
-        let active_vcl_version = version_from_vcl_name(&active_vcl_name)
-            .unwrap_or_default()
-            .to_owned();
+        let active_vcl_name = list
+            .iter()
+            .find(|vcl| vcl.is_active())
+            .map(|vcl| vcl.name.clone())
+            .unwrap_or_default();
+        let active_vcl_version = running_version(&list, &active_vcl_name).to_owned();
         let mut params = Vec::with_capacity(HARDENING.len());
         for (name, _) in HARDENING {
             let param = self.cli().await?.param(name).await;
@@ -362,7 +453,7 @@ impl Executor {
         let rendered =
             tokio::task::spawn_blocking(move || render_vcl(&snapshot, server_id, split)).await;
         result.render_duration = proto_duration(started.elapsed());
-        let (vcl, shards) = match rendered {
+        let (vcl, split) = match rendered {
             Ok(Ok(rendered)) => rendered,
             Ok(Err(error)) => {
                 warn!(reload_id, server_id, %error, "render failed");
@@ -374,14 +465,21 @@ impl Executor {
                 return result;
             }
         };
-        result.vcl_version = vcl.version.clone();
+        result.vcl_version = split
+            .as_ref()
+            .map_or(&vcl.version, |parts| &parts.version_vcl.version)
+            .clone();
         on_rendered(PrepareProgress {
             reload_id: reload_id.clone(),
             render_duration: result.render_duration,
-            vcl_version: vcl.version.clone(),
+            vcl_version: result.vcl_version.clone(),
         });
 
-        match self.load(&vcl, &shards, &mut result).await {
+        let loaded = match &split {
+            Some(parts) => self.load_split(&vcl, parts, &mut result).await,
+            None => self.load(&vcl, &mut result).await.map(|()| 0),
+        };
+        match loaded {
             Ok(compiled_shards) => {
                 result.ok = true;
                 info!(
@@ -389,15 +487,15 @@ impl Executor {
                     vcl_name = result.vcl_name,
                     vcl_version = result.vcl_version,
                     unchanged = result.unchanged,
-                    shards = shards.len(),
-                    compiled_shards,
+                    shards = split.as_ref().map_or(0, |parts| parts.shards.len()),
+                    compiled = compiled_shards,
                     load_ms = duration_ms(&result.load_duration),
                     "prepared vcl"
                 );
                 self.prepared = Some(LoadedVcl {
                     name: result.vcl_name.clone(),
                     text: vcl.text,
-                    shards,
+                    split,
                 });
             }
             Err(error) => {
@@ -409,25 +507,25 @@ impl Executor {
         result
     }
 
-    /// Loads `vcl` unless it is already active (or already loaded and available), after the
-    /// `shards` it hands requests to; returns how many shards were compiled.
+    /// Loads `vcl` unless it is already active (or already loaded and available).
     async fn load(
         &mut self,
         vcl: &vaas_vcl::RenderedVcl,
-        shards: &[vaas_vcl::RenderedVcl],
         result: &mut PrepareResult,
-    ) -> Result<usize, Error> {
+    ) -> Result<(), Error> {
         let cli = self.cli().await?;
         let list = cli.vcl_list().await;
         let list = self.note(list)?;
-        let same_version = |name: &str| version_from_vcl_name(name) == Some(vcl.version.as_str());
+        let same_version = |name: &str| {
+            !is_split_top(name) && version_from_vcl_name(name) == Some(vcl.version.as_str())
+        };
         if let Some(active) = list
             .iter()
             .find(|info| info.is_active() && same_version(&info.name))
         {
             result.vcl_name = active.name.clone();
             result.unchanged = true;
-            return Ok(0);
+            return Ok(());
         }
         // A VCL of the same version that is still loaded (kept for rollback, or prepared by a
         // reload that did not commit) is reused: compiling it again would only cost time.
@@ -443,39 +541,90 @@ impl Executor {
                 self.note(warmed)?;
             }
             result.vcl_name = loaded.name.clone();
-            // Its labels still exist: varnishd keeps a label while a VCL names it.
-            return Ok(0);
+            return Ok(());
         }
-        let started = Instant::now();
-        let compiled = self.load_shards(&list, shards).await;
-        let compiled = compiled.inspect_err(|_| {
-            result.load_duration = proto_duration(started.elapsed());
-        })?;
-        let name = fresh_vcl_name(&vcl.version);
+        let name = fresh_vcl_name(&vcl.version, false);
         let cli = self.cli().await?;
+        let started = Instant::now();
         let loaded = cli.vcl_inline(&name, &vcl.text).await;
         result.load_duration = proto_duration(started.elapsed());
         self.note(loaded)?;
         result.vcl_name = name;
+        Ok(())
+    }
+
+    /// Prepares a split VCL: loads the shard and version VCLs not loaded yet, creates the
+    /// labels that do not exist yet (no loaded VCL names them, so nothing served changes), and
+    /// loads the top VCL unless one of its version is loaded. Moving existing labels is the
+    /// commit's. Returns how many VCLs were compiled.
+    async fn load_split(
+        &mut self,
+        top: &vaas_vcl::RenderedVcl,
+        parts: &SplitParts,
+        result: &mut PrepareResult,
+    ) -> Result<usize, Error> {
+        let cli = self.cli().await?;
+        let list = cli.vcl_list().await;
+        let list = self.note(list)?;
+        let labels = parts.labels();
+        let same_top = |name: &str| {
+            is_split_top(name) && version_from_vcl_name(name) == Some(top.version.as_str())
+        };
+        let labelled = labels
+            .iter()
+            .all(|(label, target)| points_at(&list, label, target));
+        if let Some(active) = list
+            .iter()
+            .find(|info| info.is_active() && same_top(&info.name))
+            && labelled
+        {
+            result.vcl_name = active.name.clone();
+            result.unchanged = true;
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let mut compiled = self.load_parts(&list, parts).await;
+        if let Ok(count) = &compiled {
+            compiled = self
+                .create_missing_labels(&list, &labels)
+                .await
+                .map(|()| *count);
+        }
+        let mut compiled = compiled.inspect_err(|_| {
+            result.load_duration = proto_duration(started.elapsed());
+        })?;
+        let loaded_top = list
+            .iter()
+            .rev()
+            .find(|info| info.status != "discarded" && same_top(&info.name));
+        result.vcl_name = match loaded_top {
+            Some(info) => {
+                if info.state == "cold" {
+                    let cli = self.cli().await?;
+                    let warmed = cli.vcl_state(&info.name, VclState::Auto).await;
+                    self.note(warmed)?;
+                }
+                info.name.clone()
+            }
+            None => {
+                let name = fresh_vcl_name(&top.version, true);
+                let cli = self.cli().await?;
+                let loaded = cli.vcl_inline(&name, &top.text).await;
+                result.load_duration = proto_duration(started.elapsed());
+                self.note(loaded)?;
+                compiled += 1;
+                name
+            }
+        };
+        result.load_duration = proto_duration(started.elapsed());
         Ok(compiled)
     }
 
-    /// Makes every shard's label exist and point at the shard's VCL, compiling only the shards
-    /// not loaded yet (`list` is what varnishd has); returns how many were compiled. A label of
-    /// a version always points at the VCL of that version, so what a loaded top VCL serves never
-    /// changes here.
-    async fn load_shards(
-        &mut self,
-        list: &[VclInfo],
-        shards: &[vaas_vcl::RenderedVcl],
-    ) -> Result<usize, Error> {
+    /// Compiles the shard and version VCLs of `parts` that `list` does not hold (a VCL is
+    /// named after its version, so one that is loaded is the same); returns how many.
+    async fn load_parts(&mut self, list: &[VclInfo], parts: &SplitParts) -> Result<usize, Error> {
         let mut compiled = 0;
-        for shard in shards {
-            let label = vaas_vcl::shard_label(&shard.version);
-            if list.iter().any(|info| info.name == label) {
-                continue;
-            }
-            let name = format!("{SHARD_VCL_PREFIX}{}", shard.version);
+        for (name, text) in parts.vcls() {
             match list.iter().find(|info| info.name == name) {
                 Some(info) if info.state == "cold" => {
                     let cli = self.cli().await?;
@@ -485,7 +634,7 @@ impl Executor {
                 Some(_) => {}
                 None => {
                     let cli = self.cli().await?;
-                    let loaded = cli.vcl_inline(&name, &shard.text).await;
+                    let loaded = cli.vcl_inline(&name, text).await;
                     match loaded {
                         // Loaded since the list was read (a restore racing a prepare).
                         Err(CliError::Command { ref body, .. })
@@ -495,11 +644,40 @@ impl Executor {
                     compiled += 1;
                 }
             }
-            let cli = self.cli().await?;
-            let labelled = cli.vcl_label(&label, &name).await;
-            self.note(labelled)?;
         }
         Ok(compiled)
+    }
+
+    /// Creates the labels of `labels` that `list` does not hold, pointing at their VCLs.
+    async fn create_missing_labels(
+        &mut self,
+        list: &[VclInfo],
+        labels: &[(String, String)],
+    ) -> Result<(), Error> {
+        for (label, target) in labels {
+            if !list.iter().any(|info| info.name == *label) {
+                let cli = self.cli().await?;
+                let created = cli.vcl_label(label, target).await;
+                self.note(created)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Points every label of `labels` at its VCL (each move is atomic), leaving alone those
+    /// that already do.
+    async fn point_labels(&mut self, labels: &[(String, String)]) -> Result<(), Error> {
+        let cli = self.cli().await?;
+        let list = cli.vcl_list().await;
+        let list = self.note(list)?;
+        for (label, target) in labels {
+            if !points_at(&list, label, target) {
+                let cli = self.cli().await?;
+                let moved = cli.vcl_label(label, target).await;
+                self.note(moved)?;
+            }
+        }
+        Ok(())
     }
 
     /// Activates the VCL of a commit command and starts the child if it is stopped; the
@@ -510,14 +688,12 @@ impl Executor {
             ..Default::default()
         };
         let started = Instant::now();
-        let outcome = self.activate(&command.vcl_name).await;
+        let outcome = self.activate_prepared(&command.vcl_name).await;
         result.use_duration = proto_duration(started.elapsed());
         match outcome {
-            Ok(()) => {
+            Ok(version) => {
                 result.ok = true;
-                result.active_vcl_version = version_from_vcl_name(&command.vcl_name)
-                    .unwrap_or_default()
-                    .to_owned();
+                result.active_vcl_version = version;
                 info!(
                     reload_id = command.reload_id,
                     vcl_name = command.vcl_name,
@@ -537,6 +713,29 @@ impl Executor {
             }
         }
         result
+    }
+
+    /// Activates VCL `name`; for the split VCL prepared under that name, first points its
+    /// labels at its shard and version VCLs. Returns the server's version now active.
+    async fn activate_prepared(&mut self, name: &str) -> Result<String, Error> {
+        let split = self
+            .prepared
+            .as_ref()
+            .filter(|prepared| prepared.name == name)
+            .and_then(|prepared| prepared.split.as_ref())
+            .map(|parts| (parts.labels(), parts.version().to_owned()));
+        let Some((labels, version)) = split else {
+            if is_split_top(name) {
+                return Err(Error::SplitNotPrepared(name.to_owned()));
+            }
+            self.activate(name).await?;
+            return Ok(version_from_vcl_name(name).unwrap_or_default().to_owned());
+        };
+        // Labels first: each shard switches on its own, while the active top VCL (this one, or
+        // the one before it, which names the same labels) hands requests to it.
+        self.point_labels(&labels).await?;
+        self.activate(name).await?;
+        Ok(version)
     }
 
     /// Collects old VCLs; run after the commit's answer was sent, because discarding can take
@@ -561,24 +760,11 @@ impl Executor {
             return Ok(());
         };
         tokio::fs::create_dir_all(dir).await?;
-        let shards = serde_json::Value::Array(
-            kept.shards
-                .iter()
-                .map(|shard| serde_json::json!({"version": shard.version, "text": shard.text}))
-                .collect(),
-        )
-        .to_string();
-        // The shards first: a reader that finds the new name finds its shards.
-        for (file, content) in [
-            (LAST_GOOD_SHARDS, &*shards),
-            (LAST_GOOD_TEXT, &*kept.text),
-            (LAST_GOOD_NAME, &*kept.name),
-        ] {
-            let partial = dir.join(format!("{file}.partial"));
-            tokio::fs::write(&partial, content).await?;
-            tokio::fs::rename(&partial, dir.join(file)).await?;
-        }
-        Ok(())
+        let json = kept_json(kept).to_string();
+        // One file, replaced at once: a top VCL is never read back without its parts.
+        let partial = dir.join(format!("{LAST_GOOD_JSON}.partial"));
+        tokio::fs::write(&partial, json).await?;
+        tokio::fs::rename(&partial, dir.join(LAST_GOOD_JSON)).await
     }
 
     /// Returns the last good VCL: the last one committed by this process, or else the one in
@@ -586,21 +772,22 @@ impl Executor {
     async fn last_good(&mut self) -> Option<LoadedVcl> {
         if self.last_good.is_none() {
             let dir = self.config.state_dir.as_ref()?;
+            if let Ok(json) = tokio::fs::read_to_string(dir.join(LAST_GOOD_JSON)).await {
+                // A damaged file restores nothing rather than a top VCL without its parts.
+                self.last_good = Some(parse_kept(&json)?);
+                return self.last_good.clone();
+            }
+            // Written by an agent before split VCLs: never split.
             let (Ok(name), Ok(text)) = (
                 tokio::fs::read_to_string(dir.join(LAST_GOOD_NAME)).await,
                 tokio::fs::read_to_string(dir.join(LAST_GOOD_TEXT)).await,
             ) else {
                 return None;
             };
-            // Absent when an older agent kept the VCL, which then was not split.
-            let shards = match tokio::fs::read_to_string(dir.join(LAST_GOOD_SHARDS)).await {
-                Ok(json) => parse_kept_shards(&json)?,
-                Err(_) => Vec::new(),
-            };
             self.last_good = Some(LoadedVcl {
                 name: name.trim().to_owned(),
                 text,
-                shards,
+                split: None,
             });
         }
         self.last_good.clone()
@@ -626,14 +813,16 @@ impl Executor {
     /// Loads the last good VCL (unless it is loaded), activates it and starts the child; returns
     /// its name, or `None` when no VCL was ever committed or kept.
     async fn restore(&mut self) -> Result<Option<String>, Error> {
-        let Some(LoadedVcl { name, text, shards }) = self.last_good().await else {
+        let Some(LoadedVcl { name, text, split }) = self.last_good().await else {
             return Ok(None);
         };
-        if !shards.is_empty() {
+        if let Some(parts) = &split {
             let cli = self.cli().await?;
             let list = cli.vcl_list().await;
             let list = self.note(list)?;
-            self.load_shards(&list, &shards).await?;
+            self.load_parts(&list, parts).await?;
+            // Nothing is active: every label may point where the top VCL needs it.
+            self.point_labels(&parts.labels()).await?;
         }
         let cli = self.cli().await?;
         let loaded = cli.vcl_inline(&name, &text).await;
@@ -664,9 +853,11 @@ impl Executor {
         }
         let Verdict::Unhealthy(found) = verdict else {
             self.unrepaired = None;
-            // A shard label freed since the last collection (its last VCL was discarded while a
-            // worker thread still held it): collected now rather than at the next reload.
-            if has_unused_shard_label(&list)
+            // Split parts freed since the last collection (their last VCL was discarded while a
+            // worker thread still held it, or a prepare was aborted): collected now rather than
+            // at the next reload, unless a prepared VCL waits for its commit.
+            if self.prepared.is_none()
+                && has_unused_split_parts(&list)
                 && let Err(error) = self.collect_shards().await
             {
                 warn!(error = %describe(&error), "shard vcl collection failed");
@@ -757,6 +948,8 @@ impl Executor {
             reload_id: command.reload_id.clone(),
             ..Default::default()
         };
+        // What was prepared is not committed: its split parts are collected later.
+        self.prepared = None;
         if command.vcl_name.is_empty() {
             result.ok = true;
             return result;
@@ -821,80 +1014,95 @@ impl Executor {
         self.collect_shards().await
     }
 
-    /// Discards the shard labels no loaded VCL names any more, then the shard VCLs no label
-    /// points at. A label still named by a discarded VCL that is busy waits for a later round.
+    /// Discards the split labels no loaded VCL names any more (left from split VCLs that are
+    /// gone), then the shard and version VCLs no label points at. A label still named by a
+    /// discarded VCL that a worker thread holds waits for a later round.
     async fn collect_shards(&mut self) -> Result<(), Error> {
         let cli = self.cli().await?;
         let list = cli.vcl_list().await;
         let list = self.note(list)?;
-        let unused_labels: Vec<&VclInfo> = list
-            .iter()
-            .filter(|info| info.name.starts_with(SHARD_LABEL_PREFIX))
-            .filter(|info| info.label.as_ref().is_some_and(|target| target.refs == 0))
-            .collect();
-        let mut released: Vec<&str> = Vec::new();
-        for label in &unused_labels {
+        let unused_labels = list.iter().filter(|info| {
+            is_split_label(&info.name) && info.label.as_ref().is_some_and(|to| to.refs == 0)
+        });
+        for label in unused_labels {
             let cli = self.cli().await?;
             let discarded = cli.vcl_discard(&label.name).await;
-            match self.note(discarded) {
-                Ok(()) => {
-                    if let Some(target) = &label.label {
-                        released.push(&target.name);
-                    }
-                }
-                Err(error) => {
-                    warn!(label = label.name, error = %describe(&error), "cannot discard label")
-                }
+            if let Err(error) = self.note(discarded) {
+                warn!(label = label.name, error = %describe(&error), "cannot discard label");
             }
         }
+        let cli = self.cli().await?;
+        let list = cli.vcl_list().await;
+        let list = self.note(list)?;
         let unlabelled = list.iter().filter(|info| {
-            info.name.starts_with(SHARD_VCL_PREFIX)
-                && info.status == "available"
-                && (info.labels == 0 || released.contains(&info.name.as_str()))
+            is_split_part(&info.name) && info.status == "available" && info.labels == 0
         });
-        for shard in unlabelled {
-            // Another label may still point at it (two labels, one VCL): varnishd refuses then.
-            let still_labelled = list.iter().any(|other| {
-                other
-                    .label
-                    .as_ref()
-                    .is_some_and(|target| target.name == shard.name)
-                    && !unused_labels.iter().any(|gone| gone.name == other.name)
-            });
-            if still_labelled {
-                continue;
-            }
+        for part in unlabelled {
             let cli = self.cli().await?;
-            let discarded = cli.vcl_discard(&shard.name).await;
+            let discarded = cli.vcl_discard(&part.name).await;
             if let Err(error) = self.note(discarded) {
-                warn!(vcl_name = shard.name, error = %describe(&error), "cannot discard shard vcl");
+                warn!(vcl_name = part.name, error = %describe(&error), "cannot discard vcl");
             }
         }
         Ok(())
     }
 }
 
-/// Tells whether a shard label is named by no loaded VCL any more.
-fn has_unused_shard_label(list: &[VclInfo]) -> bool {
+/// Tells whether `list` holds split labels no VCL names or shard and version VCLs no label
+/// points at: something for [`Executor::collect_shards`].
+fn has_unused_split_parts(list: &[VclInfo]) -> bool {
     list.iter().any(|info| {
-        info.name.starts_with(SHARD_LABEL_PREFIX)
-            && info.label.as_ref().is_some_and(|target| target.refs == 0)
+        (is_split_label(&info.name) && info.label.as_ref().is_some_and(|to| to.refs == 0))
+            || (is_split_part(&info.name) && info.status == "available" && info.labels == 0)
     })
 }
 
-/// Reads the kept shards (`[{"version", "text"}]`); `None` when the file is damaged, and then
-/// no last good VCL is restored rather than a top VCL without its shards.
-fn parse_kept_shards(json: &str) -> Option<Vec<vaas_vcl::RenderedVcl>> {
-    let items: Vec<serde_json::Value> = serde_json::from_str(json).ok()?;
-    items
-        .into_iter()
-        .map(|item| {
-            Some(vaas_vcl::RenderedVcl {
-                version: item.get("version")?.as_str()?.to_owned(),
-                text: item.get("text")?.as_str()?.to_owned(),
-            })
+/// The JSON kept in the state directory for `kept`.
+fn kept_json(kept: &LoadedVcl) -> serde_json::Value {
+    let rendered =
+        |vcl: &vaas_vcl::RenderedVcl| serde_json::json!({"version": vcl.version, "text": vcl.text});
+    let split = kept.split.as_ref().map(|parts| {
+        serde_json::json!({
+            "shards": parts
+                .shards
+                .iter()
+                .map(|(index, shard)| serde_json::json!({"index": index, "vcl": rendered(shard)}))
+                .collect::<Vec<_>>(),
+            "version_vcl": rendered(&parts.version_vcl),
         })
-        .collect()
+    });
+    serde_json::json!({"name": kept.name, "text": kept.text, "split": split})
+}
+
+/// Reads what [`kept_json`] wrote; `None` when it is damaged.
+fn parse_kept(json: &str) -> Option<LoadedVcl> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    let rendered = |value: &serde_json::Value| {
+        Some(vaas_vcl::RenderedVcl {
+            version: value.get("version")?.as_str()?.to_owned(),
+            text: value.get("text")?.as_str()?.to_owned(),
+        })
+    };
+    let split = match value.get("split") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(split) => Some(SplitParts {
+            shards: split
+                .get("shards")?
+                .as_array()?
+                .iter()
+                .map(|shard| {
+                    let index = usize::try_from(shard.get("index")?.as_u64()?).ok()?;
+                    Some((index, rendered(shard.get("vcl")?)?))
+                })
+                .collect::<Option<_>>()?,
+            version_vcl: rendered(split.get("version_vcl")?)?,
+        }),
+    };
+    Some(LoadedVcl {
+        name: value.get("name")?.as_str()?.to_owned(),
+        text: value.get("text")?.as_str()?.to_owned(),
+        split,
+    })
 }
 
 /// Describes an error for a result message: the compiler's message for a compile error, the
@@ -912,13 +1120,14 @@ fn describe(error: &Error) -> String {
 fn may_pass(error: &Error) -> bool {
     matches!(
         error,
-        Error::Cli(
-            CliError::Connect { .. }
-                | CliError::Io(_)
-                | CliError::Timeout { .. }
-                | CliError::Protocol(_)
-                | CliError::Broken
-        )
+        Error::SplitNotPrepared(_)
+            | Error::Cli(
+                CliError::Connect { .. }
+                    | CliError::Io(_)
+                    | CliError::Timeout { .. }
+                    | CliError::Protocol(_)
+                    | CliError::Broken
+            )
     )
 }
 
@@ -1061,8 +1270,9 @@ mod tests {
 
     #[test]
     fn fresh_names_are_valid_unique_and_carry_the_version() {
-        let first = fresh_vcl_name("0123456789abcdef");
-        let second = fresh_vcl_name("0123456789abcdef");
+        let first = fresh_vcl_name("0123456789abcdef", false);
+        let second = fresh_vcl_name("0123456789abcdef", true);
+        assert!(!is_split_top(&first) && is_split_top(&second));
         assert_ne!(first, second);
         assert!(crate::varnish_cli::check_vcl_name(&first).is_ok());
         assert_eq!(version_from_vcl_name(&first), Some("0123456789abcdef"));

@@ -157,6 +157,10 @@ pub enum Error {
     /// A varnishd CLI operation failed.
     #[error(transparent)]
     Cli(#[from] CliError),
+    /// A commit names a split top VCL whose prepare this agent does not remember (it restarted
+    /// in between): without it the labels cannot be moved, so the reload must prepare again.
+    #[error("split vcl {0} was not prepared by this agent: prepare it again")]
+    SplitNotPrepared(String),
 }
 
 /// Runs the agent until `shutdown` is cancelled. Returns an error only for a configuration that

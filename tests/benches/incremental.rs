@@ -51,7 +51,14 @@ async fn main() -> Result<()> {
     let split = System::builder(StoreKind::Sqlite);
     measure("split: one backend changed", split, directors, rounds, true).await?;
     let single = System::builder(StoreKind::Sqlite).single_vcl();
-    measure("single VCL: one backend changed", single, directors, 2, false).await?;
+    measure(
+        "single VCL: one backend changed",
+        single,
+        directors,
+        2,
+        false,
+    )
+    .await?;
     Ok(())
 }
 

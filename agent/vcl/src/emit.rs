@@ -83,7 +83,7 @@ impl Leaves {
             headers: headers(plan),
             backends: backends(plan),
             directors: directors(plan),
-            vaas_status: vaas_status(),
+            vaas_status: vaas_status(plan),
             router: router(plan),
             flexible_router: flexible_router(plan),
             other_functions: other_functions(version),
@@ -247,12 +247,19 @@ fn directors(plan: &Plan) -> String {
     out
 }
 
-fn vaas_status() -> String {
-    "if (req.url == \"/vaas_status\" && (req.method == \"GET\" || req.method == \"HEAD\")) {\n    \
-     return (synth(200, \"vaas_status\"));\n}\n\
-     if (req.url == \"/vaas_version\" && (req.method == \"GET\" || req.method == \"HEAD\")) {\n    \
-     return (synth(200, \"vaas_version\"));\n}"
-        .to_owned()
+/// Answers `/vaas_status`, and `/vaas_version` (in the top VCL of a split render, the VCL of
+/// the version label answers it).
+fn vaas_status(plan: &Plan) -> String {
+    let version_answer = match &plan.version_label {
+        Some(label) => format!("return (vcl({label}));"),
+        None => "return (synth(200, \"vaas_version\"));".to_owned(),
+    };
+    format!(
+        "if (req.url == \"/vaas_status\" && (req.method == \"GET\" || req.method == \"HEAD\")) {{\n    \
+         return (synth(200, \"vaas_status\"));\n}}\n\
+         if (req.url == \"/vaas_version\" && (req.method == \"GET\" || req.method == \"HEAD\")) {{\n    \
+         {version_answer}\n}}"
+    )
 }
 
 /// The director's `.backend()` call: hash directors hash the URL, or the cookie header when

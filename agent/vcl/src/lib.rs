@@ -137,8 +137,8 @@
 //! [`render_split`] renders a large server's VCL as a top VCL without backends and shard VCLs
 //! holding the directors' backends, reached with `return (vcl(label))`, so that a backend change
 //! recompiles one shard instead of every backend (see the `split` module's documentation for how
-//! it serves exactly what the single VCL serves, and which templates are never split). The top
-//! VCL's version is then the server's version.
+//! it serves exactly what the single VCL serves, and which templates are never split). The
+//! server's version is then a hash of the top's and the shards' versions.
 
 mod emit;
 mod model;
@@ -147,7 +147,7 @@ pub mod redirects;
 pub mod routing;
 pub mod rules;
 mod split;
-pub use split::{SplitOptions, SplitVcl, render_split, shard_label};
+pub use split::{SplitOptions, SplitVcl, VERSION_LABEL, render_split, shard_label};
 mod template;
 pub use template::OVERRIDABLE_TAGS;
 mod variables;
@@ -429,8 +429,8 @@ pub struct BackendGroup {
 
 /// Explains what the VCL of server `server_id` rendered from `snapshot` does with `request`.
 ///
-/// The version is the one the server runs with the agent's default layout: the top VCL's when
-/// [`SplitOptions::default`] splits it, the single VCL's otherwise.
+/// The version is the one the server runs with the agent's default layout: the split VCL's
+/// ([`SplitVcl::version`]) when [`SplitOptions::default`] splits it, the single VCL's otherwise.
 pub fn explain(
     snapshot: &ClusterSnapshot,
     server_id: i64,
@@ -438,7 +438,7 @@ pub fn explain(
 ) -> Result<Explanation, RenderError> {
     let (plan, vcl) = render_plan(snapshot, server_id)?;
     let version = match render_split(snapshot, server_id, SplitOptions::default())? {
-        Some(split) => split.top.version,
+        Some(split) => split.version().to_owned(),
         None => vcl.version,
     };
     let decision = plan.routing.decide(request);

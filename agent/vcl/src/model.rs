@@ -76,6 +76,8 @@ pub(crate) struct Plan {
     pub(crate) directors: Vec<DirectorPlan>,
     /// The routes, tried before the directors' route expressions.
     pub(crate) routing: RoutingTable,
+    /// Set in the top VCL of a split render: `/vaas_version` goes to the VCL of this label.
+    pub(crate) version_label: Option<String>,
 }
 
 /// One `probe` declaration, validated.
@@ -294,6 +296,7 @@ impl Plan {
             backends: backends_out,
             directors: directors_out,
             routing,
+            version_label: None,
         })
     }
 }

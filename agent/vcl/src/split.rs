@@ -6,10 +6,10 @@
 //! that VCL runs from its own `vcl_recv` on. The split uses that:
 //!
 //! - **Top VCL** (the active one): the whole built-in template without backends or `vcl_init`
-//!   objects. It answers `/vaas_status` and `/vaas_version`, runs the redirects, the routes and
-//!   the router, answers every synthetic response (redirects, HTTPS redirects, 404s), and where
-//!   the single VCL would choose a director's backend it returns `vcl(vaas_l_<version>)`, the
-//!   label of the shard holding that director.
+//!   objects. It answers `/vaas_status`, runs the redirects, the routes and the router, answers
+//!   every synthetic response (redirects, HTTPS redirects, 404s), and where the single VCL would
+//!   choose a director's backend it returns `vcl(vaas_shard_<n>)`, the label of the shard
+//!   holding that director; `/vaas_version` goes to the label [`VERSION_LABEL`].
 //! - **Shard VCLs**: the same template with the backends, probes and directors of the directors
 //!   whose name hashes to the shard, the routes to those directors and the router entries of
 //!   those directors, in the same order, and no redirects. The request it receives is the one the
@@ -17,14 +17,20 @@
 //!   the shard's (a subset, in the same order) is the director the top chose: backends, DC
 //!   fall-back, `remove_path`, pass and pipe happen exactly as in the single VCL.
 //!
-//! A shard's label is named after the shard VCL's version (`vaas_l_<version>`), so the top VCL's
-//! text, and therefore its version, covers every shard: the top's version is the server's
-//! version, and an unchanged shard keeps its label and is not compiled again. Loading a new top
-//! never changes what an existing label serves, so the two phases of a reload hold.
+//! - **Version VCL**: answers `/vaas_version` with the server's version, [`SplitVcl::version`],
+//!   a hash of the top's and every shard's version.
+//!
+//! The labels are stable (one per shard number, and the version label), so the top VCL's text
+//! does not change when only backends do: a backend change compiles its shard and the tiny
+//! version VCL, and the agent moves their labels at commit. A director's shard number depends
+//! on its name only, so moving labels one after the other never sends a request to a shard that
+//! lacks its director (except, for a moment, a director created or deleted by that change).
 //!
 //! **What differs from the single VCL**: a response a shard serves carries the shard's version in
-//! `X-VaaS-VCL-Version` (the top's version is in every synthetic response and in
-//! `/vaas_version`); the shards' backends are listed under their shard VCLs' names.
+//! `X-VaaS-VCL-Version`, a synthetic response of the top VCL the top's version; `/vaas_version`
+//! answers the server's version as the single VCL does. The shards' backends are listed under
+//! their shard VCLs' names, and a commit that changes several shards switches them one after
+//! the other (each switch is atomic) instead of all at once.
 //!
 //! **Templates that are not split** (rendered as one VCL): a template other than `<VCL/>`, or
 //! one with template blocks (custom text could branch on the backends or restart), a cluster with
@@ -62,19 +68,31 @@ impl Default for SplitOptions {
     }
 }
 
-/// A server's VCL split into a top VCL and shard VCLs.
+/// A server's VCL split into a top VCL, shard VCLs and a version VCL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SplitVcl {
-    /// The VCL to activate; its version is the server's version.
+    /// The VCL to activate.
     pub top: RenderedVcl,
-    /// The shard VCLs, by shard: each must be loaded and labelled [`shard_label`] of its
-    /// version before the top VCL is loaded.
-    pub shards: Vec<RenderedVcl>,
+    /// The shard VCLs with their shard numbers: each is labelled [`shard_label`] of its number.
+    pub shards: Vec<(usize, RenderedVcl)>,
+    /// The VCL labelled [`VERSION_LABEL`], answering `/vaas_version`; its `version` is the
+    /// server's version.
+    pub version_vcl: RenderedVcl,
 }
 
-/// The label the top VCL hands requests to for the shard VCL of `version`.
-pub fn shard_label(version: &str) -> String {
-    format!("vaas_l_{version}")
+impl SplitVcl {
+    /// The server's version: a hash of the top's and every shard's version.
+    pub fn version(&self) -> &str {
+        &self.version_vcl.version
+    }
+}
+
+/// The label the top VCL hands requests for `/vaas_version` to.
+pub const VERSION_LABEL: &str = "vaas_version";
+
+/// The label the top VCL hands requests for the directors of shard `index` to.
+pub fn shard_label(index: usize) -> String {
+    format!("vaas_shard_{index}")
 }
 
 /// Renders the VCL of server `server_id` split into shards, or `None` when this server's VCL is
@@ -115,31 +133,60 @@ pub fn render_split(
             .insert(director.name.as_str());
     }
     let mut shards = Vec::with_capacity(by_shard.len());
-    let mut label_of_director: BTreeMap<&str, String> = BTreeMap::new();
-    for names in by_shard.values() {
-        let shard = write_vcl(
-            &template.content,
-            &shard_plan(&plan, names),
-            &blocks,
-            &variables,
-        )?;
-        let label = shard_label(&shard.version);
-        for name in names {
-            label_of_director.insert(name, label.clone());
-        }
-        shards.push(shard);
+    for (index, names) in &by_shard {
+        let plan = shard_plan(&plan, names);
+        shards.push((
+            *index,
+            write_vcl(&template.content, &plan, &blocks, &variables)?,
+        ));
     }
     let mut top = plan.clone();
     top.backends.clear();
     top.probes.clear();
+    top.version_label = Some(VERSION_LABEL.to_owned());
     for director in &mut top.directors {
         if !director.groups.is_empty() {
-            director.label = label_of_director.get(director.name.as_str()).cloned();
+            director.label = Some(shard_label(shard_of(&director.name, shard_count)));
             director.groups.clear();
         }
     }
     let top = write_vcl(&template.content, &top, &blocks, &variables)?;
-    Ok(Some(SplitVcl { top, shards }))
+    let version_vcl = version_vcl(plan.syntax, &top, &shards);
+    Ok(Some(SplitVcl {
+        top,
+        shards,
+        version_vcl,
+    }))
+}
+
+/// The VCL answering `/vaas_version` as the single VCL does: 200, reason OK, the version as
+/// plain text and in `X-VaaS-VCL-Version`.
+fn version_vcl(syntax: &str, top: &RenderedVcl, shards: &[(usize, RenderedVcl)]) -> RenderedVcl {
+    let mut parts = format!("top {}\n", top.version);
+    for (index, shard) in shards {
+        parts.push_str(&format!("shard {index} {}\n", shard.version));
+    }
+    let version = crate::version_of(&parts);
+    let listing: Vec<String> = shards
+        .iter()
+        .map(|(index, shard)| format!("#   shard {index}: {}", shard.version))
+        .collect();
+    let text = format!(
+        "vcl {syntax};\n\n\
+         # The version of a split VCL, from its top VCL {top} and its shards:\n{listing}\n\n\
+         backend {placeholder} {{\n    .host = \"127.0.0.1\";\n    .port = \"9\";\n}}\n\n\
+         sub vcl_recv {{\n    return (synth(200, \"vaas_version\"));\n}}\n\n\
+         sub vcl_synth {{\n    \
+         set resp.http.X-VaaS-VCL-Version = \"{version}\";\n    \
+         set resp.http.Content-Type = \"text/plain; charset=utf-8\";\n    \
+         set resp.reason = \"OK\";\n    \
+         set resp.body = \"{version}\";\n    \
+         return (deliver);\n}}\n",
+        top = top.version,
+        listing = listing.join("\n"),
+        placeholder = crate::emit::PLACEHOLDER_BACKEND,
+    );
+    RenderedVcl { text, version }
 }
 
 /// The shard of a director: a stable hash of its name (names are unique regardless of case).

@@ -336,6 +336,7 @@ mod tests {
             directors: vec![],
             routing: crate::routing::RoutingTable::build(&Default::default())
                 .expect("an empty snapshot has an empty routing table"),
+            version_label: None,
         }
     }
 
