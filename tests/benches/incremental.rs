@@ -11,8 +11,8 @@
 //! - **VaaS**: a synchronous write changing one backend's connection limit (a VCL never loaded
 //!   before) until it answers, which is once the reload is active on every server;
 //! - **floor**: what varnishd itself needs for the same change, over the admin CLI: for the
-//!   split VCL, `vcl.inline` of the changed shard's text, `vcl.label` onto it, `vcl.inline` of
-//!   the top VCL and `vcl.use`; for the single VCL, `vcl.inline` + `vcl.use` of its text.
+//!   split VCL, `vcl.inline` of the changed shard's text and of the version VCL's, and a
+//!   `vcl.label` onto each; for the single VCL, `vcl.inline` + `vcl.use` of its text.
 //! - **first load of the split VCL** (floor only): every shard and the top compiled afresh, what
 //!   a server pays once (a new server, a restarted varnishd, the first split).
 //!
@@ -25,7 +25,7 @@ use anyhow::{Context, Result, ensure};
 use vaas_agent::varnish_cli::{CliTimeouts, VarnishCli};
 use vaas_proto::v1::{
     Backend, CreateBackendRequest, CreateDirectorRequest, CreateRouteRequest, Director, Route,
-    RouteAction, RouteLeft, RouteOperator, TaskState, UpdateBackendRequest,
+    RouteAction, RouteLeft, RouteOperator, TaskState,
 };
 use vaas_testkit::HttpOrigin;
 use vaas_tests::{StoreKind, System, SystemBuilder, backend_for, respond_async, route_condition};
@@ -75,24 +75,7 @@ async fn measure(
     let setup = system.set_up().await?;
     let origin = HttpOrigin::start("bench-origin").await?;
     let changed = populate(&system, &setup, directors, &origin).await?;
-    let mut vaas = Vec::with_capacity(rounds);
-    for round in 0..rounds {
-        let started = Instant::now();
-        system
-            .config()
-            .update_backend(UpdateBackendRequest {
-                backend: Some(Backend {
-                    id: changed,
-                    max_connections: Some(100 + round as u32),
-                    ..Default::default()
-                }),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["max_connections".into()],
-                }),
-            })
-            .await?;
-        vaas.push(started.elapsed());
-    }
+    let mut vaas = system.time_backend_updates(changed, 100, rounds).await?;
 
     let varnishd = system.varnishd(0);
     let secret = std::fs::read(varnishd.secret_file())?;
@@ -124,19 +107,30 @@ async fn measure(
     let mut floor = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let top_copy = format!("floor_top{round}");
-        if let Some((label, shard)) = labels.first() {
-            let shard_text = cli.command(&["vcl.show", shard]).await?.body;
-            let shard_copy = format!("floor_shard{round}");
+        if split {
+            // The shard of the changed backend and the version VCL, compiled afresh (copies of
+            // the same text) and labelled; the top VCL stays.
+            let mut copies = Vec::new();
+            for (label, target) in labels
+                .iter()
+                .filter(|(label, _)| label.starts_with("vaas_shard_"))
+                .take(1)
+                .chain(labels.iter().filter(|(label, _)| label == "vaas_version"))
+            {
+                let text = cli.command(&["vcl.show", target]).await?.body;
+                copies.push((label.clone(), target.clone(), text));
+            }
             let started = Instant::now();
-            cli.vcl_inline(&shard_copy, &shard_text).await?;
-            cli.vcl_label(label, &shard_copy).await?;
-            cli.vcl_inline(&top_copy, &top).await?;
-            cli.vcl_use(&top_copy).await?;
+            for (index, (label, _, text)) in copies.iter().enumerate() {
+                let copy = format!("floor{round}_{index}");
+                cli.vcl_inline(&copy, text).await?;
+                cli.vcl_label(label, &copy).await?;
+            }
             floor.push(started.elapsed());
-            cli.vcl_use(&active).await?;
-            cli.vcl_label(label, shard).await?;
-            cli.vcl_discard(&top_copy).await?;
-            cli.vcl_discard(&shard_copy).await?;
+            for (index, (label, target, _)) in copies.iter().enumerate() {
+                cli.vcl_label(label, target).await?;
+                cli.vcl_discard(&format!("floor{round}_{index}")).await?;
+            }
         } else {
             let started = Instant::now();
             cli.vcl_inline(&top_copy, &top).await?;

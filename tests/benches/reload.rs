@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use tonic::Request;
 use tonic::metadata::MetadataValue;
 use vaas_agent::varnish_cli::{CliTimeouts, VarnishCli};
-use vaas_proto::v1::{Backend, CreateBackendRequest, TaskState, UpdateBackendRequest};
+use vaas_proto::v1::{Backend, CreateBackendRequest, TaskState};
 use vaas_testkit::HttpOrigin;
 use vaas_tests::{StoreKind, System, backend_for};
 
@@ -125,28 +125,8 @@ async fn bench_size(size: usize, servers: usize, rounds: usize) -> Result<()> {
         (0, Vec::new())
     };
 
-    // VaaS: synchronous writes that each produce a VCL never loaded before (a backend's
-    // connection limit; flipping back and forth would reuse the VCLs the agent keeps loaded).
-    let mut vaas = Vec::with_capacity(rounds);
-    for round in 0..rounds {
-        // A partial update: only the id and the one changed field travel.
-        let backend = Backend {
-            id: first.id,
-            max_connections: Some(10 + round as u32),
-            ..Backend::default()
-        };
-        let started = Instant::now();
-        system
-            .config()
-            .update_backend(UpdateBackendRequest {
-                backend: Some(backend),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["max_connections".to_owned()],
-                }),
-            })
-            .await?;
-        vaas.push(started.elapsed());
-    }
+    // VaaS: synchronous writes that each produce a VCL never loaded before.
+    let mut vaas = system.time_backend_updates(first.id, 10, rounds).await?;
 
     // The floor: the same VCL text straight into the same varnishd.
     let varnishd = system.varnishd(0);

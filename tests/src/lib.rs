@@ -32,8 +32,8 @@ use vaas_proto::v1::{
     CreateDirectorRequest, CreateTokenRequest, CreateVarnishServerRequest,
     CreateVclTemplateRequest, Dc, Director, GetClusterRequest, GetTaskRequest,
     GetVarnishServerRequest, Role, RouteCondition, RouteLeft, RouteOperator, ServerStatus,
-    SyncState, Task, TaskState, UpdateVarnishServerRequest, VarnishServer, VclTemplate,
-    WatchTaskRequest,
+    SyncState, Task, TaskState, UpdateBackendRequest, UpdateVarnishServerRequest, VarnishServer,
+    VclTemplate, WatchTaskRequest,
 };
 use vaas_testkit::{Nats, Postgres, ServiceProcess, TlsFiles, Varnishd, free_port};
 
@@ -544,6 +544,37 @@ impl System {
             .into_inner()
             .task
             .context("GetTask answered no task")
+    }
+
+    /// Times `rounds` synchronous writes of backend `id`, each setting another connection limit
+    /// (from `first_limit` on), so each produces a VCL never loaded before (flipping back and
+    /// forth would reuse the VCLs the agent keeps loaded); returns how long each took to answer,
+    /// which is until the reload is active on every server. A partial update: only the id and
+    /// the changed field travel.
+    pub async fn time_backend_updates(
+        &self,
+        id: i64,
+        first_limit: u32,
+        rounds: usize,
+    ) -> Result<Vec<Duration>> {
+        let mut answers = Vec::with_capacity(rounds);
+        for round in 0..rounds {
+            let started = std::time::Instant::now();
+            self.config()
+                .update_backend(UpdateBackendRequest {
+                    backend: Some(Backend {
+                        id,
+                        max_connections: Some(first_limit + round as u32),
+                        ..Backend::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["max_connections".to_owned()],
+                    }),
+                })
+                .await?;
+            answers.push(started.elapsed());
+        }
+        Ok(answers)
     }
 
     /// Follows a task with WatchTask until the stream ends (after a terminal state); returns

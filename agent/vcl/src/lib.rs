@@ -362,19 +362,42 @@ fn render_plan(
     snapshot: &ClusterSnapshot,
     server_id: i64,
 ) -> Result<(model::Plan, RenderedVcl), RenderError> {
-    let plan = model::Plan::build(snapshot, server_id)?;
-    let template = snapshot
-        .templates
-        .iter()
-        .find(|template| template.id == plan.template_id)
-        .ok_or(RenderError::TemplateNotFound {
-            server_id,
-            template_id: plan.template_id,
-        })?;
-    let variables = variables::Variables::new(&snapshot.variables)?;
-    let blocks = template::Blocks::of_template(&snapshot.template_blocks, template.id);
-    let vcl = write_vcl(&template.content, &plan, &blocks, &variables)?;
-    Ok((plan, vcl))
+    let inputs = Inputs::read(snapshot, server_id)?;
+    let vcl = write_vcl(
+        &inputs.template.content,
+        &inputs.plan,
+        &inputs.blocks,
+        &inputs.variables,
+    )?;
+    Ok((inputs.plan, vcl))
+}
+
+/// What rendering one server's VCL starts from: its plan, template, blocks and variables.
+struct Inputs<'a> {
+    plan: model::Plan,
+    template: &'a vaas_proto::v1::VclTemplate,
+    blocks: template::Blocks<'a>,
+    variables: variables::Variables<'a>,
+}
+
+impl<'a> Inputs<'a> {
+    fn read(snapshot: &'a ClusterSnapshot, server_id: i64) -> Result<Inputs<'a>, RenderError> {
+        let plan = model::Plan::build(snapshot, server_id)?;
+        let template = snapshot
+            .templates
+            .iter()
+            .find(|template| template.id == plan.template_id)
+            .ok_or(RenderError::TemplateNotFound {
+                server_id,
+                template_id: plan.template_id,
+            })?;
+        Ok(Inputs {
+            variables: variables::Variables::new(&snapshot.variables)?,
+            blocks: template::Blocks::of_template(&snapshot.template_blocks, template.id),
+            template,
+            plan,
+        })
+    }
 }
 
 /// Expands `template` for `plan`, refuses forbidden constructs and writes the version in.

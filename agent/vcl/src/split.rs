@@ -45,7 +45,7 @@ use vaas_proto::v1::ClusterSnapshot;
 
 use crate::model::Plan;
 use crate::routing::RouteRule;
-use crate::{RenderError, RenderedVcl, template, variables, write_vcl};
+use crate::{RenderError, RenderedVcl, write_vcl};
 
 /// How a server's VCL is split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,17 +102,12 @@ pub fn render_split(
     server_id: i64,
     options: SplitOptions,
 ) -> Result<Option<SplitVcl>, RenderError> {
-    let plan = Plan::build(snapshot, server_id)?;
-    let template = snapshot
-        .templates
-        .iter()
-        .find(|template| template.id == plan.template_id)
-        .ok_or(RenderError::TemplateNotFound {
-            server_id,
-            template_id: plan.template_id,
-        })?;
-    let variables = variables::Variables::new(&snapshot.variables)?;
-    let blocks = template::Blocks::of_template(&snapshot.template_blocks, template.id);
+    let crate::Inputs {
+        plan,
+        template,
+        blocks,
+        variables,
+    } = crate::Inputs::read(snapshot, server_id)?;
     let splittable = template.content.trim() == "<VCL/>"
         && blocks.is_empty()
         && !plan
