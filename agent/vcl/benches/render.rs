@@ -169,6 +169,14 @@ fn main() {
     let (render_p50, render_min) = time(rounds, || {
         black_box(vaas_vcl::render(black_box(&snapshot), SERVER_ID).expect("renders"));
     });
+    let options = vaas_vcl::SplitOptions::default();
+    let (split_p50, split_min) = time(rounds, || {
+        black_box(
+            vaas_vcl::render_split(black_box(&snapshot), SERVER_ID, options)
+                .expect("renders")
+                .expect("splits"),
+        );
+    });
     let (floor_p50, floor_min) = time(rounds, || {
         let copy = black_box(&vcl.text).clone();
         black_box(Sha256::digest(copy.as_bytes()));
@@ -184,6 +192,12 @@ fn main() {
         "| render (target < 20 ms) | {} | {} |",
         millis(render_p50),
         millis(render_min)
+    );
+    println!(
+        "| split render: top, {} shards and the version VCL | {} | {} |",
+        options.shards,
+        millis(split_p50),
+        millis(split_min)
     );
     println!(
         "| floor: copy + SHA-256 of the text | {} | {} |",
