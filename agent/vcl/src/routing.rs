@@ -8,7 +8,7 @@
 //! synthetic 404). Regular expressions use PCRE2, varnishd's engine.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::OnceLock;
 
@@ -432,6 +432,26 @@ impl RoutingTable {
             routes,
             directors,
         })
+    }
+
+    /// The part of the table a shard VCL needs: the routes to, and the rules of, the directors
+    /// named in `directors`, in the same order; no redirects.
+    pub(crate) fn for_directors(&self, directors: &BTreeSet<&str>) -> RoutingTable {
+        RoutingTable {
+            redirects: RedirectTable::default(),
+            routes: self
+                .routes
+                .iter()
+                .filter(|route| directors.contains(route.director.as_str()))
+                .cloned()
+                .collect(),
+            directors: self
+                .directors
+                .iter()
+                .filter(|director| directors.contains(director.name.as_str()))
+                .cloned()
+                .collect(),
+        }
     }
 
     /// Returns what the router picks for `request`.

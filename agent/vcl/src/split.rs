@@ -192,35 +192,45 @@ fn shard_of(name: &str, shard_count: usize) -> usize {
     (u64::from_be_bytes(first) % shard_count as u64) as usize
 }
 
-/// The plan of one shard: the named directors with their backends and probes, the routes (the
-/// emitter leaves out routes to directors not in the plan), no redirects.
+/// The plan of one shard: the named directors with their backends and probes, the routes to
+/// them and their router entries, in the same order; no redirects. Built from the parts it
+/// keeps, without copying the rest of the server's plan.
 fn shard_plan(plan: &Plan, directors: &BTreeSet<&str>) -> Plan {
-    let mut shard = plan.clone();
-    shard
+    let kept: Vec<_> = plan
         .directors
-        .retain(|director| directors.contains(director.name.as_str()));
-    let members: BTreeSet<&str> = shard
-        .directors
+        .iter()
+        .filter(|director| directors.contains(director.name.as_str()))
+        .cloned()
+        .collect();
+    let members: BTreeSet<&str> = kept
         .iter()
         .flat_map(|director| &director.groups)
         .flat_map(|group| &group.members)
         .map(|(backend, _)| backend.as_str())
         .collect();
-    shard
+    let backends: Vec<_> = plan
         .backends
-        .retain(|backend| members.contains(backend.vcl_name.as_str()));
-    let probes: BTreeSet<&str> = shard
-        .backends
+        .iter()
+        .filter(|backend| members.contains(backend.vcl_name.as_str()))
+        .cloned()
+        .collect();
+    let used: BTreeSet<&str> = backends
         .iter()
         .filter_map(|backend| backend.probe.as_deref())
         .collect();
-    let kept_probes: Vec<_> = plan
-        .probes
-        .iter()
-        .filter(|probe| probes.contains(probe.vcl_name.as_str()))
-        .cloned()
-        .collect();
-    shard.probes = kept_probes;
-    shard.routing.redirects.groups.clear();
-    shard
+    Plan {
+        template_id: plan.template_id,
+        syntax: plan.syntax,
+        active: plan.active,
+        probes: plan
+            .probes
+            .iter()
+            .filter(|probe| used.contains(probe.vcl_name.as_str()))
+            .cloned()
+            .collect(),
+        backends,
+        directors: kept,
+        routing: plan.routing.for_directors(directors),
+        version_label: None,
+    }
 }
