@@ -270,6 +270,14 @@ async fn a_backend_change_changes_one_shard_and_keeps_the_others() -> Result<()>
         .filter(|version| !versions(&before).contains(version))
         .collect();
     ensure!(changed.len() == 1, "changed shards: {changed:?}");
+    // Every shard is one the top VCL hands requests to (the virtual director has none).
+    for (index, _) in &after.shards {
+        let label = vaas_vcl::shard_label(*index);
+        ensure!(
+            after.top.text.contains(&format!("vcl({label})")),
+            "{label} is named by no route or router entry"
+        );
+    }
     // The top VCL names shards by number: a backend change leaves it as it was.
     ensure!(before.top == after.top, "the top VCL changed");
     ensure!(
