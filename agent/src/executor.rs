@@ -3,7 +3,8 @@
 //! (`vcl.discard`). A split VCL ([`vaas_vcl::render_split`]) prepares by loading the shard VCLs
 //! (`vaasd-<version>`) and the version VCL (`vaasv-<server version>`) that are not loaded yet,
 //! and the top VCL (`vaas-<version>-split-...`) unless it is; its commit points the stable
-//! labels at the new shard and version VCLs, then activates the top VCL; between commands, checks that varnishd still runs what the scheduler was
+//! labels at the new shard and version VCLs, then activates the top VCL. Between commands, it
+//! checks that varnishd still runs what the scheduler was
 //! told ([`assess`] decides) and repairs an empty varnishd or a stopped child.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,38 +92,42 @@ impl SplitParts {
         &self.version_vcl.version
     }
 
-    /// The name and text of every shard VCL and of the version VCL.
-    fn vcls(&self) -> Vec<(String, &str)> {
-        let mut vcls: Vec<(String, &str)> = self
-            .shards
-            .iter()
-            .map(|(_, shard)| (format!("{SHARD_VCL_PREFIX}{}", shard.version), &*shard.text))
-            .collect();
-        vcls.push((
+    /// Every shard VCL and the version VCL: the label the top VCL names it by, its VCL name
+    /// (after its version: a loaded VCL of that name is the same) and its text.
+    fn vcls(&self) -> Vec<(String, String, &str)> {
+        let shards = self.shards.iter().map(|(index, shard)| {
+            (
+                vaas_vcl::shard_label(*index),
+                format!("{SHARD_VCL_PREFIX}{}", shard.version),
+                &*shard.text,
+            )
+        });
+        let version = (
+            vaas_vcl::VERSION_LABEL.to_owned(),
             format!("{VERSION_VCL_PREFIX}{}", self.version_vcl.version),
-            &self.version_vcl.text,
-        ));
-        vcls
+            &*self.version_vcl.text,
+        );
+        shards.chain([version]).collect()
     }
 
     /// Every label the top VCL names, with the VCL it must point at.
     fn labels(&self) -> Vec<(String, String)> {
-        let mut labels: Vec<(String, String)> = self
-            .shards
-            .iter()
-            .map(|(index, shard)| {
-                (
-                    vaas_vcl::shard_label(*index),
-                    format!("{SHARD_VCL_PREFIX}{}", shard.version),
-                )
-            })
-            .collect();
-        labels.push((
-            vaas_vcl::VERSION_LABEL.to_owned(),
-            format!("{VERSION_VCL_PREFIX}{}", self.version_vcl.version),
-        ));
-        labels
+        self.vcls()
+            .into_iter()
+            .map(|(label, name, _)| (label, name))
+            .collect()
     }
+}
+
+/// Tells whether `info` is a split label no loaded VCL names (left from split VCLs that are
+/// gone, or from an aborted prepare).
+fn is_unused_label(info: &VclInfo) -> bool {
+    is_split_label(&info.name) && info.label.as_ref().is_some_and(|to| to.refs == 0)
+}
+
+/// Tells whether `info` is a shard or version VCL no label points at.
+fn is_unused_part(info: &VclInfo) -> bool {
+    is_split_part(&info.name) && info.status == "available" && info.labels == 0
 }
 
 /// Tells whether `label` exists in `list` and points at `target`.
@@ -583,48 +588,49 @@ impl Executor {
             return Ok(0);
         }
         let started = Instant::now();
-        let mut compiled = self.load_parts(&list, parts).await;
-        if let Ok(count) = &compiled {
-            compiled = self
-                .create_missing_labels(&list, &labels)
-                .await
-                .map(|()| *count);
-        }
-        let mut compiled = compiled.inspect_err(|_| {
-            result.load_duration = proto_duration(started.elapsed());
-        })?;
-        let loaded_top = list
-            .iter()
-            .rev()
-            .find(|info| info.status != "discarded" && same_top(&info.name));
-        result.vcl_name = match loaded_top {
-            Some(info) => {
-                if info.state == "cold" {
-                    let cli = self.cli().await?;
-                    let warmed = cli.vcl_state(&info.name, VclState::Auto).await;
-                    self.note(warmed)?;
-                }
-                info.name.clone()
-            }
-            None => {
-                let name = fresh_vcl_name(&top.version, true);
-                let cli = self.cli().await?;
-                let loaded = cli.vcl_inline(&name, &top.text).await;
-                result.load_duration = proto_duration(started.elapsed());
-                self.note(loaded)?;
-                compiled += 1;
-                name
-            }
-        };
+        let loaded = self.load_split_missing(&list, top, parts).await;
         result.load_duration = proto_duration(started.elapsed());
+        let (name, compiled) = loaded?;
+        result.vcl_name = name;
         Ok(compiled)
+    }
+
+    /// Loads what a split VCL needs and `list` lacks: its parts, its labels that do not exist
+    /// yet (no loaded VCL names them, so nothing served changes), and its top VCL unless one of
+    /// its version is loaded. Returns the top VCL's name and how many VCLs were compiled.
+    async fn load_split_missing(
+        &mut self,
+        list: &[VclInfo],
+        top: &vaas_vcl::RenderedVcl,
+        parts: &SplitParts,
+    ) -> Result<(String, usize), Error> {
+        let compiled = self.load_parts(list, parts).await?;
+        self.apply_labels(list, &parts.labels(), false).await?;
+        let loaded_top = list.iter().rev().find(|info| {
+            info.status != "discarded"
+                && is_split_top(&info.name)
+                && version_from_vcl_name(&info.name) == Some(top.version.as_str())
+        });
+        if let Some(info) = loaded_top {
+            if info.state == "cold" {
+                let cli = self.cli().await?;
+                let warmed = cli.vcl_state(&info.name, VclState::Auto).await;
+                self.note(warmed)?;
+            }
+            return Ok((info.name.clone(), compiled));
+        }
+        let name = fresh_vcl_name(&top.version, true);
+        let cli = self.cli().await?;
+        let loaded = cli.vcl_inline(&name, &top.text).await;
+        self.note(loaded)?;
+        Ok((name, compiled + 1))
     }
 
     /// Compiles the shard and version VCLs of `parts` that `list` does not hold (a VCL is
     /// named after its version, so one that is loaded is the same); returns how many.
     async fn load_parts(&mut self, list: &[VclInfo], parts: &SplitParts) -> Result<usize, Error> {
         let mut compiled = 0;
-        for (name, text) in parts.vcls() {
+        for (_, name, text) in parts.vcls() {
             match list.iter().find(|info| info.name == name) {
                 Some(info) if info.state == "cold" => {
                     let cli = self.cli().await?;
@@ -648,33 +654,20 @@ impl Executor {
         Ok(compiled)
     }
 
-    /// Creates the labels of `labels` that `list` does not hold, pointing at their VCLs.
-    async fn create_missing_labels(
+    /// Points the labels of `labels` at their VCLs (each move is atomic): those missing from
+    /// `list`, and with `move_existing` also those pointing elsewhere.
+    async fn apply_labels(
         &mut self,
         list: &[VclInfo],
         labels: &[(String, String)],
+        move_existing: bool,
     ) -> Result<(), Error> {
         for (label, target) in labels {
-            if !list.iter().any(|info| info.name == *label) {
+            let exists = list.iter().any(|info| info.name == *label);
+            if !exists || (move_existing && !points_at(list, label, target)) {
                 let cli = self.cli().await?;
-                let created = cli.vcl_label(label, target).await;
-                self.note(created)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Points every label of `labels` at its VCL (each move is atomic), leaving alone those
-    /// that already do.
-    async fn point_labels(&mut self, labels: &[(String, String)]) -> Result<(), Error> {
-        let cli = self.cli().await?;
-        let list = cli.vcl_list().await;
-        let list = self.note(list)?;
-        for (label, target) in labels {
-            if !points_at(&list, label, target) {
-                let cli = self.cli().await?;
-                let moved = cli.vcl_label(label, target).await;
-                self.note(moved)?;
+                let labelled = cli.vcl_label(label, target).await;
+                self.note(labelled)?;
             }
         }
         Ok(())
@@ -733,7 +726,10 @@ impl Executor {
         };
         // Labels first: each shard switches on its own, while the active top VCL (this one, or
         // the one before it, which names the same labels) hands requests to it.
-        self.point_labels(&labels).await?;
+        let cli = self.cli().await?;
+        let list = cli.vcl_list().await;
+        let list = self.note(list)?;
+        self.apply_labels(&list, &labels, true).await?;
         self.activate(name).await?;
         Ok(version)
     }
@@ -822,7 +818,7 @@ impl Executor {
             let list = self.note(list)?;
             self.load_parts(&list, parts).await?;
             // Nothing is active: every label may point where the top VCL needs it.
-            self.point_labels(&parts.labels()).await?;
+            self.apply_labels(&list, &parts.labels(), true).await?;
         }
         let cli = self.cli().await?;
         let loaded = cli.vcl_inline(&name, &text).await;
@@ -1021,10 +1017,7 @@ impl Executor {
         let cli = self.cli().await?;
         let list = cli.vcl_list().await;
         let list = self.note(list)?;
-        let unused_labels = list.iter().filter(|info| {
-            is_split_label(&info.name) && info.label.as_ref().is_some_and(|to| to.refs == 0)
-        });
-        for label in unused_labels {
+        for label in list.iter().filter(|info| is_unused_label(info)) {
             let cli = self.cli().await?;
             let discarded = cli.vcl_discard(&label.name).await;
             if let Err(error) = self.note(discarded) {
@@ -1034,10 +1027,7 @@ impl Executor {
         let cli = self.cli().await?;
         let list = cli.vcl_list().await;
         let list = self.note(list)?;
-        let unlabelled = list.iter().filter(|info| {
-            is_split_part(&info.name) && info.status == "available" && info.labels == 0
-        });
-        for part in unlabelled {
+        for part in list.iter().filter(|info| is_unused_part(info)) {
             let cli = self.cli().await?;
             let discarded = cli.vcl_discard(&part.name).await;
             if let Err(error) = self.note(discarded) {
@@ -1051,10 +1041,8 @@ impl Executor {
 /// Tells whether `list` holds split labels no VCL names or shard and version VCLs no label
 /// points at: something for [`Executor::collect_shards`].
 fn has_unused_split_parts(list: &[VclInfo]) -> bool {
-    list.iter().any(|info| {
-        (is_split_label(&info.name) && info.label.as_ref().is_some_and(|to| to.refs == 0))
-            || (is_split_part(&info.name) && info.status == "available" && info.labels == 0)
-    })
+    list.iter()
+        .any(|info| is_unused_label(info) || is_unused_part(info))
 }
 
 /// The JSON kept in the state directory for `kept`.
@@ -1266,6 +1254,85 @@ mod tests {
             expected: "vaas-new".into(),
         };
         assert_eq!(found.to_string(), "vcl boot is active instead of vaas-new");
+    }
+
+    fn rendered(version: &str) -> vaas_vcl::RenderedVcl {
+        vaas_vcl::RenderedVcl {
+            version: version.into(),
+            text: format!("vcl 4.1; # {version}"),
+        }
+    }
+
+    #[test]
+    fn a_kept_split_vcl_is_read_back_whole_and_a_damaged_one_not_at_all() {
+        let kept = LoadedVcl {
+            name: "vaas-0123456789abcdef-split-1-0".into(),
+            text: "vcl 4.1; # top".into(),
+            split: Some(SplitParts {
+                shards: vec![(3, rendered("aaaa")), (7, rendered("bbbb"))],
+                version_vcl: rendered("cccc"),
+            }),
+        };
+        let json = kept_json(&kept).to_string();
+        let read = parse_kept(&json).expect("reads back");
+        assert_eq!(
+            (read.name.as_str(), read.text.as_str()),
+            ("vaas-0123456789abcdef-split-1-0", "vcl 4.1; # top")
+        );
+        let parts = read.split.expect("split parts");
+        assert_eq!(
+            parts.labels(),
+            [
+                ("vaas_shard_3".to_owned(), "vaasd-aaaa".to_owned()),
+                ("vaas_shard_7".to_owned(), "vaasd-bbbb".to_owned()),
+                ("vaas_version".to_owned(), "vaasv-cccc".to_owned()),
+            ]
+        );
+        assert_eq!(parts.shards[1].1, rendered("bbbb"));
+        assert!(parse_kept(&json[..json.len() / 2]).is_none());
+        let single = LoadedVcl {
+            split: None,
+            ..kept
+        };
+        assert!(
+            parse_kept(&kept_json(&single).to_string())
+                .expect("reads")
+                .split
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_split_server_runs_the_version_its_version_label_points_at() {
+        let mut label = vcl(vaas_vcl::VERSION_LABEL, "available", Some(0));
+        label.label = Some(crate::varnish_cli::LabelTarget {
+            name: "vaasv-fedcba9876543210".into(),
+            refs: 1,
+        });
+        let list = [
+            label,
+            vcl("vaas-0123456789abcdef-split-1-0", "active", Some(0)),
+        ];
+        assert_eq!(
+            running_version(&list, "vaas-0123456789abcdef-split-1-0"),
+            "fedcba9876543210"
+        );
+        assert_eq!(
+            running_version(&list, "vaas-0123456789abcdef-1-0"),
+            "0123456789abcdef"
+        );
+        assert!(!has_unused_split_parts(&list));
+        let mut unused = list[0].clone();
+        unused.label = Some(crate::varnish_cli::LabelTarget {
+            name: "vaasv-fedcba9876543210".into(),
+            refs: 0,
+        });
+        assert!(has_unused_split_parts(&[unused]));
+        assert!(has_unused_split_parts(&[vcl(
+            "vaasd-aaaa",
+            "available",
+            Some(0)
+        )]));
     }
 
     #[test]
