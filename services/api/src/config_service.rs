@@ -212,13 +212,14 @@ impl ConfigApi {
             ));
         }
         let paths = mask.map(|mask| mask.paths).unwrap_or_default();
+        let policy = Arc::clone(&self.address_policy);
         let outcome = self
             .store
             .acting_as(actor)
-            .update_with(id, |current: &R| {
+            .update_with(id, move |current: &R| {
                 let merged = field_mask::merge(current, &patch, &paths, R::fields())?;
                 let item = merged.validate(Intent::Update)?;
-                item.check_policy(&self.address_policy)?;
+                item.check_policy(&policy)?;
                 Ok::<_, ApiError>(item)
             })
             .await?;
@@ -267,13 +268,14 @@ impl ConfigApi {
                 format!("must hold 1 to {MAX_BULK_ITEMS} backend ids"),
             ));
         }
+        let policy = Arc::clone(&self.address_policy);
         let outcome = self
             .store
             .acting_as(actor)
-            .update_many_with(&request.ids, |current: &Backend| {
+            .update_many_with(&request.ids, move |current: &Backend| {
                 let merged = field_mask::merge(current, &patch, &paths, Backend::fields())?;
                 let backend = merged.validate(Intent::Update)?;
-                backend.check_policy(&self.address_policy)?;
+                backend.check_policy(&policy)?;
                 Ok::<_, ApiError>(backend)
             })
             .await?;

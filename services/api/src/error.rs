@@ -205,6 +205,11 @@ impl From<ApiError> for Status {
                 tracing::error!(error = %source, "store failed");
                 Status::unavailable("the store is unavailable, nothing was saved; try again")
             }
+            ApiError::Store(StoreError::Commit(ref source)) => {
+                tracing::error!(error = %source, "store commit failed");
+                Status::unavailable("the store is unavailable, nothing was saved; try again")
+            }
+            ApiError::Store(StoreError::WriteLost) => Status::unavailable(message),
             ApiError::Store(
                 StoreError::UnsupportedUrl
                 | StoreError::Migrate(_)

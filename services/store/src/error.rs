@@ -91,4 +91,11 @@ pub enum Error {
     /// The database failed or could not be reached.
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    /// The batch the write was committed in failed to commit (the error is shared by every
+    /// write of the batch).
+    #[error("database error: the write's batch did not commit")]
+    Commit(std::sync::Arc<sqlx::Error>),
+    /// The store's writer stopped, or the write's body panicked, before the write committed.
+    #[error("the write was lost before it committed: nothing was saved; try again")]
+    WriteLost,
 }

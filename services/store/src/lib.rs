@@ -37,7 +37,7 @@ pub use tasks::{
     LAST_ERROR_MAX_CHARS, OutboxEntry, TASK_ERROR_MAX_CHARS, TaskOutcome, TaskPage, VarnishSettings,
 };
 pub use tokens::{Authentication, NewToken, SECRET_PREFIX};
-pub use write::WriteOutcome;
+pub use write::{MAX_BATCH_TIME, MAX_BATCH_WRITES, WRITE_QUEUE, WriteOutcome};
 
 /// Which SQL database a [`Store`] talks to; the few statements that differ are chosen by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +61,8 @@ pub struct Store {
     /// Checks the routing of every cluster a routing change touches, inside the write and
     /// before its commit (see [`RoutingCheck`]).
     routing_check: Option<RoutingCheck>,
+    /// The writer every configuration write of this store goes through (group commit).
+    writer: Arc<write::Writer>,
 }
 
 /// Checks one cluster's configuration as a write would leave it (route positive URLs, redirect
@@ -133,6 +135,7 @@ impl Store {
             .connect_with(options)
             .await?;
         let store = Store {
+            writer: Arc::new(write::Writer::start(pool.clone())),
             pool,
             dialect,
             actor: Arc::from("vaas-store"),

@@ -221,12 +221,19 @@ impl Store {
     /// Creates `item`, whose id must be 0 (the API's validation clears it), with a reload task
     /// for every affected cluster.
     pub async fn create<R: Resource>(&self, item: &R) -> Result<WriteOutcome<R>> {
-        let mut write = self.begin_write().await?;
-        let mut affected = BTreeSet::new();
-        let created = self.create_in(&mut write, item, &mut affected).await?;
-        let description = format!("create {} {}", R::KIND, created.id());
-        self.commit_write(write, created, affected, description)
-            .await
+        let store = self.clone();
+        let item = item.clone();
+        self.write(move |write| {
+            Box::pin(async move {
+                let mut affected = BTreeSet::new();
+                let created = store.create_in(write, &item, &mut affected).await?;
+                let description = format!("create {} {}", R::KIND, created.id());
+                store
+                    .finish_write(write, created, affected, description)
+                    .await
+            })
+        })
+        .await
     }
 
     /// Returns the item with `id`.
@@ -283,7 +290,8 @@ impl Store {
     /// Replaces the writable fields of the item `item.id()`; reloads the clusters it touched
     /// before and touches now.
     pub async fn update<R: Resource>(&self, item: &R) -> Result<WriteOutcome<R>> {
-        self.update_with(item.id(), |_| Ok::<R, Error>(item.clone()))
+        let item = item.clone();
+        self.update_with(item.id(), move |_| Ok::<R, Error>(item))
             .await
     }
 
@@ -294,114 +302,134 @@ impl Store {
     pub async fn update_with<R, E>(
         &self,
         id: i64,
-        change: impl FnOnce(&R) -> std::result::Result<R, E> + Send,
+        change: impl FnOnce(&R) -> std::result::Result<R, E> + Send + 'static,
     ) -> std::result::Result<WriteOutcome<R>, E>
     where
         R: Resource,
-        E: From<Error>,
+        E: From<Error> + Send + 'static,
     {
-        let mut write = self.begin_write().await?;
-        let mut affected = BTreeSet::new();
-        let before = fetch_in::<R>(&mut write.transaction, id).await?;
-        let item = change(&before)?;
-        let after = self
-            .update_in(&mut write, before, &item, &mut affected)
-            .await?;
-        let description = format!("update {} {id}", R::KIND);
-        Ok(self
-            .commit_write(write, after, affected, description)
-            .await?)
+        let store = self.clone();
+        self.write(move |write| {
+            Box::pin(async move {
+                let mut affected = BTreeSet::new();
+                let before = fetch_in::<R>(&mut write.transaction, id).await?;
+                let item = change(&before)?;
+                let after = store.update_in(write, before, &item, &mut affected).await?;
+                let description = format!("update {} {id}", R::KIND);
+                Ok(store
+                    .finish_write(write, after, affected, description)
+                    .await?)
+            })
+        })
+        .await
     }
 
-    /// Applies `change` to every item of `ids` in one transaction, with one reload task per
-    /// affected cluster (not one per item). Nothing is saved when any item is refused.
+    /// Applies `change` to every item of `ids` in one write, with one reload task per affected
+    /// cluster (not one per item). Nothing is saved when any item is refused.
     pub async fn update_many_with<R, E>(
         &self,
         ids: &[i64],
-        change: impl Fn(&R) -> std::result::Result<R, E> + Send,
+        change: impl Fn(&R) -> std::result::Result<R, E> + Send + 'static,
     ) -> std::result::Result<WriteOutcome<Vec<R>>, E>
     where
         R: Resource,
-        E: From<Error>,
+        E: From<Error> + Send + 'static,
     {
-        let mut write = self.begin_write().await?;
-        let mut affected = BTreeSet::new();
-        let mut updated = Vec::with_capacity(ids.len());
+        let store = self.clone();
         let unique: BTreeSet<i64> = ids.iter().copied().collect();
-        for &id in &unique {
-            let before = fetch_in::<R>(&mut write.transaction, id).await?;
-            let item = change(&before)?;
-            updated.push(
-                self.update_in(&mut write, before, &item, &mut affected)
-                    .await?,
-            );
-        }
-        let description = format!("update {} {}s", unique.len(), R::KIND);
-        Ok(self
-            .commit_write(write, updated, affected, description)
-            .await?)
+        self.write(move |write| {
+            Box::pin(async move {
+                let mut affected = BTreeSet::new();
+                let mut updated = Vec::with_capacity(unique.len());
+                for &id in &unique {
+                    let before = fetch_in::<R>(&mut write.transaction, id).await?;
+                    let item = change(&before)?;
+                    updated.push(store.update_in(write, before, &item, &mut affected).await?);
+                }
+                let description = format!("update {} {}s", unique.len(), R::KIND);
+                Ok(store
+                    .finish_write(write, updated, affected, description)
+                    .await?)
+            })
+        })
+        .await
     }
 
-    /// Makes the items matching `scope` exactly `wanted`, in one transaction: an item with the
-    /// same `key` as a stored one updates it (keeping its id), a new key creates an item, and
-    /// stored items whose key is not wanted are deleted. One reload task per affected cluster.
+    /// Makes the items matching `scope` exactly `wanted`, in one write: an item with the same
+    /// `key` as a stored one updates it (keeping its id), a new key creates an item, and stored
+    /// items whose key is not wanted are deleted. One reload task per affected cluster.
     pub async fn replace_all<R, K>(
         &self,
         scope: &R::Filter,
         wanted: &[R],
-        key: impl Fn(&R) -> K + Send,
+        key: impl Fn(&R) -> K + Send + 'static,
         description: String,
     ) -> Result<WriteOutcome<Vec<R>>>
     where
         R: Resource,
-        K: Ord + Send,
+        K: Ord + Send + 'static,
     {
-        let mut write = self.begin_write().await?;
-        let mut affected = BTreeSet::new();
+        let store = self.clone();
+        let wanted = wanted.to_vec();
         let (conditions, values) = where_clause(R::conditions(scope), 1);
         let sql = format!(
             "SELECT * FROM {} WHERE 1 = 1{conditions} ORDER BY id",
             R::TABLE
         );
-        let rows = bind_values(sqlx::query(&sql), values)
-            .fetch_all(&mut *write.transaction)
-            .await?;
-        let mut stored: std::collections::BTreeMap<K, R> = std::collections::BTreeMap::new();
-        for row in &rows {
-            let item = R::from_row(row)?;
-            stored.insert(key(&item), item);
-        }
-        let mut result = Vec::with_capacity(wanted.len());
-        for item in wanted {
-            let saved = match stored.remove(&key(item)) {
-                Some(before) => {
-                    let mut fields = item.clone();
-                    fields.set_id(before.id());
-                    let mut before = vec![before];
-                    R::load_links(&mut write.transaction, &mut before).await?;
-                    let before = before.remove(0);
-                    self.update_in(&mut write, before, &fields, &mut affected)
-                        .await?
+        self.write(move |write| {
+            Box::pin(async move {
+                let mut affected = BTreeSet::new();
+                let rows = bind_values(sqlx::query(&sql), values)
+                    .fetch_all(&mut *write.transaction)
+                    .await?;
+                let mut stored: std::collections::BTreeMap<K, R> =
+                    std::collections::BTreeMap::new();
+                for row in &rows {
+                    let item = R::from_row(row)?;
+                    stored.insert(key(&item), item);
                 }
-                None => self.create_in(&mut write, item, &mut affected).await?,
-            };
-            result.push(saved);
-        }
-        for (_, unwanted) in stored {
-            self.delete_in::<R>(&mut write, unwanted.id(), &mut affected)
-                .await?;
-        }
-        self.commit_write(write, result, affected, description)
-            .await
+                let mut result = Vec::with_capacity(wanted.len());
+                for item in &wanted {
+                    let saved = match stored.remove(&key(item)) {
+                        Some(before) => {
+                            let mut fields = item.clone();
+                            fields.set_id(before.id());
+                            let mut before = vec![before];
+                            R::load_links(&mut write.transaction, &mut before).await?;
+                            let before = before.remove(0);
+                            store
+                                .update_in(write, before, &fields, &mut affected)
+                                .await?
+                        }
+                        None => store.create_in(write, item, &mut affected).await?,
+                    };
+                    result.push(saved);
+                }
+                for (_, unwanted) in stored {
+                    store
+                        .delete_in::<R>(write, unwanted.id(), &mut affected)
+                        .await?;
+                }
+                store
+                    .finish_write(write, result, affected, description)
+                    .await
+            })
+        })
+        .await
     }
 
     /// Deletes the item with `id`, unless others still use it.
     pub async fn delete<R: Resource>(&self, id: i64) -> Result<WriteOutcome<()>> {
-        let mut write = self.begin_write().await?;
-        let mut affected = BTreeSet::new();
-        self.delete_in::<R>(&mut write, id, &mut affected).await?;
-        let description = format!("delete {} {id}", R::KIND);
-        self.commit_write(write, (), affected, description).await
+        let store = self.clone();
+        self.write(move |write| {
+            Box::pin(async move {
+                let mut affected = BTreeSet::new();
+                store.delete_in::<R>(write, id, &mut affected).await?;
+                let description = format!("delete {} {id}", R::KIND);
+                store.finish_write(write, (), affected, description).await
+            })
+        })
+        .await
     }
 
     /// Inserts `item` inside `write`; adds the clusters it touches to `affected`.

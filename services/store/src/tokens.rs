@@ -83,35 +83,40 @@ impl Store {
     /// Creates a token and returns it with its secret, which is not kept anywhere.
     pub async fn create_token(&self, new: &NewToken) -> Result<(AccessToken, String)> {
         let secret = new_secret()?;
-        let mut write = self.begin_write().await?;
-        let tx = &mut write.transaction;
-        let taken: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM access_tokens WHERE lower(name) = lower($1)")
+        let store = self.clone();
+        let new = new.clone();
+        self.write(move |write| {
+            Box::pin(async move {
+                let new = &new;
+                let tx = &mut write.transaction;
+                let taken: Option<i64> = sqlx::query_scalar(
+                    "SELECT id FROM access_tokens WHERE lower(name) = lower($1)",
+                )
                 .bind(&new.name)
                 .fetch_optional(&mut **tx)
                 .await?;
-        if taken.is_some() {
-            return Err(Error::AlreadyExists {
-                field: "name",
-                value: new.name.clone(),
-            });
-        }
-        if new.role == Role::Agent {
-            let server: Option<i64> =
-                sqlx::query_scalar("SELECT id FROM varnish_servers WHERE id = $1")
-                    .bind(new.varnish_server_id)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            if server.is_none() {
-                return Err(Error::MissingReference {
-                    field: "varnish_server_id",
-                    resource: "varnish server",
-                    id: new.varnish_server_id,
-                });
-            }
-        }
-        let now = now_micros_sql(self.dialect);
-        let row = sqlx::query(&format!(
+                if taken.is_some() {
+                    return Err(Error::AlreadyExists {
+                        field: "name",
+                        value: new.name.clone(),
+                    });
+                }
+                if new.role == Role::Agent {
+                    let server: Option<i64> =
+                        sqlx::query_scalar("SELECT id FROM varnish_servers WHERE id = $1")
+                            .bind(new.varnish_server_id)
+                            .fetch_optional(&mut **tx)
+                            .await?;
+                    if server.is_none() {
+                        return Err(Error::MissingReference {
+                            field: "varnish_server_id",
+                            resource: "varnish server",
+                            id: new.varnish_server_id,
+                        });
+                    }
+                }
+                let now = now_micros_sql(store.dialect);
+                let row = sqlx::query(&format!(
             "INSERT INTO access_tokens (name, role, varnish_server_id, secret_hash, created_at, \
              expires_at, created_by) VALUES ($1, $2, $3, $4, {now}, {now} + $5, $6) RETURNING *"
         ))
@@ -120,21 +125,23 @@ impl Store {
         .bind(new.varnish_server_id)
         .bind(secret_hash(&secret))
         .bind(i64::try_from(new.ttl.as_micros()).unwrap_or(i64::MAX))
-        .bind(&*self.actor)
+        .bind(&*store.actor)
         .fetch_one(&mut **tx)
         .await?;
-        let token = token(&row)?;
-        audit(
-            tx,
-            write.timestamp,
-            &self.actor,
-            AuditAction::Create,
-            None,
-            &token,
-        )
-        .await?;
-        write.transaction.commit().await?;
-        Ok((token, secret))
+                let token = token(&row)?;
+                audit(
+                    tx,
+                    write.timestamp,
+                    &store.actor,
+                    AuditAction::Create,
+                    None,
+                    &token,
+                )
+                .await?;
+                Ok((token, secret))
+            })
+        })
+        .await
     }
 
     /// Lists tokens in id order.
@@ -152,40 +159,44 @@ impl Store {
 
     /// Revokes a token (a token revoked before keeps its first revocation time).
     pub async fn revoke_token(&self, id: i64) -> Result<AccessToken> {
-        let mut write = self.begin_write().await?;
-        let tx = &mut write.transaction;
-        let before = sqlx::query("SELECT * FROM access_tokens WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut **tx)
-            .await?
-            .ok_or(Error::NotFound {
-                resource: "access token",
-                id,
-            })?;
-        let before = token(&before)?;
-        if before.revoke_time.is_some() {
-            return Ok(before);
-        }
-        let now = now_micros_sql(self.dialect);
-        let row = sqlx::query(&format!(
-            "UPDATE access_tokens SET revoked_at = {now} WHERE id = $1 RETURNING *"
-        ))
-        .bind(id)
-        .fetch_one(&mut **tx)
-        .await?;
-        let after = token(&row)?;
-        let entry_time = write.timestamp;
-        audit(
-            tx,
-            entry_time,
-            &self.actor,
-            AuditAction::Update,
-            Some(&before),
-            &after,
-        )
-        .await?;
-        write.transaction.commit().await?;
-        Ok(after)
+        let store = self.clone();
+        self.write(move |write| {
+            Box::pin(async move {
+                let tx = &mut write.transaction;
+                let before = sqlx::query("SELECT * FROM access_tokens WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .ok_or(Error::NotFound {
+                        resource: "access token",
+                        id,
+                    })?;
+                let before = token(&before)?;
+                if before.revoke_time.is_some() {
+                    return Ok(before);
+                }
+                let now = now_micros_sql(store.dialect);
+                let row = sqlx::query(&format!(
+                    "UPDATE access_tokens SET revoked_at = {now} WHERE id = $1 RETURNING *"
+                ))
+                .bind(id)
+                .fetch_one(&mut **tx)
+                .await?;
+                let after = token(&row)?;
+                let entry_time = write.timestamp;
+                audit(
+                    tx,
+                    entry_time,
+                    &store.actor,
+                    AuditAction::Update,
+                    Some(&before),
+                    &after,
+                )
+                .await?;
+                Ok(after)
+            })
+        })
+        .await
     }
 
     /// Looks a presented secret up: valid, unknown, expired or revoked.

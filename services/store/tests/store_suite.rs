@@ -78,6 +78,7 @@ on_both_stores!(
     tokens_are_kept_hashed_and_stop_working_when_revoked_or_expired,
     a_leader_that_lost_its_lease_cannot_finish_tasks,
     a_task_shows_each_servers_progress_in_its_newest_reload_and_old_reloads_are_pruned,
+    concurrent_writes_commit_together_and_a_refused_one_loses_nothing_else,
 );
 
 struct World {
@@ -1354,5 +1355,92 @@ async fn a_task_shows_each_servers_progress_in_its_newest_reload_and_old_reloads
         store.get_task(task_id).await?.servers.is_empty(),
         "the task's reload is older than the newest {KEPT_RELOADS_PER_CLUSTER} and was pruned"
     );
+    Ok(())
+}
+
+/// Returns a task's store timestamp in microseconds.
+fn task_micros(task: &vaas_proto::v1::Task) -> i64 {
+    let timestamp = task.timestamp.expect("a task has a timestamp");
+    timestamp.seconds * 1_000_000 + i64::from(timestamp.nanos / 1000)
+}
+
+async fn concurrent_writes_commit_together_and_a_refused_one_loses_nothing_else(
+    store: &Store,
+) -> Result<()> {
+    let world = world(store).await?;
+    let writes = 96;
+    // Every fourth write names a DC that does not exist; they run among the others, so most of
+    // them share a batch with writes that are saved.
+    let mut running = tokio::task::JoinSet::new();
+    for index in 0..writes {
+        let store = store.clone();
+        let mut item = backend(&world, &format!("10.0.1.{index}"));
+        if index % 4 == 3 {
+            item.dc_id = 999;
+        }
+        running.spawn(async move { (index, store.create(&item).await) });
+    }
+    // Meanwhile snapshots are read: each must hold exactly the writes up to its version.
+    let reader = {
+        let store = store.clone();
+        let cluster_id = world.cluster.id;
+        tokio::spawn(async move {
+            let mut snapshots = Vec::new();
+            for _ in 0..20 {
+                snapshots.push(store.cluster_snapshot(cluster_id).await?);
+                tokio::task::yield_now().await;
+            }
+            anyhow::Ok(snapshots)
+        })
+    };
+    let mut saved = std::collections::BTreeMap::new();
+    while let Some(joined) = running.join_next().await {
+        let (index, outcome) = joined?;
+        if index % 4 == 3 {
+            assert!(
+                matches!(
+                    outcome,
+                    Err(Error::MissingReference {
+                        field: "backend.dc_id",
+                        id: 999,
+                        ..
+                    })
+                ),
+                "write {index}: {outcome:?}"
+            );
+        } else {
+            let outcome = outcome?;
+            assert_eq!(outcome.tasks.len(), 1, "write {index} reloads its cluster");
+            saved.insert(outcome.value.address.clone(), task_micros(&outcome.tasks[0]));
+        }
+    }
+    let (stored, _) = store.list::<Backend>(&Default::default(), 1000, "").await?;
+    let stored: Vec<String> = stored.into_iter().map(|backend| backend.address).collect();
+    let expected: Vec<String> = saved.keys().cloned().collect();
+    let mut stored_sorted = stored.clone();
+    stored_sorted.sort();
+    assert_eq!(stored_sorted, expected, "every accepted write is saved, no refused one");
+    let mut timestamps: Vec<i64> = saved.values().copied().collect();
+    timestamps.sort_unstable();
+    timestamps.dedup();
+    assert_eq!(timestamps.len(), saved.len(), "every write has its own timestamp");
+    let outbox = store.pending_outbox(1000).await?;
+    let (tasks, _) = store.list_tasks(1000, "", 0, 0).await?;
+    assert_eq!(outbox.len(), tasks.len(), "one outbox row per task");
+    assert_eq!(tasks.len(), saved.len() + 2, "the world made two tasks");
+    for snapshot in reader.await?? {
+        let mut seen: Vec<String> = snapshot
+            .backends
+            .iter()
+            .map(|backend| backend.address.clone())
+            .collect();
+        seen.sort();
+        let upto: Vec<String> = saved
+            .iter()
+            .filter(|(_, micros)| **micros <= snapshot.version)
+            .map(|(address, _)| address.clone())
+            .collect();
+        assert_eq!(seen, upto, "snapshot at {} sees every write up to it", snapshot.version);
+    }
     Ok(())
 }
