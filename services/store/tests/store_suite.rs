@@ -1411,7 +1411,10 @@ async fn concurrent_writes_commit_together_and_a_refused_one_loses_nothing_else(
         } else {
             let outcome = outcome?;
             assert_eq!(outcome.tasks.len(), 1, "write {index} reloads its cluster");
-            saved.insert(outcome.value.address.clone(), task_micros(&outcome.tasks[0]));
+            saved.insert(
+                outcome.value.address.clone(),
+                task_micros(&outcome.tasks[0]),
+            );
         }
     }
     let (stored, _) = store.list::<Backend>(&Default::default(), 1000, "").await?;
@@ -1419,11 +1422,18 @@ async fn concurrent_writes_commit_together_and_a_refused_one_loses_nothing_else(
     let expected: Vec<String> = saved.keys().cloned().collect();
     let mut stored_sorted = stored.clone();
     stored_sorted.sort();
-    assert_eq!(stored_sorted, expected, "every accepted write is saved, no refused one");
+    assert_eq!(
+        stored_sorted, expected,
+        "every accepted write is saved, no refused one"
+    );
     let mut timestamps: Vec<i64> = saved.values().copied().collect();
     timestamps.sort_unstable();
     timestamps.dedup();
-    assert_eq!(timestamps.len(), saved.len(), "every write has its own timestamp");
+    assert_eq!(
+        timestamps.len(),
+        saved.len(),
+        "every write has its own timestamp"
+    );
     let outbox = store.pending_outbox(1000).await?;
     let (tasks, _) = store.list_tasks(1000, "", 0, 0).await?;
     assert_eq!(outbox.len(), tasks.len(), "one outbox row per task");
@@ -1440,7 +1450,11 @@ async fn concurrent_writes_commit_together_and_a_refused_one_loses_nothing_else(
             .filter(|(_, micros)| **micros <= snapshot.version)
             .map(|(address, _)| address.clone())
             .collect();
-        assert_eq!(seen, upto, "snapshot at {} sees every write up to it", snapshot.version);
+        assert_eq!(
+            seen, upto,
+            "snapshot at {} sees every write up to it",
+            snapshot.version
+        );
     }
     Ok(())
 }
