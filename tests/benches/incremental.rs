@@ -29,7 +29,9 @@ use vaas_proto::v1::{
     RouteAction, RouteLeft, RouteOperator, TaskState,
 };
 use vaas_testkit::HttpOrigin;
-use vaas_tests::{StoreKind, System, SystemBuilder, backend_for, respond_async, route_condition};
+use vaas_tests::{
+    StoreKind, System, SystemBuilder, backend_for, percentile, respond_async, route_condition,
+};
 
 /// Backends of every director.
 const BACKENDS_PER_DIRECTOR: usize = 10;
@@ -276,12 +278,6 @@ async fn populate(
         last.error
     );
     changed.context("a backend")
-}
-
-fn percentile(samples: &mut [Duration], fraction: f64) -> Duration {
-    samples.sort();
-    let index = ((samples.len() as f64 - 1.0) * fraction).round() as usize;
-    samples[index]
 }
 
 fn seconds(duration: Duration) -> String {

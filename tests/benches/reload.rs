@@ -16,7 +16,7 @@ use tonic::metadata::MetadataValue;
 use vaas_agent::varnish_cli::{CliTimeouts, VarnishCli};
 use vaas_proto::v1::{Backend, CreateBackendRequest, TaskState};
 use vaas_testkit::HttpOrigin;
-use vaas_tests::{StoreKind, System, backend_for};
+use vaas_tests::{StoreKind, System, backend_for, millis, percentile};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
@@ -46,16 +46,6 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
-fn percentile(samples: &mut [Duration], fraction: f64) -> Duration {
-    samples.sort();
-    let index = ((samples.len() as f64 - 1.0) * fraction).round() as usize;
-    samples[index]
-}
-
-fn millis(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
-}
-
 /// What a burst of asynchronous creates cost.
 struct Burst {
     /// Reloads that applied it.
@@ -64,6 +54,134 @@ struct Burst {
     answers: Vec<Duration>,
     /// From the first write to the last task's terminal state.
     until_done: Duration,
+}
+
+/// Where the time of one write until it was active on every server went, from the task's own
+/// record (store clock, the agents' measured phases) and the client's clock.
+struct Hops {
+    /// The asynchronous write until its answer: the API's validation and the store's commit.
+    accept: Duration,
+    /// The answer until the scheduler started the reload: outbox relay, JetStream, the
+    /// scheduler's pick-up (the relay may begin before the answer arrives).
+    to_scheduler: Duration,
+    /// The slowest server's rendering, as its agent measured it.
+    render: Duration,
+    /// The slowest server's `vcl.inline` (the compiler: the floor).
+    compile: Duration,
+    /// The slowest server's `vcl.use`.
+    activate: Duration,
+    /// The reload's start until the last server was active, less render, compile and activate:
+    /// the snapshot read, the streams to the agents and the two phases' bookkeeping.
+    dispatch: Duration,
+    /// The last server active until the task was terminal in the store.
+    finish: Duration,
+    /// The terminal task until the client's watch saw it.
+    notify: Duration,
+    /// The write sent until the watch saw the task terminal.
+    total: Duration,
+}
+
+/// Changes backend `id`'s connection limit to `limit` asynchronously, follows the task until it
+/// is terminal, and splits its time by hop.
+async fn time_hops(system: &System, id: i64, limit: u32) -> Result<Hops> {
+    let sent = std::time::SystemTime::now();
+    let started = Instant::now();
+    let answer = system
+        .config()
+        .update_backend(vaas_tests::respond_async(
+            vaas_proto::v1::UpdateBackendRequest {
+                backend: Some(Backend {
+                    id,
+                    max_connections: Some(limit),
+                    ..Backend::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["max_connections".to_owned()],
+                }),
+            },
+        ))
+        .await?
+        .into_inner();
+    let accept = started.elapsed();
+    let task = answer.tasks.first().context("the write made a task")?;
+    let updates = system.watch(task.id).await?;
+    let seen = std::time::SystemTime::now();
+    let total = started.elapsed();
+    let done = updates.last().context("the watch saw the task")?;
+    anyhow::ensure!(
+        done.state == TaskState::Success as i32,
+        "the reload failed: {}",
+        done.error
+    );
+    let done = system.task(task.id).await?;
+    let at = |timestamp: Option<prost_types::Timestamp>| -> Result<std::time::SystemTime> {
+        let timestamp = timestamp.context("a task time is missing")?;
+        Ok(std::time::UNIX_EPOCH + Duration::new(timestamp.seconds as u64, timestamp.nanos as u32))
+    };
+    let between = |from: std::time::SystemTime, to: std::time::SystemTime| {
+        to.duration_since(from).unwrap_or_default()
+    };
+    let longest =
+        |pick: fn(&vaas_proto::v1::ServerReloadProgress) -> Option<prost_types::Duration>| {
+            done.servers
+                .iter()
+                .filter_map(pick)
+                .map(|duration| Duration::try_from(duration).unwrap_or_default())
+                .max()
+                .unwrap_or_default()
+        };
+    let render = longest(|server| server.render_duration);
+    let compile = longest(|server| server.compile_duration);
+    let activate = longest(|server| server.activate_duration);
+    let mut active = Vec::with_capacity(done.servers.len());
+    for server in &done.servers {
+        active.push(at(server.update_time)?);
+    }
+    let start = at(done.start_time)?;
+    let finish = at(done.finish_time)?;
+    let last_active = active
+        .into_iter()
+        .max()
+        .context("the task shows its servers")?;
+    Ok(Hops {
+        accept,
+        to_scheduler: between(sent + accept, start),
+        render,
+        compile,
+        activate,
+        dispatch: between(start, last_active).saturating_sub(render + compile + activate),
+        finish: between(last_active, finish),
+        notify: between(finish, seen),
+        total,
+    })
+}
+
+/// Prints the p50 of every hop, and the overhead: everything but the compile and `vcl.use`.
+fn print_hops(hops: &mut [Hops]) {
+    let p50 = |pick: fn(&Hops) -> Duration| {
+        let mut samples: Vec<Duration> = hops.iter().map(pick).collect();
+        millis(percentile(&mut samples, 0.5))
+    };
+    let (accept, to_scheduler, render, compile, activate, dispatch, finish, notify, total) = (
+        p50(|hop| hop.accept),
+        p50(|hop| hop.to_scheduler),
+        p50(|hop| hop.render),
+        p50(|hop| hop.compile),
+        p50(|hop| hop.activate),
+        p50(|hop| hop.dispatch),
+        p50(|hop| hop.finish),
+        p50(|hop| hop.notify),
+        p50(|hop| hop.total),
+    );
+    let overhead = p50(|hop| hop.total.saturating_sub(hop.compile + hop.activate));
+    println!(
+        "         | by hop, p50 of {} asynchronous writes followed with WatchTask (ms): API + store \
+         {accept:.1}, relay + NATS + scheduler pick-up {to_scheduler:.1}, snapshot + streams + \
+         phases {dispatch:.1}, render {render:.1}, vcl.inline {compile:.1}, vcl.use \
+         {activate:.1}, task finish {finish:.1}, watch {notify:.1}; total {total:.1}, overhead \
+         (total less vcl.inline and vcl.use) {overhead:.1}",
+        hops.len()
+    );
 }
 
 /// Creates `count` backends with asynchronous writes and waits for the last task to finish.
@@ -138,6 +256,11 @@ async fn bench_size(size: usize, servers: usize, rounds: usize) -> Result<()> {
 
     // VaaS: synchronous writes that each produce a VCL never loaded before.
     let mut vaas = system.time_backend_updates(first.id, 10, rounds).await?;
+    // The same writes asynchronously, each followed until it is terminal and split by hop.
+    let mut hops = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        hops.push(time_hops(&system, first.id, 1000 + round as u32).await?);
+    }
 
     // The floor: the same VCL text straight into the same varnishd.
     let varnishd = system.varnishd(0);
@@ -248,6 +371,7 @@ async fn bench_size(size: usize, servers: usize, rounds: usize) -> Result<()> {
             millis(percentile(&mut burst.answers, 0.9)),
         );
     }
+    print_hops(&mut hops);
     let memory: Vec<String> = system
         .resident_kib()
         .iter()

@@ -815,13 +815,17 @@ impl System {
         self.agent_starts[index] += 1;
         let mut flags = agent_tls_flags(self.tls.as_ref());
         flags.extend(self.agent_flags.iter().cloned());
+        let varnishd = &self.varnishds[index];
         let agent = start_agent(
             &self.binaries,
             &self.scheduler_urls,
             flags,
-            &self.varnishds[index],
+            AgentTarget {
+                admin: varnishd.admin_addr(),
+                secret_file: &varnishd.secret_file(),
+                label: &format!("agent-{index}"),
+            },
             self._dir.path(),
-            index,
             self.agent_starts[index],
         )?;
         self.agents[index] = Some(agent);
@@ -843,9 +847,51 @@ impl System {
             .await?
             .into_inner()
             .secret;
-        std::fs::write(agent_token_file(self._dir.path(), index), secret)?;
+        std::fs::write(
+            agent_token_file(self._dir.path(), &format!("agent-{index}")),
+            secret,
+        )?;
         self.server_ids[index] = Some(server_id);
         self.restart_agent(index).await
+    }
+
+    /// Starts a vaas-agent for registered server `server_id` that drives the admin endpoint
+    /// `admin` (whose secret is in `secret_file`) instead of one of this system's varnishd, for
+    /// benchmarks with many stand-in servers: creates the server's agent token through the API
+    /// and returns the agent's process at once, before it attached.
+    pub async fn spawn_agent_for(
+        &self,
+        server_id: i64,
+        admin: SocketAddr,
+        secret_file: &std::path::Path,
+    ) -> Result<ServiceProcess> {
+        let label = format!("agent-server-{server_id}");
+        let secret = self
+            .tokens()
+            .create_token(CreateTokenRequest {
+                name: label.clone(),
+                role: Role::Agent as i32,
+                varnish_server_id: server_id,
+                ttl: None,
+            })
+            .await?
+            .into_inner()
+            .secret;
+        std::fs::write(agent_token_file(self._dir.path(), &label), secret)?;
+        let mut flags = agent_tls_flags(self.tls.as_ref());
+        flags.extend(self.agent_flags.iter().cloned());
+        start_agent(
+            &self.binaries,
+            &self.scheduler_urls,
+            flags,
+            AgentTarget {
+                admin,
+                secret_file,
+                label: &label,
+            },
+            self._dir.path(),
+            1,
+        )
     }
 
     /// Returns how many reloads the scheduler (its current run) reported as succeeded.
@@ -939,46 +985,53 @@ async fn start_scheduler(
     Ok(scheduler)
 }
 
-/// Starts the agent of `varnishd` (its `run`-th start) with `flags` (TLS and extra ones) added;
-/// the caller waits for its report.
+/// The admin endpoint an agent drives, and the name of its files.
+struct AgentTarget<'a> {
+    /// varnishd's admin address (or a stand-in's).
+    admin: SocketAddr,
+    /// The secret file of that endpoint.
+    secret_file: &'a std::path::Path,
+    /// Names the agent's token file, state directory and logs ("agent-0").
+    label: &'a str,
+}
+
+/// Starts an agent for `target` with the token file of its label.
 fn start_agent(
     binaries: &Binaries,
     scheduler_urls: &str,
     mut flags: Vec<(&'static str, String)>,
-    varnishd: &Varnishd,
+    target: AgentTarget<'_>,
     dir: &std::path::Path,
-    index: usize,
     run: usize,
 ) -> Result<ServiceProcess> {
+    let label = target.label;
     flags.extend([
         ("--scheduler-url", scheduler_urls.to_owned()),
         (
             "--token-file",
-            agent_token_file(dir, index).display().to_string(),
+            agent_token_file(dir, label).display().to_string(),
         ),
-        ("--varnish-admin", varnishd.admin_addr().to_string()),
+        ("--varnish-admin", target.admin.to_string()),
         (
             "--varnish-secret-file",
-            varnishd.secret_file().display().to_string(),
+            target.secret_file.display().to_string(),
         ),
         ("--server-address", "127.0.0.1".to_owned()),
         (
             "--state-dir",
-            dir.join(format!("agent-{index}-state"))
-                .display()
-                .to_string(),
+            dir.join(format!("{label}-state")).display().to_string(),
         ),
     ]);
     ServiceProcess::spawn(
-        &format!("vaas-agent-{index}"),
+        &format!("vaas-{label}"),
         service_command(&binaries.agent, &flags),
-        &dir.join(format!("agent-{index}-{run}.log")),
+        &dir.join(format!("{label}-{run}.log")),
     )
 }
 
-/// Returns where the token of agent `index` is kept.
-fn agent_token_file(dir: &std::path::Path, index: usize) -> PathBuf {
-    dir.join(format!("agent-{index}.token"))
+/// Returns where the token of the agent labelled `label` is kept.
+fn agent_token_file(dir: &std::path::Path, label: &str) -> PathBuf {
+    dir.join(format!("{label}.token"))
 }
 
 /// Creates a token directly in the store with `vaas-api create-token` and returns its secret.
@@ -1328,6 +1381,18 @@ impl System {
             director_id,
         })
     }
+}
+
+/// Returns the sample at `fraction` (0.5: the median) of `samples`, which it sorts.
+pub fn percentile(samples: &mut [Duration], fraction: f64) -> Duration {
+    samples.sort();
+    let index = ((samples.len() as f64 - 1.0) * fraction).round() as usize;
+    samples[index]
+}
+
+/// Returns `duration` in milliseconds.
+pub fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
 }
 
 /// Returns the field names of the BadRequest violations of an error status.
