@@ -142,13 +142,13 @@ pub async fn reload_cluster(
         TaskOutcome::Retry(error) => warn!(version, ?error, "reload failed; retrying later"),
     }
     // What a reload cut short by a lost leadership saw is not what the servers run.
-    for sync in syncs.iter().filter(|_| !context.term.is_cancelled()) {
-        let recorded = context
-            .store
-            .record_server_sync(sync.server_id, version, sync.error.as_deref())
-            .await;
-        if let Err(error) = recorded {
-            warn!(server = sync.server_id, %error, "cannot record what the server runs");
+    if !context.term.is_cancelled() {
+        let syncs: Vec<(i64, Option<&str>)> = syncs
+            .iter()
+            .map(|sync| (sync.server_id, sync.error.as_deref()))
+            .collect();
+        if let Err(error) = context.store.record_server_syncs(version, &syncs).await {
+            warn!(servers = syncs.len(), %error, "cannot record what the servers run");
         }
     }
     if context.term.is_cancelled() {
@@ -189,11 +189,17 @@ async fn run_two_phases(
         .cluster
         .as_ref()
         .is_some_and(|cluster| cluster.partial_reload);
+    // An agent renders its own server alone: sending every server of the cluster to every
+    // agent would make a reload's traffic and memory grow with the square of its servers.
+    let for_agents = ClusterSnapshot {
+        servers: Vec::new(),
+        ..snapshot.clone()
+    };
     let prepared = join_all(
         snapshot
             .servers
             .iter()
-            .map(|server| prepare(context, snapshot, server, reload_id)),
+            .map(|server| prepare(context, &for_agents, server, reload_id)),
     )
     .await;
 
@@ -271,6 +277,8 @@ struct ServerSync {
     error: Option<String>,
 }
 
+/// Sends `server` the prepare command of `snapshot` (a snapshot without servers: the command
+/// carries `server` alone) and follows it to its result.
 async fn prepare(
     context: &ReloadContext,
     snapshot: &ClusterSnapshot,
@@ -308,7 +316,10 @@ async fn prepare(
         command: Some(Command::Prepare(PrepareCommand {
             reload_id: reload_id.to_owned(),
             server_id: server.id,
-            snapshot: Some(snapshot.clone()),
+            snapshot: Some(ClusterSnapshot {
+                servers: vec![server.clone()],
+                ..snapshot.clone()
+            }),
         })),
     };
     let answer = link

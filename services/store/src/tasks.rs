@@ -373,25 +373,38 @@ impl Store {
         }
     }
 
-    /// Records what a reload left a server running: the configuration of store timestamp
-    /// `version` (no error), or why it failed (the version it runs stays).
-    pub async fn record_server_sync(
+    /// Records what a reload of configuration `version` left each server running, in one
+    /// transaction: for a server without an error, that it runs `version`; for one with an error,
+    /// why it failed (the version it runs stays).
+    pub async fn record_server_syncs(
         &self,
-        server_id: i64,
         version: i64,
-        error: Option<&str>,
+        syncs: &[(i64, Option<&str>)],
     ) -> Result<()> {
-        let query = match error {
-            None => sqlx::query(
-                "UPDATE varnish_servers SET synced_version = $1, sync_error = '' WHERE id = $2",
-            )
+        let synced: Vec<i64> = syncs
+            .iter()
+            .filter(|(_, error)| error.is_none())
+            .map(|(server_id, _)| *server_id)
+            .collect();
+        let mut transaction = self.pool.begin().await?;
+        if !synced.is_empty() {
+            sqlx::query(&format!(
+                "UPDATE varnish_servers SET synced_version = $1, sync_error = '' WHERE id IN ({})",
+                id_list(&synced)
+            ))
             .bind(version)
-            .bind(server_id),
-            Some(error) => sqlx::query("UPDATE varnish_servers SET sync_error = $1 WHERE id = $2")
+            .execute(&mut *transaction)
+            .await?;
+        }
+        for (server_id, error) in syncs {
+            let Some(error) = error else { continue };
+            sqlx::query("UPDATE varnish_servers SET sync_error = $1 WHERE id = $2")
                 .bind(error.chars().take(LAST_ERROR_MAX_CHARS).collect::<String>())
-                .bind(server_id),
-        };
-        query.execute(&self.pool).await?;
+                .bind(server_id)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
         Ok(())
     }
 

@@ -79,6 +79,7 @@ on_both_stores!(
     a_leader_that_lost_its_lease_cannot_finish_tasks,
     a_task_shows_each_servers_progress_in_its_newest_reload_and_old_reloads_are_pruned,
     concurrent_writes_commit_together_and_a_refused_one_loses_nothing_else,
+    a_reload_records_what_each_of_its_servers_runs_at_once,
 );
 
 struct World {
@@ -1456,5 +1457,47 @@ async fn concurrent_writes_commit_together_and_a_refused_one_loses_nothing_else(
             snapshot.version
         );
     }
+    Ok(())
+}
+
+async fn a_reload_records_what_each_of_its_servers_runs_at_once(store: &Store) -> Result<()> {
+    let world = world(store).await?;
+    let mut servers = vec![world.server.clone()];
+    for address in ["127.0.0.2", "127.0.0.3"] {
+        let server = VarnishServer {
+            id: 0,
+            address: address.into(),
+            ..world.server.clone()
+        };
+        servers.push(store.create(&server).await?.value);
+    }
+    let (first, second, failed) = (servers[0].id, servers[1].id, servers[2].id);
+    store
+        .record_server_syncs(1_000, &[(first, None), (second, None), (failed, None)])
+        .await?;
+    let huge = "e".repeat(100_000);
+    store
+        .record_server_syncs(2_000, &[(first, None), (failed, Some(&huge))])
+        .await?;
+    let read = |id: i64| store.get::<VarnishServer>(id);
+    let micros = |server: &VarnishServer| {
+        server
+            .synced_timestamp
+            .map(|t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000))
+    };
+    assert_eq!(micros(&read(first).await?), Some(2_000));
+    assert_eq!(
+        micros(&read(second).await?),
+        Some(1_000),
+        "left out: unchanged"
+    );
+    let failed = read(failed).await?;
+    assert_eq!(
+        micros(&failed),
+        Some(1_000),
+        "a failed server keeps what it ran"
+    );
+    assert_eq!(failed.sync_error.len(), vaas_store::LAST_ERROR_MAX_CHARS);
+    assert_eq!(read(first).await?.sync_error, "");
     Ok(())
 }
