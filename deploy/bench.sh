@@ -10,8 +10,10 @@
 # The benchmarks: render (vaas-vcl: one server's VCL of 5,000 backends, 1,000 routes), compiler
 # (varnishd's cc_command: reload time and request throughput per flag set), reload (a synchronous
 # write until varnishd serves it), incremental (one backend change in a cluster of 1,000 backends,
-# 5,000 in full mode: split VCL against single VCL) and writes (asynchronous write throughput on
-# PostgreSQL and SQLite). Extra arguments after the mode are benchmark names, to run only those.
+# 5,000 in full mode: split VCL against single VCL), writes (asynchronous write throughput on
+# PostgreSQL and SQLite) and fanout (one scheduler reloading 1,000 servers, each with its own
+# agent, against stand-in admin endpoints; 100 servers in quick mode). Extra arguments after the
+# mode are benchmark names, to run only those.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -22,7 +24,7 @@ if [ "${1:-}" = "--full" ]; then
 fi
 benches=("$@")
 if [ "${#benches[@]}" -eq 0 ]; then
-  benches=(render compiler reload incremental writes)
+  benches=(render compiler reload incremental writes fanout)
 fi
 
 deploy/install.sh
@@ -39,9 +41,9 @@ for bench in "${benches[@]}"; do
   printf '\n==> %s (%s mode)\n' "$bench" "$mode"
   case $bench in
     render) cargo bench -p vaas-vcl --bench render ;;
-    compiler | reload | incremental | writes) cargo bench -p vaas-tests --bench "$bench" ;;
+    compiler | reload | incremental | writes | fanout) cargo bench -p vaas-tests --bench "$bench" ;;
     *)
-      echo "unknown benchmark $bench (render, compiler, reload, incremental, writes)" >&2
+      echo "unknown benchmark $bench (render, compiler, reload, incremental, writes, fanout)" >&2
       exit 64
       ;;
   esac
