@@ -20,13 +20,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use vaas_agent::varnish_cli::{CliTimeouts, VarnishCli, auth_response};
 use vaas_proto::v1::{
-    Backend, Cluster, CreateBackendRequest, CreateClusterRequest, CreateDcRequest,
-    CreateDirectorRequest, CreateVarnishServerRequest, CreateVclTemplateRequest, Dc, Director,
-    ListVarnishServersRequest, ServerStatus, SyncState, TaskState, UpdateBackendRequest,
-    UpdateVarnishServerRequest, VarnishServer, VclTemplate,
+    Backend, CreateBackendRequest, CreateDirectorRequest, CreateVarnishServerRequest, Director,
+    ListVarnishServersRequest, ServerStatus, SyncState, TaskState, UpdateVarnishServerRequest,
+    VarnishServer,
 };
 use vaas_testkit::ServiceProcess;
-use vaas_tests::{StoreKind, System, millis, percentile, respond_async};
+use vaas_tests::{StoreKind, System, connection_limit_update, millis, percentile, respond_async};
 
 /// Calls to the API in flight at once while the cluster is set up.
 const SET_UP_CONCURRENCY: usize = 16;
@@ -159,45 +158,8 @@ struct BenchCluster {
 
 /// Creates a dc, a cluster, a template and one director with one backend.
 async fn create_cluster(system: &System) -> Result<BenchCluster> {
+    let (dc_id, cluster_id, template_id) = system.create_cluster_base().await?;
     let mut config = system.config();
-    let dc_id = config
-        .create_dc(CreateDcRequest {
-            dc: Some(Dc {
-                id: 0,
-                name: "Bench".into(),
-                symbol: "bench".into(),
-            }),
-        })
-        .await?
-        .into_inner()
-        .dc
-        .context("dc")?
-        .id;
-    let cluster_id = config
-        .create_cluster(CreateClusterRequest {
-            cluster: Some(Cluster {
-                name: "fanout".into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .cluster
-        .context("cluster")?
-        .id;
-    let template_id = config
-        .create_vcl_template(CreateVclTemplateRequest {
-            vcl_template: Some(VclTemplate {
-                name: "default".into(),
-                content: "<VCL/>".into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .vcl_template
-        .context("template")?
-        .id;
     let director_id = config
         .create_director(CreateDirectorRequest {
             director: Some(Director {
@@ -361,16 +323,7 @@ async fn time_write(system: &System, backend_id: i64, limit: u32) -> Result<(Dur
     let started = Instant::now();
     let answer = system
         .config()
-        .update_backend(UpdateBackendRequest {
-            backend: Some(Backend {
-                id: backend_id,
-                max_connections: Some(limit),
-                ..Backend::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["max_connections".to_owned()],
-            }),
-        })
+        .update_backend(connection_limit_update(backend_id, limit))
         .await?
         .into_inner();
     let write = started.elapsed();

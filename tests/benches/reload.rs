@@ -89,16 +89,7 @@ async fn time_hops(system: &System, id: i64, limit: u32) -> Result<Hops> {
     let answer = system
         .config()
         .update_backend(vaas_tests::respond_async(
-            vaas_proto::v1::UpdateBackendRequest {
-                backend: Some(Backend {
-                    id,
-                    max_connections: Some(limit),
-                    ..Backend::default()
-                }),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["max_connections".to_owned()],
-                }),
-            },
+            vaas_tests::connection_limit_update(id, limit),
         ))
         .await?
         .into_inner();

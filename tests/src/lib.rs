@@ -561,16 +561,7 @@ impl System {
         for round in 0..rounds {
             let started = std::time::Instant::now();
             self.config()
-                .update_backend(UpdateBackendRequest {
-                    backend: Some(Backend {
-                        id,
-                        max_connections: Some(first_limit + round as u32),
-                        ..Backend::default()
-                    }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["max_connections".to_owned()],
-                    }),
-                })
+                .update_backend(connection_limit_update(id, first_limit + round as u32))
                 .await?;
             answers.push(started.elapsed());
         }
@@ -1314,11 +1305,9 @@ pub struct Setup {
 }
 
 impl System {
-    /// Creates, through the API, a dc, a cluster, a `<VCL/>` template, the first varnishd as a
-    /// server with its agent, and a director "demo" routed by "^/"; checks that the server got
-    /// its VCL. The server is registered in maintenance, gets its agent (whose token needs a
-    /// registered server), and is then activated, as an operator brings in a new server.
-    pub async fn set_up(&mut self) -> Result<Setup> {
+    /// Creates, through the API, a dc "local", a cluster "demo" and a `<VCL/>` template; returns
+    /// their ids (dc, cluster, template).
+    pub async fn create_cluster_base(&self) -> Result<(i64, i64, i64)> {
         let mut config = self.config();
         let dc_id = config
             .create_dc(CreateDcRequest {
@@ -1358,6 +1347,16 @@ impl System {
             .vcl_template
             .context("template")?
             .id;
+        Ok((dc_id, cluster_id, template_id))
+    }
+
+    /// Creates, through the API, a dc, a cluster, a `<VCL/>` template, the first varnishd as a
+    /// server with its agent, and a director "demo" routed by "^/"; checks that the server got
+    /// its VCL. The server is registered in maintenance, gets its agent (whose token needs a
+    /// registered server), and is then activated, as an operator brings in a new server.
+    pub async fn set_up(&mut self) -> Result<Setup> {
+        let mut config = self.config();
+        let (dc_id, cluster_id, template_id) = self.create_cluster_base().await?;
         let server_id = self.add_server(0, dc_id, template_id, cluster_id).await?;
         let director_id = config
             .create_director(CreateDirectorRequest {
@@ -1380,6 +1379,21 @@ impl System {
             server_id,
             director_id,
         })
+    }
+}
+
+/// Returns the partial update that sets backend `id`'s connection limit to `limit`: a change
+/// that gives its cluster a VCL never loaded before, as benchmarks need.
+pub fn connection_limit_update(id: i64, limit: u32) -> UpdateBackendRequest {
+    UpdateBackendRequest {
+        backend: Some(Backend {
+            id,
+            max_connections: Some(limit),
+            ..Backend::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["max_connections".to_owned()],
+        }),
     }
 }
 
